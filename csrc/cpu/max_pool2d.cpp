@@ -1,0 +1,160 @@
+// max_pool2d on the CPU: planes (n, c) in parallel, one pass over each window.
+//
+// Forward (the design notes' pooling): P[i, j] = max over the window of X, and the flat index
+// h·W + w of the element chosen. The choice follows torch exactly: the window is scanned row by
+// row, a value replaces the running max only if it is larger (so ties keep the first) or NaN (so
+// the last NaN wins and NaN propagates); an all −inf window reports its first element.
+// Backward: ∂L/∂X[idx] += ∂L/∂P[i, j] for each output, i.e. the gradient goes to the argmax.
+// Reduced-precision inputs are compared in float; the result is exact in the input dtype.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../shapes.h"
+
+namespace torchcnn {
+namespace {
+
+template <typename acc_t>
+inline bool replaces_max(acc_t value, acc_t current) {
+  return value > current || std::isnan(value);
+}
+
+// Planes per parallel task: enough work per task (~32k window taps) to amortise scheduling.
+int64_t plane_grain(const Window2d& g) {
+  const int64_t work = std::max<int64_t>(1, g.out_plane() * g.kernel_h * g.kernel_w);
+  return std::max<int64_t>(1, 32768 / work);
+}
+
+// General window: any kernel, stride, padding, dilation, ceil_mode.
+template <typename scalar_t>
+void max_pool_plane(const scalar_t* x, scalar_t* y, int64_t* idx, const Window2d& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t oh = 0; oh < g.out_height; ++oh) {
+    int64_t h0 = oh * g.stride_h - g.pad_h;
+    const int64_t h1 = std::min(h0 + (g.kernel_h - 1) * g.dilation_h + 1, g.height);
+    while (h0 < 0) {
+      h0 += g.dilation_h;
+    }
+    for (int64_t ow = 0; ow < g.out_width; ++ow) {
+      int64_t w0 = ow * g.stride_w - g.pad_w;
+      const int64_t w1 = std::min(w0 + (g.kernel_w - 1) * g.dilation_w + 1, g.width);
+      while (w0 < 0) {
+        w0 += g.dilation_w;
+      }
+      int64_t best = h0 * g.width + w0;
+      acc_t best_value = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t h = h0; h < h1; h += g.dilation_h) {
+        for (int64_t w = w0; w < w1; w += g.dilation_w) {
+          const acc_t v = static_cast<acc_t>(x[h * g.width + w]);
+          if (replaces_max(v, best_value)) {
+            best_value = v;
+            best = h * g.width + w;
+          }
+        }
+      }
+      y[oh * g.out_width + ow] = static_cast<scalar_t>(best_value);
+      idx[oh * g.out_width + ow] = best;
+    }
+  }
+}
+
+// The design notes' 2×2 stride-2 pool: two input rows give one output row; each window is four
+// loads and three compares, scanned in the same order as the general kernel.
+template <typename scalar_t>
+void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Window2d& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t W = g.width;
+  for (int64_t oh = 0; oh < g.out_height; ++oh) {
+    const scalar_t* r0 = x + 2 * oh * W;
+    const scalar_t* r1 = r0 + W;
+    scalar_t* yr = y + oh * g.out_width;
+    int64_t* ir = idx + oh * g.out_width;
+    const int64_t base = 2 * oh * W;
+    for (int64_t ow = 0; ow < g.out_width; ++ow) {
+      const acc_t a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+      acc_t m = a;
+      int64_t k = base + 2 * ow;
+      if (replaces_max(b, m)) { m = b; k = base + 2 * ow + 1; }
+      if (replaces_max(c, m)) { m = c; k = base + W + 2 * ow; }
+      if (replaces_max(d, m)) { m = d; k = base + W + 2 * ow + 1; }
+      yr[ow] = static_cast<scalar_t>(m);
+      ir[ow] = k;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_cpu(
+    const at::Tensor& input_, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool ceil_mode) {
+  const auto g = max_pool2d_geometry("max_pool2d", input_, kernel_size, stride, padding, dilation, ceil_mode);
+  const auto input = input_.contiguous();
+  auto output = at::empty({g.batch, g.channels, g.out_height, g.out_width}, input.options());
+  auto indices = at::empty(output.sizes(), input.options().dtype(at::kLong));
+  const bool fast = is_pool_2x2_stride_2(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "torchcnn::max_pool2d", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    int64_t* idx = indices.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, g.batch * g.channels, plane_grain(g), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const scalar_t* xp = x + plane * g.in_plane();
+        scalar_t* yp = y + plane * g.out_plane();
+        int64_t* ip = idx + plane * g.out_plane();
+        if (fast) {
+          max_pool_plane_2x2(xp, yp, ip, g);
+        } else {
+          max_pool_plane(xp, yp, ip, g);
+        }
+      }
+    });
+  });
+  return {output, indices};
+}
+
+at::Tensor max_pool2d_backward_cpu(
+    const at::Tensor& grad_output_, const at::Tensor& input, const at::Tensor& indices_,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    bool ceil_mode) {
+  const char* op = "max_pool2d_backward";
+  const auto g = max_pool2d_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+  check_max_pool2d_backward(op, g, grad_output_, input, indices_);
+  const auto grad_output = grad_output_.contiguous();
+  const auto indices = indices_.contiguous();
+  auto grad_input = at::zeros({g.batch, g.channels, g.height, g.width}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "torchcnn::max_pool2d_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    const int64_t* idx = indices.const_data_ptr<int64_t>();
+    scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+    const int64_t in_plane = g.in_plane(), out_plane = g.out_plane();
+    // One task owns whole planes, so the scatter into a plane is race-free and ordered.
+    at::parallel_for(0, g.batch * g.channels, plane_grain(g), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const scalar_t* gop = go + plane * out_plane;
+        const int64_t* ip = idx + plane * out_plane;
+        scalar_t* gip = gi + plane * in_plane;
+        for (int64_t j = 0; j < out_plane; ++j) {
+          const int64_t target = ip[j];
+          TORCH_CHECK_INDEX(target >= 0 && target < in_plane, op, ": index ", target,
+                            " in indices is out of range for an input plane of ", in_plane, " elements");
+          gip[target] = static_cast<scalar_t>(static_cast<acc_t>(gip[target]) + static_cast<acc_t>(gop[j]));
+        }
+      }
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchcnn, CPU, m) {
+  m.impl("max_pool2d_with_indices", &max_pool2d_with_indices_cpu);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
+}
+
+}  // namespace torchcnn

@@ -1,0 +1,226 @@
+// Shape arithmetic and argument checks shared by every backend (csrc/cpu, csrc/cuda).
+// Each op validates its arguments here once and gets back a geometry struct that the kernels
+// read; nothing in a kernel file re-derives an output size or re-checks an argument.
+#pragma once
+
+#include <torch/all.h>
+
+#include <string>
+
+namespace torchcnn {
+
+// Output length of a sliding window: the last window start i·s must keep the dilated kernel
+// ((k - 1)·d + 1 taps) inside the padded input, hence floor((in + 2p − d(k−1) − 1) / s) + 1.
+// ceil_mode rounds up instead, but, as in torch, a window may not start inside the right padding.
+inline int64_t window_output_size(
+    int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
+    bool ceil_mode = false) {
+  const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1;
+  if (span < 0) {
+    return 0;
+  }
+  int64_t out = (span + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+  if (ceil_mode && (out - 1) * stride >= in + pad) {
+    --out;
+  }
+  return out;
+}
+
+// The spatial sizes and parameters of one 2-D sliding-window op (conv or pool), in one place.
+struct Window2d {
+  int64_t batch, channels, height, width;    // input (N, C, H, W)
+  int64_t kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t pad_h, pad_w;
+  int64_t dilation_h, dilation_w;
+  int64_t out_height, out_width;
+
+  int64_t out_plane() const { return out_height * out_width; }
+  int64_t in_plane() const { return height * width; }
+};
+
+struct Conv2dGeometry : Window2d {
+  int64_t out_channels;
+  int64_t groups;
+
+  int64_t in_channels_per_group() const { return channels / groups; }
+  int64_t out_channels_per_group() const { return out_channels / groups; }
+  // Rows of one group's im2col matrix: C/g · KH · KW.
+  int64_t group_kernel_size() const { return in_channels_per_group() * kernel_h * kernel_w; }
+  // A 1×1, stride-1, unpadded conv reads the input as it is: no im2col needed.
+  bool is_pointwise() const {
+    return kernel_h == 1 && kernel_w == 1 && stride_h == 1 && stride_w == 1 && pad_h == 0 &&
+        pad_w == 0;
+  }
+  std::vector<int64_t> output_sizes() const { return {batch, out_channels, out_height, out_width}; }
+};
+
+namespace detail {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+inline void check_pair(const char* op, const char* name, at::IntArrayRef v) {
+  TORCH_CHECK_VALUE(v.size() == 2, op, ": expected ", name, " to have 2 elements (height, width) but got ",
+                    v.size());
+}
+
+inline void check_positive(const char* op, const char* name, at::IntArrayRef v) {
+  check_pair(op, name, v);
+  TORCH_CHECK_VALUE(v[0] > 0 && v[1] > 0, op, ": expected ", name, " to be positive but got ", v);
+}
+
+inline void check_non_negative(const char* op, const char* name, at::IntArrayRef v) {
+  check_pair(op, name, v);
+  TORCH_CHECK_VALUE(v[0] >= 0 && v[1] >= 0, op, ": expected ", name, " to be non-negative but got ", v);
+}
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
+                   " to have a floating-point dtype but got ", t.scalar_type());
+}
+
+inline void check_batched_image(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": expected ", name,
+                    " to be a 4-D (N, C, H, W) tensor but got a ", t.dim(), "-D tensor of shape ",
+                    shape_str(t));
+  TORCH_CHECK_VALUE(t.size(1) > 0 && t.size(2) > 0 && t.size(3) > 0, op, ": expected ", name,
+                    " to have non-zero channels, height and width but got shape ", shape_str(t));
+}
+
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(t.device() == input.device(), op, ": expected ", name,
+                    " to be on the same device as input (", input.device(), ") but got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": expected ", name,
+                   " to have the same dtype as input (", input.scalar_type(), ") but got ",
+                   t.scalar_type());
+}
+
+inline void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                              at::IntArrayRef expected) {
+  check_like(op, "grad_output", grad_output, input);
+  TORCH_CHECK_VALUE(grad_output.sizes() == expected, op, ": expected grad_output of shape ", expected,
+                    " but got ", shape_str(grad_output));
+}
+
+}  // namespace detail
+
+// Checks conv2d's arguments (torch.nn.functional.conv2d's rules) and returns its geometry.
+inline Conv2dGeometry conv2d_geometry(
+    const char* op, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  using namespace detail;
+  check_batched_image(op, "input", input);
+  check_floating(op, "input", input);
+  TORCH_CHECK_VALUE(weight.dim() == 4, op, ": expected weight to be a 4-D (out_channels, in_channels/groups, kH, kW) "
+                    "tensor but got a ", weight.dim(), "-D tensor of shape ", shape_str(weight));
+  check_like(op, "weight", weight, input);
+  check_positive(op, "stride", stride);
+  check_non_negative(op, "padding", padding);
+  check_positive(op, "dilation", dilation);
+  TORCH_CHECK_VALUE(groups > 0, op, ": expected groups to be positive but got ", groups);
+
+  Conv2dGeometry g;
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.out_channels = weight.size(0);
+  g.kernel_h = weight.size(2);
+  g.kernel_w = weight.size(3);
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  g.groups = groups;
+
+  TORCH_CHECK_VALUE(g.out_channels > 0 && g.kernel_h > 0 && g.kernel_w > 0 && weight.size(1) > 0, op,
+                    ": expected weight to have non-zero sizes but got shape ", shape_str(weight));
+  TORCH_CHECK_VALUE(g.out_channels % groups == 0, op, ": expected out_channels (weight.size(0) = ",
+                    g.out_channels, ") to be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(weight.size(1) * groups == g.channels, op, ": expected input to have ",
+                    weight.size(1) * groups, " channels (weight.size(1) = ", weight.size(1), " × groups = ",
+                    groups, ") but got ", g.channels, " channels (input of shape ", shape_str(input), ")");
+  if (bias.has_value() && bias->defined()) {
+    check_like(op, "bias", *bias, input);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.out_channels, op,
+                      ": expected bias to be a 1-D tensor of ", g.out_channels, " elements but got shape ",
+                      shape_str(*bias));
+  }
+  const int64_t eff_kh = g.dilation_h * (g.kernel_h - 1) + 1;
+  const int64_t eff_kw = g.dilation_w * (g.kernel_w - 1) + 1;
+  TORCH_CHECK_VALUE(eff_kh <= g.height + 2 * g.pad_h && eff_kw <= g.width + 2 * g.pad_w, op,
+                    ": kernel size (", eff_kh, ", ", eff_kw, ") after dilation is larger than the padded input (",
+                    g.height + 2 * g.pad_h, ", ", g.width + 2 * g.pad_w, ")");
+  g.out_height = window_output_size(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
+  g.out_width = window_output_size(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+  return g;
+}
+
+// Checks max_pool2d's arguments (torch.nn.functional.max_pool2d's rules) and returns its geometry.
+inline Window2d max_pool2d_geometry(
+    const char* op, const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  using namespace detail;
+  check_batched_image(op, "input", input);
+  check_floating(op, "input", input);
+  check_positive(op, "kernel_size", kernel_size);
+  check_positive(op, "stride", stride);
+  check_non_negative(op, "padding", padding);
+  check_positive(op, "dilation", dilation);
+
+  Window2d g;
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.kernel_h = kernel_size[0];
+  g.kernel_w = kernel_size[1];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  const int64_t eff_kh = g.dilation_h * (g.kernel_h - 1) + 1;
+  const int64_t eff_kw = g.dilation_w * (g.kernel_w - 1) + 1;
+  // A window that starts in the padding must still reach a real pixel.
+  TORCH_CHECK_VALUE(2 * g.pad_h <= eff_kh && 2 * g.pad_w <= eff_kw, op,
+                    ": expected padding to be at most half of the (dilated) kernel size, but got padding=",
+                    padding, ", kernel_size=", kernel_size, " and dilation=", dilation);
+  g.out_height = window_output_size(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, ceil_mode);
+  g.out_width = window_output_size(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w, ceil_mode);
+  TORCH_CHECK_VALUE(g.out_height > 0 && g.out_width > 0, op, ": the (dilated) kernel (", eff_kh, ", ", eff_kw,
+                    ") is larger than the padded input (", g.height + 2 * g.pad_h, ", ",
+                    g.width + 2 * g.pad_w, "); the output would be empty");
+  return g;
+}
+
+// The 2×2, stride-2, unpadded, undilated pool of the design notes, which has a dedicated kernel.
+inline bool is_pool_2x2_stride_2(const Window2d& g) {
+  return g.kernel_h == 2 && g.kernel_w == 2 && g.stride_h == 2 && g.stride_w == 2 && g.pad_h == 0 &&
+      g.pad_w == 0 && g.dilation_h == 1 && g.dilation_w == 1 && 2 * g.out_height <= g.height &&
+      2 * g.out_width <= g.width;
+}
+
+inline void check_max_pool2d_backward(
+    const char* op, const Window2d& g, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& indices) {
+  const std::vector<int64_t> out_sizes = {g.batch, g.channels, g.out_height, g.out_width};
+  detail::check_grad_output(op, grad_output, input, out_sizes);
+  TORCH_CHECK_VALUE(indices.device() == input.device(), op,
+                    ": expected indices to be on the same device as input (", input.device(), ") but got ",
+                    indices.device());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": expected indices to be int64 but got ",
+                   indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.sizes() == at::IntArrayRef(out_sizes), op, ": expected indices of shape ",
+                    at::IntArrayRef(out_sizes), " but got ", detail::shape_str(indices));
+}
+
+}  // namespace torchcnn

@@ -1,0 +1,36 @@
+"""Builds torchcnn._C: a CUDAExtension when a CUDA toolkit is usable, else a CppExtension.
+
+TORCHCNN_CUDA=1 forces the CUDA build (failing if no toolkit is found), TORCHCNN_CUDA=0 the CPU
+build. Compiling CUDA code needs no GPU. See torchcnn/_build.py for how the toolkit is found.
+"""
+
+import importlib.util
+import os
+
+from setuptools import setup
+
+_spec = importlib.util.spec_from_file_location(
+    "torchcnn_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchcnn", "_build.py")
+)
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
+
+cfg = _build.config()
+_build.prepare_environment(cfg)
+print(f"torchcnn: building with{'' if cfg.with_cuda else 'out'} CUDA ({cfg.reason})")
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+Extension = CUDAExtension if cfg.with_cuda else CppExtension
+extension = Extension(
+    name="torchcnn._C",
+    sources=[os.path.relpath(s, _build.ROOT) for s in cfg.sources],
+    include_dirs=[_build.CSRC] + cfg.include_dirs,
+    extra_compile_args={"cxx": cfg.cxx_flags, "nvcc": cfg.nvcc_flags},
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,149 @@
+"""How torchcnn's C++/CUDA extension is built: sources, flags and the CUDA toolkit.
+
+Shared by ``setup.py`` (ahead-of-time build) and :mod:`torchcnn._extension` (just-in-time
+build with ``torch.utils.cpp_extension.load``), so both build the same thing. This module must
+not import torchcnn itself: setup.py loads it by path.
+
+CUDA is used when ``TORCHCNN_CUDA`` says so (``1`` forces it, ``0`` forbids it) or, by default,
+when torch is a CUDA build and a toolkit with nvcc and the CUDA headers can be found. A GPU is
+never needed to compile.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+# A, RTX 30 / 40 and H100/H200, plus PTX for newer GPUs; TORCH_CUDA_ARCH_LIST overrides it.
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+
+CXX_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+@dataclass
+class BuildConfig:
+    sources: list[str]
+    with_cuda: bool
+    cuda_home: str | None = None
+    include_dirs: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    cxx_flags: list[str] = field(default_factory=lambda: list(CXX_FLAGS))
+    nvcc_flags: list[str] = field(default_factory=lambda: list(NVCC_FLAGS))
+
+
+def sources(with_cuda: bool) -> list[str]:
+    """Every translation unit: the op schemas, the CPU kernels and, with CUDA, the CUDA kernels."""
+    files = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    if with_cuda:
+        files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    return files
+
+
+def _is_toolkit(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and bool(
+        _find_header(path, "cuda_runtime.h")
+    )
+
+
+def _find_header(root: str, header: str) -> str | None:
+    """The include directory under a toolkit or package root that holds `header`."""
+    for inc in ("include", os.path.join("targets", "x86_64-linux", "include"),
+                os.path.join("targets", "sbsa-linux", "include")):
+        if os.path.isfile(os.path.join(root, inc, header)):
+            return os.path.join(root, inc)
+    return None
+
+
+def _toolkit_of_nvcc(nvcc: str) -> str | None:
+    """The toolkit an nvcc really runs from. `nvcc --dryrun` prints `TOP=<toolkit>/bin/..`, which
+    sees through wrapper scripts and symlinks (torch would guess the wrapper's parent folder)."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if match:
+        return os.path.realpath(match.group(1).strip())
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def find_cuda_home() -> str | None:
+    """A CUDA toolkit (nvcc + cuda_runtime.h): $CUDA_HOME/$CUDA_PATH, the nvcc on PATH, conda,
+    then the usual system folders."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(_toolkit_of_nvcc(nvcc))
+    if os.environ.get("CONDA_PREFIX"):
+        candidates.append(os.environ["CONDA_PREFIX"])
+    candidates += ["/usr/local/cuda", "/opt/cuda", "/usr"]
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
+
+def _site_packages() -> list[str]:
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    paths.update(p for p in sys.path if p.endswith("site-packages"))
+    return sorted(p for p in paths if os.path.isdir(p))
+
+
+def extra_cuda_include_dirs(cuda_home: str) -> list[str]:
+    """Include folders for the CUDA libraries that ATen's CUDA headers include (cuBLAS, cuSPARSE,
+    cuSOLVER, cuRAND, cuFFT) when the toolkit itself lacks them: NVIDIA's pip wheels that come
+    with torch carry them (nvidia/cu13/include, or nvidia/<library>/include for CUDA 12)."""
+    dirs: list[str] = []
+    for header in ("cublas_v2.h", "cusparse.h", "cusolverDn.h", "curand.h", "cufft.h"):
+        if _find_header(cuda_home, header):
+            continue
+        for site in _site_packages():
+            hits = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include", header)))
+            if hits:
+                inc = os.path.dirname(hits[-1])
+                if inc not in dirs:
+                    dirs.append(inc)
+                break
+    return dirs
+
+
+def config(torch_module=None) -> BuildConfig:
+    """Decide what to build. `TORCHCNN_CUDA=1` makes a missing toolkit an error."""
+    import torch
+
+    torch_module = torch_module or torch
+    forced = os.environ.get("TORCHCNN_CUDA", "").strip().lower()
+    if forced in ("0", "false", "no", "off"):
+        return BuildConfig(sources(False), False, reason="TORCHCNN_CUDA=0")
+    if torch_module.version.cuda is None:
+        if forced:
+            raise RuntimeError("TORCHCNN_CUDA=1 but this torch is a CPU-only build")
+        return BuildConfig(sources(False), False, reason="torch is a CPU-only build")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        if forced:
+            raise RuntimeError("TORCHCNN_CUDA=1 but no CUDA toolkit (nvcc and cuda_runtime.h) was found; "
+                               "set CUDA_HOME to the toolkit's folder")
+        return BuildConfig(sources(False), False, reason="no CUDA toolkit found (set CUDA_HOME)")
+    includes = extra_cuda_include_dirs(cuda_home)
+    return BuildConfig(sources(True), True, cuda_home, includes, reason=f"CUDA toolkit at {cuda_home}")
+
+
+def prepare_environment(cfg: BuildConfig) -> None:
+    """Point torch.utils.cpp_extension at the toolkit found, before or after it was imported."""
+    if not cfg.with_cuda:
+        return
+    os.environ["CUDA_HOME"] = cfg.cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    if "torch.utils.cpp_extension" in sys.modules:
+        sys.modules["torch.utils.cpp_extension"].CUDA_HOME = cfg.cuda_home

@@ -1,0 +1,266 @@
+"""torchcnn's functions, with the names and signatures of ``torch.nn.functional``.
+
+``conv2d`` and ``max_pool2d`` run torchcnn's compiled operators; ``relu``, ``linear`` and
+``cross_entropy`` follow the design notes and are built from torch ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._ops import Conv2dFunction, MaxPool2dFunction
+
+__all__ = ["conv2d", "max_pool2d", "relu", "linear", "cross_entropy"]
+
+
+def _pair(name: str, fn: str, value) -> tuple[int, int]:
+    """An int or a sequence of two ints, as torch accepts them; anything else is a TypeError."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) == 1:
+            value = (value[0], value[0])
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{fn}: expected {name} to be an int or a pair of ints but got {value!r}")
+        return int(value[0]), int(value[1])
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, torch.SymInt):
+        return value, value
+    raise TypeError(f"{fn}: expected {name} to be an int or a pair of ints but got {value!r}")
+
+
+def _check_tensor(fn: str, name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{fn}: expected {name} to be a Tensor but got {type(value).__name__}")
+
+
+def _batched(fn: str, input: Tensor) -> bool:
+    """Whether input is batched (N, C, H, W); unbatched (C, H, W) is accepted too, as in torch."""
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"{fn}: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W) but got a "
+            f"{input.dim()}-D tensor of shape {tuple(input.shape)}"
+        )
+    return input.dim() == 4
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """2-D convolution (cross-correlation), like :func:`torch.nn.functional.conv2d`.
+
+    ``Y[n, k, i, j] = Σ_c Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, c, p, q] + b[k]``
+    over the ``C/groups`` input channels of output channel ``k``'s group. ``padding`` is an int,
+    a pair, ``'valid'`` (no padding) or ``'same'`` (output as large as the input; stride 1 only).
+    """
+    fn = "conv2d"
+    _check_tensor(fn, "input", input)
+    _check_tensor(fn, "weight", weight)
+    if bias is not None:
+        _check_tensor(fn, "bias", bias)
+    batched = _batched(fn, input)
+    stride = _pair("stride", fn, stride)
+    dilation = _pair("dilation", fn, dilation)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"{fn}: expected groups to be an int but got {groups!r}")
+    if not batched:
+        input = input.unsqueeze(0)
+
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{fn}: padding='same' is not supported for strided convolutions (stride={stride})")
+            if weight.dim() != 4:
+                raise ValueError(f"{fn}: expected weight to be 4-D but got {weight.dim()}-D")
+            # Total padding d·(k − 1) per dimension; torch puts the odd one on the bottom/right.
+            total = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+            padding = (total[0] // 2, total[1] // 2)
+            extra_h, extra_w = total[0] - 2 * padding[0], total[1] - 2 * padding[1]
+            if extra_h or extra_w:
+                input = torch.nn.functional.pad(input, (0, extra_w, 0, extra_h))
+        else:
+            raise ValueError(f"{fn}: expected padding to be 'valid', 'same', an int or a pair but got {padding!r}")
+    else:
+        padding = _pair("padding", fn, padding)
+
+    output = Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups)
+    return output if batched else output.squeeze(0)
+
+
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """2-D max pooling, like :func:`torch.nn.functional.max_pool2d`.
+
+    ``P[n, c, i, j] = max_{p, q} X[n, c, i·s + p·d − pad, j·s + q·d − pad]``; the gradient flows only
+    to the element chosen. With ``return_indices=True`` it also returns the flat index ``h·W + w``
+    of that element within its plane, identical to torch's. ``stride`` defaults to ``kernel_size``.
+    """
+    fn = "max_pool2d"
+    _check_tensor(fn, "input", input)
+    batched = _batched(fn, input)
+    kernel_size = _pair("kernel_size", fn, kernel_size)
+    stride = kernel_size if stride is None or (isinstance(stride, Sequence) and len(stride) == 0) else _pair(
+        "stride", fn, stride)
+    padding = _pair("padding", fn, padding)
+    dilation = _pair("dilation", fn, dilation)
+    if not batched:
+        input = input.unsqueeze(0)
+    output, indices = MaxPool2dFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    if not batched:
+        output, indices = output.squeeze(0), indices.squeeze(0)
+    return (output, indices) if return_indices else output
+
+
+class _ReLU(torch.autograd.Function):
+    """A = max(0, Z); ∂L/∂Z = ∂L/∂A where Z ≥ 0, else 0 (the design notes' convention)."""
+
+    @staticmethod
+    def forward(input, inplace):
+        passes = input >= 0
+        output = input.clamp_min_(0) if inplace else input.clamp_min(0)
+        return output, passes
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, inplace = inputs
+        _, passes = output
+        if inplace:
+            ctx.mark_dirty(input)
+        ctx.mark_non_differentiable(passes)
+        ctx.save_for_backward(passes)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_passes):
+        (passes,) = ctx.saved_tensors
+        return grad_output * passes, None
+
+
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
+    """ReLU(z) = max(0, z), with the design notes' gradient: 1 where z ≥ 0, 0 where z < 0.
+
+    Unlike torch, whose gradient at exactly z = 0 is 0, the gradient passes there: at z = 0
+    ``torchcnn`` gives ∂L/∂z = ∂L/∂a. Everywhere else the two agree.
+    """
+    _check_tensor("relu", "input", input)
+    return _ReLU.apply(input, bool(inplace))[0]
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The dense layer z = W h + b over the last dimension of input, like
+    :func:`torch.nn.functional.linear` (weight is (out_features, in_features))."""
+    fn = "linear"
+    _check_tensor(fn, "input", input)
+    _check_tensor(fn, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: expected weight to be 2-D (out_features, in_features) but got shape "
+                         f"{tuple(weight.shape)}")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{fn}: expected input's last dimension to be in_features={weight.shape[1]} but got "
+                         f"input of shape {tuple(input.shape)}")
+    if bias is not None:
+        _check_tensor(fn, "bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{fn}: expected bias of shape ({weight.shape[0]},) but got {tuple(bias.shape)}")
+        if input.dim() == 2:
+            return torch.addmm(bias, input, weight.t())
+        return torch.matmul(input, weight.t()) + bias
+    return torch.matmul(input, weight.t())
+
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _legacy_reduction(size_average, reduce) -> str:
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if not reduce:
+        return "none"
+    return "mean" if size_average else "sum"
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """Softmax followed by cross-entropy, like :func:`torch.nn.functional.cross_entropy`.
+
+    ``ŷ = softmax(z)`` over the class dimension (dim 1, or 0 for an unbatched (C,) input) and
+    ``L = −Σ_j y_j · ln ŷ_j``, computed stably as ``ln ŷ = z − logsumexp(z)``; its gradient is
+    ``ŷ − y``. ``target`` holds class indices (shape of input without the class dimension) or
+    class probabilities (shape of input). ``weight``, ``ignore_index``, ``reduction`` and
+    ``label_smoothing`` mean what they mean in torch.
+    """
+    fn = "cross_entropy"
+    _check_tensor(fn, "input", input)
+    _check_tensor(fn, "target", target)
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction(size_average, reduce)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: expected reduction to be one of {_REDUCTIONS} but got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{fn}: expected label_smoothing to be in [0, 1] but got {label_smoothing}")
+    if not input.is_floating_point():
+        raise TypeError(f"{fn}: expected input to have a floating-point dtype but got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError(f"{fn}: expected input to have a class dimension but got a 0-D tensor")
+    class_dim = 1 if input.dim() >= 2 else 0
+    classes = input.shape[class_dim]
+    if target.device != input.device:
+        raise ValueError(f"{fn}: expected target on input's device ({input.device}) but got {target.device}")
+    if weight is not None:
+        _check_tensor(fn, "weight", weight)
+        if weight.shape != (classes,) or not weight.is_floating_point() or weight.device != input.device:
+            raise ValueError(f"{fn}: expected weight to be a floating-point tensor of shape ({classes},) on "
+                             f"{input.device} but got {weight.dtype} of shape {tuple(weight.shape)} on {weight.device}")
+
+    log_probs = input - torch.logsumexp(input, dim=class_dim, keepdim=True)
+    class_shape = [1] * input.dim()
+    class_shape[class_dim] = classes
+    class_weight = None if weight is None else weight.to(input.dtype).view(class_shape)
+
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(f"{fn}: expected probability targets of input's shape {tuple(input.shape)} but got "
+                             f"{tuple(target.shape)}")
+        if label_smoothing > 0:
+            target = target * (1 - label_smoothing) + label_smoothing / classes
+        terms = log_probs * target
+        if class_weight is not None:
+            terms = terms * class_weight
+        loss = -terms.sum(class_dim)
+        if reduction == "mean":
+            return loss.sum() / (input.numel() // max(classes, 1))
+        return loss.sum() if reduction == "sum" else loss
+
+    if target.dtype in (torch.bool, torch.complex64, torch.complex128) or target.is_complex():
+        raise TypeError(f"{fn}: expected target to hold class indices (an integer dtype) or probabilities "
+                        f"(a floating dtype) but got {target.dtype}")
+    expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    if target.shape != expected:
+        raise ValueError(f"{fn}: expected class-index targets of shape {tuple(expected)} but got "
+                         f"{tuple(target.shape)}")
+    target = target.long()
+    ignored = target == ignore_index
+    if not torch.compiler.is_compiling():
+        out_of_range = ~ignored & ((target < 0) | (target >= classes))
+        if bool(out_of_range.any()):
+            bad = int(target[out_of_range].flatten()[0])
+            raise IndexError(f"{fn}: target {bad} is out of bounds for {classes} classes "
+                             f"(expected 0 ≤ target < {classes}, or ignore_index={ignore_index})")
+    safe_target = target.masked_fill(ignored, 0)
+    nll = -log_probs.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
+    if weight is None:
+        target_weight = (~ignored).to(input.dtype)
+    else:
+        target_weight = weight.to(input.dtype)[safe_target].masked_fill(ignored, 0)
+    loss = torch.where(ignored, 0, nll * target_weight)
+    if label_smoothing > 0:
+        smooth = -(log_probs if class_weight is None else log_probs * class_weight).sum(class_dim)
+        smooth = torch.where(ignored, 0, smooth)
+    if reduction == "none":
+        return loss if label_smoothing == 0 else (1 - label_smoothing) * loss + label_smoothing / classes * smooth
+    total = loss.sum() if label_smoothing == 0 else (
+        (1 - label_smoothing) * loss.sum() + label_smoothing / classes * smooth.sum())
+    return total / target_weight.sum() if reduction == "mean" else total
