@@ -92,6 +92,18 @@ void col2im(const T* cols, const Conv2dGeometry& g, T* dx) {
   }
 }
 
+// out[k, l] += b[k] over an (M, OH·OW) output, while it is still in cache after its GEMM.
+template <typename T>
+void add_bias(T* out, const T* bias, int64_t channels, int64_t plane) {
+  for (int64_t k = 0; k < channels; ++k) {
+    T* row = out + k * plane;
+    const T b = bias[k];
+    for (int64_t l = 0; l < plane; ++l) {
+      row[l] += b;
+    }
+  }
+}
+
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
@@ -151,9 +163,7 @@ at::Tensor conv2d_cpu(
     return output;
   }
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
-  // Bias as an (M, OH·OW) broadcast, the `self` of addmm: out = b + W · cols.
-  const auto bias = has_bias ? bias_->contiguous().view({g.out_channels, 1}).expand({g.out_channels, g.out_plane()})
-                             : at::Tensor();
+  const auto bias = has_bias ? bias_->contiguous() : at::Tensor();
 
   for_each_image_chunk(g.batch, [&](int64_t, int64_t begin, int64_t end) {
     auto buffer = column_buffer(input, g);
@@ -162,13 +172,13 @@ at::Tensor conv2d_cpu(
       auto out_n = output[n].view({g.out_channels, g.out_plane()});
       for (int64_t k = 0; k < g.groups; ++k) {
         auto out_g = out_n.narrow(0, k * mg, mg);
-        const auto w_g = weight.narrow(0, k * mg, mg);
-        const auto cols_g = cols.narrow(0, k * kg, kg);
-        if (has_bias) {
-          at::addmm_out(out_g, bias.narrow(0, k * mg, mg), w_g, cols_g);
-        } else {
-          at::mm_out(out_g, w_g, cols_g);
-        }
+        at::mm_out(out_g, weight.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg));
+      }
+      if (has_bias) {
+        AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "torchcnn::conv2d_bias", [&] {
+          add_bias<scalar_t>(out_n.mutable_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
+                             g.out_channels, g.out_plane());
+        });
       }
     }
   });

@@ -19,9 +19,18 @@
 namespace torchcnn {
 namespace {
 
+// Written without short-circuit so that compilers emit selects, not branches: on real data the
+// outcome is a coin flip, and a mispredicted branch per tap costs more than the whole window.
 template <typename acc_t>
 inline bool replaces_max(acc_t value, acc_t current) {
-  return value > current || std::isnan(value);
+  return (value > current) | (value != value);
+}
+
+template <typename acc_t>
+inline void take_if_larger(acc_t value, int64_t index, acc_t& best, int64_t& best_index) {
+  const bool larger = replaces_max(value, best);
+  best = larger ? value : best;
+  best_index = larger ? index : best_index;
 }
 
 // Planes per parallel task: enough work per task (~32k window taps) to amortise scheduling.
@@ -50,11 +59,7 @@ void max_pool_plane(const scalar_t* x, scalar_t* y, int64_t* idx, const Window2d
       acc_t best_value = -std::numeric_limits<acc_t>::infinity();
       for (int64_t h = h0; h < h1; h += g.dilation_h) {
         for (int64_t w = w0; w < w1; w += g.dilation_w) {
-          const acc_t v = static_cast<acc_t>(x[h * g.width + w]);
-          if (replaces_max(v, best_value)) {
-            best_value = v;
-            best = h * g.width + w;
-          }
+          take_if_larger(static_cast<acc_t>(x[h * g.width + w]), h * g.width + w, best_value, best);
         }
       }
       y[oh * g.out_width + ow] = static_cast<scalar_t>(best_value);
@@ -78,13 +83,32 @@ void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Wind
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const acc_t a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
       acc_t m = a;
-      int64_t k = base + 2 * ow;
-      if (replaces_max(b, m)) { m = b; k = base + 2 * ow + 1; }
-      if (replaces_max(c, m)) { m = c; k = base + W + 2 * ow; }
-      if (replaces_max(d, m)) { m = d; k = base + W + 2 * ow + 1; }
+      int64_t k = 0;
+      take_if_larger(b, 1, m, k);
+      take_if_larger(c, W, m, k);
+      take_if_larger(d, W + 1, m, k);
       yr[ow] = static_cast<scalar_t>(m);
-      ir[ow] = k;
+      ir[ow] = base + 2 * ow + k;
     }
+  }
+}
+
+// ∂L/∂X[idx[j]] += ∂L/∂P[j] over one plane, zeroed here while it is in cache. The indices are
+// validated first, in a branch-free pass, so that the scatter loop itself stays tight.
+template <typename scalar_t>
+void max_pool_backward_plane(const scalar_t* go, const int64_t* idx, scalar_t* gi, const Window2d& g,
+                             const char* op) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t in_plane = g.in_plane(), out_plane = g.out_plane();
+  bool in_range = true;
+  for (int64_t j = 0; j < out_plane; ++j) {
+    in_range &= static_cast<uint64_t>(idx[j]) < static_cast<uint64_t>(in_plane);
+  }
+  TORCH_CHECK_INDEX(in_range, op, ": indices holds a value outside [0, ", in_plane,
+                    "), the input plane's flat index range");
+  std::fill(gi, gi + in_plane, scalar_t(0));
+  for (int64_t j = 0; j < out_plane; ++j) {
+    gi[idx[j]] = static_cast<scalar_t>(static_cast<acc_t>(gi[idx[j]]) + static_cast<acc_t>(go[j]));
   }
 }
 
@@ -125,25 +149,18 @@ at::Tensor max_pool2d_backward_cpu(
   check_max_pool2d_backward(op, g, grad_output_, input, indices_);
   const auto grad_output = grad_output_.contiguous();
   const auto indices = indices_.contiguous();
-  auto grad_input = at::zeros({g.batch, g.channels, g.height, g.width}, input.options());
+  auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "torchcnn::max_pool2d_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    const int64_t in_plane = g.in_plane(), out_plane = g.out_plane();
     // One task owns whole planes, so the scatter into a plane is race-free and ordered.
     at::parallel_for(0, g.batch * g.channels, plane_grain(g), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
-        const scalar_t* gop = go + plane * out_plane;
-        const int64_t* ip = idx + plane * out_plane;
-        scalar_t* gip = gi + plane * in_plane;
-        for (int64_t j = 0; j < out_plane; ++j) {
-          const int64_t target = ip[j];
-          TORCH_CHECK_INDEX(target >= 0 && target < in_plane, op, ": index ", target,
-                            " in indices is out of range for an input plane of ", in_plane, " elements");
-          gip[target] = static_cast<scalar_t>(static_cast<acc_t>(gip[target]) + static_cast<acc_t>(gop[j]));
-        }
+        const scalar_t* gop = go + plane * g.out_plane();
+        const int64_t* ip = idx + plane * g.out_plane();
+        scalar_t* gip = gi + plane * g.in_plane();
+        max_pool_backward_plane(gop, ip, gip, g, op);
       }
     });
   });

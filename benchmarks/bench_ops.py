@@ -1,0 +1,91 @@
+"""Times torchcnn's ops against torch's built-ins on the MNIST model's shapes.
+
+    python benchmarks/bench_ops.py                 # CPU
+    python benchmarks/bench_ops.py --device cuda   # GPU (torch uses cuDNN)
+
+Forward is timed as in training (inputs require grad, so max_pool2d computes its indices in both
+libraries); backward is one ``torch.autograd.grad`` over the same graph for every input. Each
+figure is the median of ``torch.utils.benchmark`` blocked runs; ratio = torchcnn / torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+import torch.nn.functional as TF
+
+import torchcnn.functional as CF  # before torch.utils.benchmark, which logs a CUDA warning
+from torch.utils import benchmark  # noqa: E402  (after torchcnn, which imports it quietly)
+
+
+def cases(batch: int):
+    """(name, torchcnn fn, torch fn, input shapes) for the MNIST model's layers."""
+    yield ("conv 1→32 3×3, 28×28", CF.conv2d, TF.conv2d, [(batch, 1, 28, 28), (32, 1, 3, 3), (32,)])
+    yield ("conv 32→64 3×3, 26×26", CF.conv2d, TF.conv2d, [(batch, 32, 26, 26), (64, 32, 3, 3), (64,)])
+    yield ("max_pool 2×2, 64×24×24", lambda x: CF.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2),
+           [(batch, 64, 24, 24)])
+
+
+def median_ms(fn, device: str, min_run_time: float) -> float:
+    fn()  # warm-up (and one-time allocations)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def run(device: str, batches: list[int], min_run_time: float, threads: int | None) -> list[dict]:
+    if threads:
+        torch.set_num_threads(threads)
+    rows = []
+    for batch in batches:
+        for name, ours, theirs, shapes in cases(batch):
+            gen = torch.Generator().manual_seed(0)
+            inputs = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
+            row = {"case": name, "batch": batch}
+            for which, fn in (("torch", theirs), ("torchcnn", ours)):
+                out = fn(*inputs)
+                grad = torch.randn_like(out)
+                row[f"{which}_fwd"] = median_ms(lambda: fn(*inputs), device, min_run_time)
+                row[f"{which}_bwd"] = median_ms(
+                    lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True), device, min_run_time)
+            rows.append(row)
+    return rows
+
+
+def describe(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()})"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+            f"(torch {torch.__version__}, oneDNN {torch.backends.mkldnn.is_available()})")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | batch | pass | torch ms | torchcnn ms | ratio |", "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        for pass_ in ("fwd", "bwd"):
+            t, c = r[f"torch_{pass_}"], r[f"torchcnn_{pass_}"]
+            lines.append(f"| {r['case']} | {r['batch']} | {pass_} | {t:.3f} | {c:.3f} | {c / t:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per figure")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    rows = run(args.device, args.batch_sizes, args.min_run_time, args.threads)
+    print(f"device: {describe(args.device)}")
+    print(table(rows))
+    worst = max(max(r["torchcnn_fwd"] / r["torch_fwd"], r["torchcnn_bwd"] / r["torch_bwd"]) for r in rows)
+    print(f"worst ratio: {worst:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
