@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import torchcnn.functional as F
+from samples import conv2d_samples, make_conv
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
+       torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
+
+
+def reference_conv2d(x, w, b, stride, padding, dilation, groups):
+    """The design notes' sum, written plainly: the oracle the fast path is held to."""
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    xp = torch.zeros(n, c, h + 2 * padding, wd + 2 * padding, dtype=x.dtype)
+    xp[:, :, padding:padding + h, padding:padding + wd] = x
+    oh = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    ow = (wd + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    y = torch.zeros(n, m, oh, ow, dtype=x.dtype)
+    mg = m // groups
+    for k in range(m):
+        g = k // mg
+        for i in range(oh):
+            for j in range(ow):
+                acc = b[k].clone() if b is not None else torch.zeros((n,), dtype=x.dtype)
+                for cc in range(cg):
+                    for p in range(kh):
+                        for q in range(kw):
+                            acc = acc + xp[:, g * cg + cc, i * stride + p * dilation, j * stride + q * dilation] * w[k, cc, p, q]
+                y[:, k, i, j] = acc
+    return y
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 0, 1, 1), (2, 1, 1, 1), (1, 2, 2, 2), (3, 1, 2, 1)])
+def test_matches_the_design_notes_sum(stride, padding, dilation, groups):
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    w = torch.randn(4, 4 // groups, 3, 2, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    expected = reference_conv2d(x, w, b, stride, padding, dilation, groups)
+    torch.testing.assert_close(F.conv2d(x, w, b, stride, padding, dilation, groups), expected, **TOL[torch.float64])
+
+
+def _check_against_torch(sample, device, dtype):
+    x, w, b = make_conv(sample, device, dtype, requires_grad=True)
+    ours = F.conv2d(x, w, b, **sample.kwargs)
+    theirs = TF.conv2d(x, w, b, **sample.kwargs)
+    torch.testing.assert_close(ours, theirs, **TOL[dtype])
+    grad = torch.randn_like(theirs)
+    inputs = [t for t in (x, w, b) if t is not None]
+    for g_ours, g_theirs, name in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad),
+                                      ("input", "weight", "bias")):
+        torch.testing.assert_close(g_ours, g_theirs, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sample", conv2d_samples(), ids=repr)
+def test_matches_torch(sample, device, dtype):
+    _check_against_torch(sample, device, dtype)
+
+
+@pytest.mark.parametrize("sample", conv2d_samples(full=False), ids=repr)
+def test_bfloat16_accumulates_in_float(sample, device):
+    """bfloat16 results equal the float64 result on the same bfloat16 values, rounded once."""
+    x, w, b = make_conv(sample, device, torch.bfloat16, requires_grad=True)
+    x64, w64, b64 = (t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b))
+    ours, exact = F.conv2d(x, w, b, **sample.kwargs), TF.conv2d(x64, w64, b64, **sample.kwargs)
+    assert ours.dtype == torch.bfloat16
+    grad = torch.randn_like(ours)
+    inputs = [t for t in (x, w, b) if t is not None]
+    inputs64 = [t for t in (x64, w64, b64) if t is not None]
+    pairs = [(ours, exact)] + list(zip(torch.autograd.grad(ours, inputs, grad),
+                                       torch.autograd.grad(exact, inputs64, grad.double())))
+    for a, e in pairs:
+        # One rounding to bfloat16 (8 significant bits) of the exact value.
+        torch.testing.assert_close(a.double(), e, rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("sample", conv2d_samples(full=False), ids=repr)
+def test_gradcheck(sample, device):
+    if sample.shape[0] == 0:
+        pytest.skip("gradcheck needs at least one element")
+    x, w, b = make_conv(sample, device, torch.float64, requires_grad=True)
+    # Keep gradcheck quick: shrink the big MNIST-shaped samples' channel counts (groups = 1).
+    if w.shape[0] > 16:
+        c = min(4, x.shape[-3])
+        x = x[..., :c, :, :].detach().requires_grad_()
+        w = w[:4, :c].detach().requires_grad_()
+        b = b[:4].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *t: F.conv2d(*t, **sample.kwargs), (x, w, b))
+
+
+def test_each_gradient_only_when_needed(device):
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device)
+    b = torch.randn(4, device=device, requires_grad=True)
+    y = F.conv2d(x, w, b)
+    with torch.profiler.profile() as prof:
+        gx, gb = torch.autograd.grad(y.sum(), (x, b))
+    ran = {e.name for e in prof.events()}
+    assert "torchcnn::conv2d_backward_input" in ran and "torchcnn::conv2d_backward_weight" not in ran
+    torch.testing.assert_close(gb, torch.full((4,), 2.0 * 16, device=device))
+    torch.testing.assert_close(gx, torch.nn.grad.conv2d_input(x.shape, w, torch.ones_like(y)))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_non_contiguous_inputs(device, layout):
+    x = torch.randn(2, 6, 10, 12, device=device)
+    w = torch.randn(4, 6, 3, 3, device=device)
+    if layout == "channels_last":
+        x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = x.transpose(2, 3)
+    else:
+        x, w = x[:, ::2, 1:, ::2], w[:, ::2]
+    x.requires_grad_()
+    w.requires_grad_()
+    ours, theirs = F.conv2d(x, w, padding=1), TF.conv2d(x, w, padding=1)
+    torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
+    grad = torch.randn_like(theirs).to(memory_format=torch.channels_last)
+    for a, b in zip(torch.autograd.grad(ours, (x, w), grad), torch.autograd.grad(theirs, (x, w), grad)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_empty_batch_gives_empty_result(device):
+    x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, device=device, requires_grad=True)
+    y = F.conv2d(x, w)
+    assert y.shape == (0, 5, 6, 6)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert gx.shape == x.shape and torch.count_nonzero(gw) == 0
+
+
+def test_op_is_registered_and_differentiable_directly(device):
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.ops.torchcnn.conv2d(x, w)  # schema defaults: no bias, stride 1, padding 0
+    assert y.shape == (1, 3, 3, 3)
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.torchcnn.conv2d(a, b, None, [2, 1], [1, 0], [1, 1], 1), (x, w))

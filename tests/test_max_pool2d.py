@@ -1,0 +1,97 @@
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import torchcnn.functional as F
+from samples import max_pool2d_samples
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def reference_max_pool2d(x, k, s):
+    """The design notes' pooling, written plainly: P[i, j] = max over the k×k window at (i·s, j·s)."""
+    n, c, h, w = x.shape
+    oh, ow = (h - k) // s + 1, (w - k) // s + 1
+    out = torch.empty(n, c, oh, ow, dtype=x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = x[:, :, i * s:i * s + k, j * s:j * s + k].amax((2, 3))
+    return out
+
+
+def test_matches_the_design_notes_pooling():
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(F.max_pool2d(x, 2), reference_max_pool2d(x, 2, 2), rtol=0, atol=0)
+    torch.testing.assert_close(F.max_pool2d(x, 3, 1), reference_max_pool2d(x, 3, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sample", max_pool2d_samples(), ids=repr)
+def test_matches_torch_exactly(sample, device, dtype):
+    """Values, indices and gradients are exactly torch's: max picks, no arithmetic."""
+    x = torch.randn(sample.shape, device=device, dtype=dtype, requires_grad=True)
+    ours, ours_idx = F.max_pool2d(x, **sample.kwargs, return_indices=True)
+    theirs, theirs_idx = TF.max_pool2d(x, **sample.kwargs, return_indices=True)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert torch.equal(ours_idx, theirs_idx)
+    grad = torch.randn_like(theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0],
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sample", max_pool2d_samples(full=False), ids=repr)
+def test_gradcheck(sample, device):
+    if sample.shape[0] == 0:
+        pytest.skip("gradcheck needs at least one element")
+    # Distinct values, so that no finite-difference step changes which element is the max.
+    x = torch.randperm(torch.Size(sample.shape).numel(), dtype=torch.float64, device=device)
+    x = (x / x.numel()).view(sample.shape).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: F.max_pool2d(t, **sample.kwargs), (x,), eps=1e-6 / x.numel())
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=2), dict(kernel_size=3, stride=1, padding=1)])
+def test_ties_nan_and_infinity_resolve_as_torch(device, kwargs):
+    x = torch.tensor([[1.0, 1.0, 0.0, 5.0, 5.0, 2.0],
+                      [1.0, 1.0, 5.0, 0.0, 2.0, 5.0],
+                      [float("nan"), 3.0, float("-inf"), float("-inf"), 3.0, float("nan")],
+                      [float("nan"), 9.0, float("-inf"), float("-inf"), float("nan"), 1.0]], device=device)
+    x = x.repeat(1, 2, 1, 1).requires_grad_()
+    ours, oi = F.max_pool2d(x, **kwargs, return_indices=True)
+    theirs, ti = TF.max_pool2d(x, **kwargs, return_indices=True)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(oi, ti)
+    grad = torch.arange(float(ours.numel()), device=device).view_as(ours)
+    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0])
+
+
+def test_gradient_goes_to_the_argmax_only(device):
+    x = torch.tensor([[[[1.0, 4.0], [3.0, 2.0]]]], device=device, requires_grad=True)
+    y = F.max_pool2d(x, 2)
+    (g,) = torch.autograd.grad(y, x, torch.tensor([[[[7.0]]]], device=device))
+    assert g.tolist() == [[[[0.0, 7.0], [0.0, 0.0]]]]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_non_contiguous_inputs(device, layout):
+    x = torch.randn(2, 4, 10, 12, device=device)
+    x = {"channels_last": x.to(memory_format=torch.channels_last), "transposed": x.transpose(2, 3),
+         "sliced": x[:, ::2, 1:, ::2]}[layout].requires_grad_()
+    ours, oi = F.max_pool2d(x, 2, return_indices=True)
+    theirs, ti = TF.max_pool2d(x.contiguous(), 2, return_indices=True)
+    assert torch.equal(ours, theirs) and torch.equal(oi, ti)
+    grad = torch.randn_like(theirs).transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0])
+
+
+def test_empty_batch_gives_empty_result(device):
+    x = torch.randn(0, 3, 6, 6, device=device, requires_grad=True)
+    y = F.max_pool2d(x, 2)
+    assert y.shape == (0, 3, 3, 3)
+    assert torch.autograd.grad(y.sum(), x)[0].shape == x.shape
+
+
+def test_backward_rejects_out_of_range_indices():
+    x = torch.randn(1, 1, 4, 4)
+    out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x, [2, 2], [2, 2])
+    with pytest.raises(IndexError, match="indices"):
+        torch.ops.torchcnn.max_pool2d_backward(out, x, idx + 100, [2, 2], [2, 2], [0, 0], [1, 1], False)
