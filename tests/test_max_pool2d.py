@@ -43,9 +43,11 @@ def test_matches_torch_exactly(sample, device, dtype):
 def test_gradcheck(sample, device):
     if sample.shape[0] == 0:
         pytest.skip("gradcheck needs at least one element")
+    shape = list(sample.shape)
+    shape[-3] = min(shape[-3], 3)  # gradcheck's Jacobian is numel² : keep it small
     # Distinct values, so that no finite-difference step changes which element is the max.
-    x = torch.randperm(torch.Size(sample.shape).numel(), dtype=torch.float64, device=device)
-    x = (x / x.numel()).view(sample.shape).requires_grad_()
+    x = torch.randperm(torch.Size(shape).numel(), dtype=torch.float64, device=device)
+    x = (x / x.numel()).view(shape).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: F.max_pool2d(t, **sample.kwargs), (x,), eps=1e-6 / x.numel())
 
 
