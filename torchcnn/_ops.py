@@ -17,7 +17,8 @@ ops = torch.ops.torchcnn
 
 
 # --------------------------------------------------------------------------------------------
-# Shapes (the same formulas as csrc/shapes.h, written for SymInts)
+# Shapes (the same formulas as csrc/shapes.h, written for SymInts). Arguments left at their
+# schema defaults may be left out of the call, hence the defaults here.
 
 
 def _window_output_size(size, kernel, stride, pad, dilation, ceil_mode=False):
@@ -37,7 +38,7 @@ def _conv2d_output_shape(input, weight, stride, padding, dilation):
 
 
 @torch.library.register_fake("torchcnn::conv2d")
-def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
+def _conv2d_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     return input.new_empty(_conv2d_output_shape(input, weight, stride, padding, dilation))
 
 
@@ -52,7 +53,7 @@ def _conv2d_backward_weight_fake(grad_output, input, weight, stride, padding, di
 
 
 @torch.library.register_fake("torchcnn::max_pool2d_with_indices")
-def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+def _max_pool2d_fake(input, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
     torch._check(input.dim() == 4, lambda: f"max_pool2d: expected input to be 4-D but got {input.dim()}-D")
     out_h, out_w = (
         _window_output_size(input.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
