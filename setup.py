@@ -6,6 +6,7 @@ build. Compiling CUDA code needs no GPU. See torchcnn/_build.py for how the tool
 
 import importlib.util
 import os
+import sys
 
 from setuptools import setup
 
@@ -13,6 +14,7 @@ _spec = importlib.util.spec_from_file_location(
     "torchcnn_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchcnn", "_build.py")
 )
 _build = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _build  # dataclasses look their module up while the file executes
 _spec.loader.exec_module(_build)
 
 cfg = _build.config()
