@@ -106,6 +106,23 @@ inline void check_grad_output(const char* op, const at::Tensor& grad_output, con
                     " but got ", shape_str(grad_output));
 }
 
+// Input sizes and window parameters (already checked to be pairs) into a geometry.
+inline void set_window(Window2d& g, const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation) {
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.kernel_h = kernel[0];
+  g.kernel_w = kernel[1];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+}
+
 }  // namespace detail
 
 // Checks conv2d's arguments (torch.nn.functional.conv2d's rules) and returns its geometry.
@@ -125,19 +142,8 @@ inline Conv2dGeometry conv2d_geometry(
   TORCH_CHECK_VALUE(groups > 0, op, ": expected groups to be positive but got ", groups);
 
   Conv2dGeometry g;
-  g.batch = input.size(0);
-  g.channels = input.size(1);
-  g.height = input.size(2);
-  g.width = input.size(3);
+  detail::set_window(g, input, {weight.size(2), weight.size(3)}, stride, padding, dilation);
   g.out_channels = weight.size(0);
-  g.kernel_h = weight.size(2);
-  g.kernel_w = weight.size(3);
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
   g.groups = groups;
 
   TORCH_CHECK_VALUE(g.out_channels > 0 && g.kernel_h > 0 && g.kernel_w > 0 && weight.size(1) > 0, op,
@@ -176,18 +182,7 @@ inline Window2d max_pool2d_geometry(
   check_positive(op, "dilation", dilation);
 
   Window2d g;
-  g.batch = input.size(0);
-  g.channels = input.size(1);
-  g.height = input.size(2);
-  g.width = input.size(3);
-  g.kernel_h = kernel_size[0];
-  g.kernel_w = kernel_size[1];
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
+  detail::set_window(g, input, kernel_size, stride, padding, dilation);
   const int64_t eff_kh = g.dilation_h * (g.kernel_h - 1) + 1;
   const int64_t eff_kw = g.dilation_w * (g.kernel_w - 1) + 1;
   // A window that starts in the padding must still reach a real pixel.
