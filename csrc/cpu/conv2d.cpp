@@ -112,9 +112,13 @@ bool is_reduced(const at::Tensor& t) {
 // only on the batch size and the thread count, so reductions over chunks are reproducible.
 // The body runs ATen ops on worker threads, which do not inherit the caller's dispatch state:
 // the guard keeps autograd out of them (this is a kernel, below autograd).
+int64_t image_chunks(int64_t batch) {
+  return std::max<int64_t>(1, std::min<int64_t>(batch, at::get_num_threads()));
+}
+
 template <typename F>
 void for_each_image_chunk(int64_t batch, F&& body) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(batch, at::get_num_threads()));
+  const int64_t chunks = image_chunks(batch);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t c = c0; c < c1; ++c) {
@@ -239,9 +243,8 @@ at::Tensor conv2d_backward_weight_cpu(
   const auto grad_output = grad_output_.contiguous();
   const auto input = input_.contiguous();
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.batch, at::get_num_threads()));
   // One partial sum per chunk of images, added up in chunk order: no races, same result every run.
-  auto partial = at::zeros({chunks, g.out_channels, kg}, input.options());
+  auto partial = at::zeros({image_chunks(g.batch), g.out_channels, kg}, input.options());
   if (g.batch > 0) {
     for_each_image_chunk(g.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
       auto buffer = column_buffer(input, g);

@@ -11,7 +11,6 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <limits>
 
 #include "../shapes.h"
