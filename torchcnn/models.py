@@ -1,0 +1,50 @@
+"""The MNIST classifier, built from torchcnn's layers or, identically, from torch.nn's."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn as torch_nn
+
+from . import nn as torchcnn_nn
+
+BACKENDS = ("torchcnn", "torch")
+
+
+def layers(backend: str):
+    """The module namespace that provides Conv2d, ReLU, MaxPool2d, Linear and CrossEntropyLoss."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return torchcnn_nn if backend == "torchcnn" else torch_nn
+
+
+class MnistNet(torch_nn.Module):
+    """conv3x3(1→c1) ReLU pool2 · conv3x3(c1→c2) ReLU pool2 · dropout · linear(c2·7·7→hidden) ReLU
+    dropout · linear(hidden→10).  Returns logits ``(N, 10)`` for images ``(N, 1, 28, 28)``.
+
+    Both backends create the parameters in the same order with the same initialisation, so the same
+    seed gives the same weights, and their state_dicts are interchangeable.
+    """
+
+    def __init__(self, backend: str = "torchcnn", channels: tuple[int, int] = (32, 64),
+                 hidden: int = 128, dropout: float = 0.25):
+        super().__init__()
+        L = layers(backend)
+        c1, c2 = channels
+        self.backend = backend
+        self.features = torch_nn.Sequential(
+            L.Conv2d(1, c1, 3, padding=1), L.ReLU(), L.MaxPool2d(2),
+            L.Conv2d(c1, c2, 3, padding=1), L.ReLU(), L.MaxPool2d(2),
+        )
+        self.classifier = torch_nn.Sequential(
+            torch_nn.Flatten(), torch_nn.Dropout(dropout),
+            L.Linear(c2 * 7 * 7, hidden), L.ReLU(), torch_nn.Dropout(dropout),
+            L.Linear(hidden, 10),
+        )
+        self.config = {"channels": list(channels), "hidden": hidden, "dropout": dropout}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def loss_function(backend: str = "torchcnn", **kwargs) -> torch_nn.Module:
+    return layers(backend).CrossEntropyLoss(**kwargs)
