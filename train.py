@@ -104,7 +104,13 @@ class StopRequest:
     def __init__(self, world_size: int, every: int = 10):
         self.requested = False
         self.world_size, self.every = world_size, every
-        signal.signal(signal.SIGINT, self._handle)
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -203,7 +209,7 @@ def main(argv=None) -> int:
             "data_rng": epoch_start_rng, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "history": history, "train_seconds": train_seconds, "best_accuracy": best,
-            "args": vars(args), "torch": torch.__version__, "torchcnn": torchcnn.__version__,
+            "args": vars(args), "torch": str(torch.__version__), "torchcnn": torchcnn.__version__,
         }, path)
 
     def write_metrics(test: Totals | None):
@@ -213,75 +219,74 @@ def main(argv=None) -> int:
             "images_per_second": sum(r["train_images"] for r in history) / max(train_seconds, 1e-9),
             "device": str(device), "device_name": torch.cuda.get_device_name(device)
             if device.type == "cuda" else None, "backend": args.backend, "world_size": world_size,
-            "seed": args.seed, "torch": torch.__version__, "torchcnn": torchcnn.__version__,
+            "seed": args.seed, "torch": str(torch.__version__), "torchcnn": torchcnn.__version__,
             "args": vars(args), "argv": sys.argv,
         }, out / "metrics.json")
 
     # The loop: train an epoch, evaluate, save; Ctrl-C stops after a step and saves where it was.
-    stop = StopRequest(world_size)
-    test = None
-    run_started = time.perf_counter()
-    while epoch < args.epochs:
-        epoch_start_rng = data_rng.get_state()
-        batches = mnist.Batches(data.train_images, data.train_labels, args.batch_size, data_rng,
-                                max_shift=args.shift, rank=rank, world_size=world_size)
-        progress = Progress(len(batches), step, f"epoch {epoch + 1}/{args.epochs}", show_progress)
-        started = time.perf_counter()
-        totals, step = train_epoch(model, loss_fn, optimizer, schedule, batches, start=step,
-                                   totals=totals, stop=stop, progress=progress)
-        progress.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - started
-        if step < len(batches):  # stopped by Ctrl-C in the middle of the epoch
-            data_rng.set_state(epoch_start_rng)
+    with StopRequest(world_size) as stop:
+        test, run_started = None, time.perf_counter()
+        while epoch < args.epochs:
+            epoch_start_rng = data_rng.get_state()
+            batches = mnist.Batches(data.train_images, data.train_labels, args.batch_size, data_rng,
+                                    max_shift=args.shift, rank=rank, world_size=world_size)
+            progress = Progress(len(batches), step, f"epoch {epoch + 1}/{args.epochs}", show_progress)
+            started = time.perf_counter()
+            totals, step = train_epoch(model, loss_fn, optimizer, schedule, batches, start=step,
+                                       totals=totals, stop=stop, progress=progress)
+            progress.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds += time.perf_counter() - started
+            if step < len(batches):  # stopped by Ctrl-C in the middle of the epoch
+                data_rng.set_state(epoch_start_rng)
+                if is_main:
+                    save_state(out / "interrupted.pt", epoch_start_rng)
+                say(f"\ninterrupted in epoch {epoch + 1} at step {step}/{len(batches)}; saved "
+                    f"{out / 'interrupted.pt'}\ncontinue with: python train.py --resume {out / 'interrupted.pt'}")
+                return 130
+            schedule.step_epoch()
+            train = totals.all_reduced()
+            test = evaluate(model, loss_fn, data.test_images, data.test_labels, args.test_batch_size,
+                            normalize=mnist.normalize)
+            seconds = time.perf_counter() - started
+            history.append({"epoch": epoch + 1, "train_loss": train.mean_loss, "train_accuracy": train.accuracy,
+                            "test_loss": test.mean_loss, "test_accuracy": test.accuracy,
+                            "seconds": seconds, "train_images": train.count,
+                            "lr": optimizer.param_groups[0]["lr"]})
+            epoch, step, totals = epoch + 1, 0, None
+            say(f"epoch {epoch:>2}/{args.epochs}  train loss {train.mean_loss:.4f} acc {100 * train.accuracy:.2f}%"
+                f"  test loss {test.mean_loss:.4f} acc {100 * test.accuracy:.2f}%  "
+                f"{seconds:.1f} s  {train.count / seconds:,.0f} img/s", flush=True)
             if is_main:
-                save_state(out / "interrupted.pt", epoch_start_rng)
-            say(f"\ninterrupted in epoch {epoch + 1} at step {step}/{len(batches)}; saved "
-                f"{out / 'interrupted.pt'}\ncontinue with: python train.py --resume {out / 'interrupted.pt'}")
-            return 130
-        schedule.step_epoch()
-        train = totals.all_reduced()
-        test = evaluate(model, loss_fn, data.test_images, data.test_labels, args.test_batch_size,
-                        normalize=mnist.normalize)
-        seconds = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "train_loss": train.mean_loss, "train_accuracy": train.accuracy,
-                        "test_loss": test.mean_loss, "test_accuracy": test.accuracy,
-                        "seconds": seconds, "train_images": train.count,
-                        "lr": optimizer.param_groups[0]["lr"]})
-        epoch, step, totals = epoch + 1, 0, None
-        say(f"epoch {epoch:>2}/{args.epochs}  train loss {train.mean_loss:.4f} acc {100 * train.accuracy:.2f}%"
-            f"  test loss {test.mean_loss:.4f} acc {100 * test.accuracy:.2f}%  "
-            f"{seconds:.1f} s  {train.count / seconds:,.0f} img/s", flush=True)
-        if is_main:
-            save_state(out / "last.pt", data_rng.get_state())
-            if test.accuracy > best:
-                best = test.accuracy
-                save_state(out / "best.pt", data_rng.get_state())
-            write_metrics(test)
-        if stop(0 if world_size == 1 else stop.every):
-            say(f"interrupted after epoch {epoch}; saved {out / 'last.pt'}\n"
-                f"continue with: python train.py --resume {out / 'last.pt'}")
-            return 130
+                save_state(out / "last.pt", data_rng.get_state())
+                if test.accuracy > best:
+                    best = test.accuracy
+                    save_state(out / "best.pt", data_rng.get_state())
+                write_metrics(test)
+            if stop(0 if world_size == 1 else stop.every):
+                say(f"interrupted after epoch {epoch}; saved {out / 'last.pt'}\n"
+                    f"continue with: python train.py --resume {out / 'last.pt'}")
+                return 130
 
-    # The end: metrics and pictures from the final model.
-    if test is None:  # resumed a run that had already finished
-        test = evaluate(model, loss_fn, data.test_images, data.test_labels, args.test_batch_size,
-                        normalize=mnist.normalize)
-    if is_main:
-        write_metrics(test)
-        if not args.no_plots:
-            predictions = predict(net, data.test_images, args.test_batch_size, normalize=mnist.normalize)
-            plots.curves(history, out / "curves.png")
-            plots.confusion(confusion_matrix(data.test_labels, predictions), out / "confusion.png")
-            plots.filters(net.features[0].weight, out / "filters.png")
-            plots.mistakes(data.test_images, data.test_labels, predictions, out / "mistakes.png")
-    say(f"test accuracy {100 * test.accuracy:.2f}%  test loss {test.mean_loss:.4f}  "
-        f"train time {train_seconds:.1f} s (total {time.perf_counter() - run_started:.1f} s)  "
-        f"outputs in {out}")
-    if world_size > 1:
-        dist.destroy_process_group()
-    return 0
+        # The end: metrics and pictures from the final model.
+        if test is None:  # resumed a run that had already finished
+            test = evaluate(model, loss_fn, data.test_images, data.test_labels, args.test_batch_size,
+                            normalize=mnist.normalize)
+        if is_main:
+            write_metrics(test)
+            if not args.no_plots:
+                predictions = predict(net, data.test_images, args.test_batch_size, normalize=mnist.normalize)
+                plots.curves(history, out / "curves.png")
+                plots.confusion(confusion_matrix(data.test_labels, predictions), out / "confusion.png")
+                plots.filters(net.features[0].weight, out / "filters.png")
+                plots.mistakes(data.test_images, data.test_labels, predictions, out / "mistakes.png")
+        say(f"test accuracy {100 * test.accuracy:.2f}%  test loss {test.mean_loss:.4f}  "
+            f"train time {train_seconds:.1f} s (total {time.perf_counter() - run_started:.1f} s)  "
+            f"outputs in {out}")
+        if world_size > 1:
+            dist.destroy_process_group()
+        return 0
 
 
 if __name__ == "__main__":

@@ -204,6 +204,13 @@ class Batches:
         return normalize(images), self.labels[idx]
 
 
+def _pixels(gray_image) -> torch.Tensor:
+    """An 8-bit single-channel PIL image as float32 ``(H, W)`` in [0, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(gray_image, dtype=np.float32) / 255)
+
+
 def prepare_digit(image) -> torch.Tensor:
     """A picture of one digit (PIL image, any size and mode) as MNIST prepared its digits.
 
@@ -215,18 +222,17 @@ def prepare_digit(image) -> torch.Tensor:
 
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        alpha = torch.tensor(list(rgba.getchannel("A").getdata()), dtype=torch.float32) / 255
-        gray = torch.tensor(list(rgba.convert("L").getdata()), dtype=torch.float32) / 255
+        alpha = _pixels(rgba.getchannel("A"))
+        gray = _pixels(rgba.convert("L"))
         if alpha.min() < 1:
             # Transparent pixels are background whatever colour they store: put the ink on a
             # background that contrasts with it (dark ink on white, light ink on black).
             ink_level = (gray * alpha).sum() / alpha.sum().clamp_min(1e-6)
             background = 1.0 if ink_level < 0.5 else 0.0
             gray = gray * alpha + background * (1 - alpha)
-        x = gray.view(image.height, image.width)
+        x = gray
     else:
-        gray = image.convert("L")
-        x = torch.tensor(list(gray.getdata()), dtype=torch.float32).view(image.height, image.width) / 255
+        x = _pixels(image.convert("L"))
 
     border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
     if border.median() > 0.5:
@@ -243,9 +249,8 @@ def prepare_digit(image) -> torch.Tensor:
     h, w = x.shape
     scale = 20 / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    pil = Image.fromarray((x * 255).round().to(torch.uint8).numpy(), mode="L")
-    pil = pil.resize(size, Image.Resampling.LANCZOS)
-    digit = torch.tensor(list(pil.getdata()), dtype=torch.float32).view(size[1], size[0]) / 255
+    pil = Image.fromarray((x * 255).round().to(torch.uint8).numpy())
+    digit = _pixels(pil.resize(size, Image.Resampling.LANCZOS))
 
     canvas = torch.zeros(28, 28)
     top, left = (28 - size[1]) // 2, (28 - size[0]) // 2

@@ -46,7 +46,7 @@ def confusion(matrix: torch.Tensor, path) -> None:
     """The test confusion matrix, rows true labels, columns predictions."""
     plt, fig, ax = _figure(figsize=(5.6, 5))
     m = matrix.cpu()
-    ax.imshow(torch.log1p(m.float()), cmap="Blues")  # log: the few mistakes stay visible
+    ax.imshow(torch.log1p(m.float()).numpy(), cmap="Blues")  # log: the few mistakes stay visible
     for t in range(m.shape[0]):
         for p in range(m.shape[1]):
             if m[t, p]:
@@ -68,7 +68,7 @@ def filters(weight: torch.Tensor, path) -> None:
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < w.shape[0]:
-            ax.imshow(w[i], cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.imshow(w[i].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
     fig.suptitle("first conv layer's kernels (red +, blue −)")
     _save(plt, fig, Path(path))
 
@@ -83,7 +83,7 @@ def mistakes(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tens
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong.tolist()):
-        ax.imshow(images[i].cpu(), cmap="gray_r")
+        ax.imshow(images[i].cpu().numpy(), cmap="gray_r")
         ax.set_title(f"{labels[i].item()}→{predictions[i].item()}", fontsize=9, color="crimson")
     total = int((labels != predictions).sum())
     fig.suptitle(f"misclassified test digits, true→predicted ({len(wrong)} of {total} shown)")
