@@ -35,8 +35,8 @@ struct Window2d {
   int64_t dilation_h, dilation_w;
   int64_t out_height, out_width;
 
-  int64_t out_plane() const { return out_height * out_width; }
-  int64_t in_plane() const { return height * width; }
+  C10_HOST_DEVICE int64_t out_plane() const { return out_height * out_width; }
+  C10_HOST_DEVICE int64_t in_plane() const { return height * width; }
 };
 
 struct Conv2dGeometry : Window2d {

@@ -1,0 +1,260 @@
+// conv2d on CUDA: batched im2col feeding cuBLAS (at::bmm on the current stream), and a direct
+// kernel for single-input-channel convs (the MNIST first layer), where a GEMM with K = KH·KW = 9
+// would be all overhead.
+//
+// For a chunk of B images, im2col lays every receptive field out as a column:
+//   cols[n, (c, p, q), (i, j)] = X[n, c, i·s + p·d − pad, j·s + q·d − pad]   (0 outside the image)
+// and the design notes' sums become three batched products of the same matrices, per group:
+//   Y_n = W · cols_n (+ b),    ∂L/∂cols_n = Wᵀ · ∂L/∂Y_n (then col2im),    ∂L/∂W = Σ_n ∂L/∂Y_n · cols_nᵀ.
+// Half types go to cuBLAS as they are (it accumulates in float); the hand-written kernels
+// accumulate in at::opmath_type. Nothing uses atomics: every result is deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../shapes.h"
+#include "launch.cuh"
+
+namespace torchcnn {
+namespace {
+
+// One thread per (image, channel, output pixel); it writes that pixel's KH·KW column entries.
+// Consecutive threads take consecutive output pixels, so the writes of each tap are coalesced.
+template <typename scalar_t>
+__global__ void im2col_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols, int64_t total,
+                              Conv2dGeometry g) {
+  const int64_t plane = g.out_plane();
+  for (int64_t t = grid_start(); t < total; t += grid_step()) {
+    const int64_t ow = t % g.out_width;
+    const int64_t oh = (t / g.out_width) % g.out_height;
+    const int64_t c = (t / plane) % g.channels;
+    const int64_t n = t / (plane * g.channels);
+    const scalar_t* xc = x + (n * g.channels + c) * g.in_plane();
+    scalar_t* col = cols + ((n * g.channels + c) * g.kernel_h * g.kernel_w) * plane + oh * g.out_width + ow;
+    for (int64_t p = 0; p < g.kernel_h; ++p) {
+      const int64_t h = oh * g.stride_h - g.pad_h + p * g.dilation_h;
+      for (int64_t q = 0; q < g.kernel_w; ++q) {
+        const int64_t w = ow * g.stride_w - g.pad_w + q * g.dilation_w;
+        const bool inside = h >= 0 && h < g.height && w >= 0 && w < g.width;
+        *col = inside ? xc[h * g.width + w] : scalar_t(0);
+        col += plane;
+      }
+    }
+  }
+}
+
+// The adjoint of im2col, gathered: one thread per input pixel (image, c, h, w) sums the column
+// entries that were read from it, ∂L/∂X[n, c, h, w] = Σ_{p, q : h = i·s − pad + p·d, w = j·s − pad + q·d}
+// ∂L/∂cols[n, (c, p, q), (i, j)]. Each pixel is written once, so no atomics and no zeroing.
+template <typename scalar_t>
+__global__ void col2im_kernel(const scalar_t* __restrict__ cols, scalar_t* __restrict__ dx, int64_t total,
+                              Conv2dGeometry g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = g.out_plane();
+  for (int64_t t = grid_start(); t < total; t += grid_step()) {
+    const int64_t w = t % g.width;
+    const int64_t h = (t / g.width) % g.height;
+    const int64_t nc = t / g.in_plane();  // n · C + c
+    const scalar_t* col = cols + nc * g.kernel_h * g.kernel_w * plane;
+    acc_t sum = 0;
+    for (int64_t p = 0; p < g.kernel_h; ++p) {
+      const int64_t ih = h + g.pad_h - p * g.dilation_h;  // = oh · stride_h
+      if (ih < 0 || ih % g.stride_h != 0 || ih / g.stride_h >= g.out_height) {
+        continue;
+      }
+      const int64_t oh = ih / g.stride_h;
+      for (int64_t q = 0; q < g.kernel_w; ++q) {
+        const int64_t iw = w + g.pad_w - q * g.dilation_w;
+        if (iw < 0 || iw % g.stride_w != 0 || iw / g.stride_w >= g.out_width) {
+          continue;
+        }
+        sum += static_cast<acc_t>(col[(p * g.kernel_w + q) * plane + oh * g.out_width + iw / g.stride_w]);
+      }
+    }
+    dx[t] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Direct convolution for one input channel per group, groups = 1: one thread per output pixel
+// (n, k, i, j) computes Y = b[k] + Σ_p Σ_q X[n, 0, i·s + p·d − pad, j·s + q·d − pad] · W[k, 0, p, q].
+template <typename scalar_t>
+__global__ void conv2d_single_channel_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
+                                             int64_t total, Conv2dGeometry g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = grid_start(); t < total; t += grid_step()) {
+    const int64_t ow = t % g.out_width;
+    const int64_t oh = (t / g.out_width) % g.out_height;
+    const int64_t k = (t / g.out_plane()) % g.out_channels;
+    const int64_t n = t / (g.out_plane() * g.out_channels);
+    const scalar_t* xn = x + n * g.in_plane();
+    const scalar_t* wk = weight + k * g.kernel_h * g.kernel_w;
+    acc_t sum = bias != nullptr ? static_cast<acc_t>(bias[k]) : acc_t(0);
+    for (int64_t p = 0; p < g.kernel_h; ++p) {
+      const int64_t h = oh * g.stride_h - g.pad_h + p * g.dilation_h;
+      if (h < 0 || h >= g.height) {
+        continue;
+      }
+      for (int64_t q = 0; q < g.kernel_w; ++q) {
+        const int64_t w = ow * g.stride_w - g.pad_w + q * g.dilation_w;
+        if (w >= 0 && w < g.width) {
+          sum += static_cast<acc_t>(xn[h * g.width + w]) * static_cast<acc_t>(wk[p * g.kernel_w + q]);
+        }
+      }
+    }
+    y[t] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Images per chunk: as many as keep the column buffer within ~256 MiB (at least one).
+int64_t chunk_images(const Conv2dGeometry& g, const at::Tensor& like) {
+  const int64_t per_image = g.channels * g.kernel_h * g.kernel_w * g.out_plane() * like.element_size();
+  return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t{256} << 20) / std::max<int64_t>(per_image, 1)));
+}
+
+// im2col of images [n0, n0 + b) into cols (b, C·KH·KW, OH·OW), or the input itself when pointwise.
+at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t b, const Conv2dGeometry& g) {
+  const int64_t k = g.channels * g.kernel_h * g.kernel_w;
+  if (g.is_pointwise()) {
+    return input.narrow(0, n0, b).view({b, k, g.out_plane()});
+  }
+  auto cols = at::empty({b, k, g.out_plane()}, input.options());
+  const int64_t total = b * g.channels * g.out_plane();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::im2col_cuda", [&] {
+    im2col_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        input.const_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), cols.mutable_data_ptr<scalar_t>(),
+        total, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return cols;
+}
+
+// The same (M/g × K/g) matrix for every image of a chunk, as a stride-0 batch for at::bmm.
+at::Tensor batched(const at::Tensor& matrix, int64_t b) {
+  return matrix.unsqueeze(0).expand({b, matrix.size(0), matrix.size(1)});
+}
+
+at::Tensor conv2d_cuda(
+    const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto g = conv2d_geometry("conv2d", input_, weight_, bias_, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto input = input_.contiguous();
+  const auto weight = weight_.contiguous();
+  const bool has_bias = bias_.has_value() && bias_->defined();
+  auto output = at::empty(g.output_sizes(), input.options());
+  if (g.batch == 0) {
+    return output;
+  }
+
+  if (g.channels == 1 && g.groups == 1) {
+    const auto bias = has_bias ? bias_->contiguous() : at::Tensor();
+    const int64_t total = output.numel();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_direct", [&] {
+      conv2d_single_channel_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+          has_bias ? bias.const_data_ptr<scalar_t>() : nullptr, output.mutable_data_ptr<scalar_t>(), total, g);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return output;
+  }
+
+  const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
+  const auto w = weight.view({g.out_channels, kg});
+  const int64_t chunk = chunk_images(g, input);
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t b = std::min(chunk, g.batch - n0);
+    const auto cols = columns(input, n0, b, g);
+    auto out = output.narrow(0, n0, b).view({b, g.out_channels, g.out_plane()});
+    for (int64_t k = 0; k < g.groups; ++k) {
+      auto out_g = out.narrow(1, k * mg, mg);
+      at::bmm_out(out_g, batched(w.narrow(0, k * mg, mg), b), cols.narrow(1, k * kg, kg));
+    }
+  }
+  if (has_bias) {
+    output.add_(bias_->reshape({1, g.out_channels, 1, 1}));
+  }
+  return output;
+}
+
+at::Tensor conv2d_backward_input_cuda(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_input";
+  const auto g = conv2d_geometry(op, input_, weight_, std::nullopt, stride, padding, dilation, groups);
+  detail::check_grad_output(op, grad_output_, input_, g.output_sizes());
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto grad_output = grad_output_.contiguous();
+  const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
+  const auto w = weight_.contiguous().view({g.out_channels, kg});
+  auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, input_.options());
+  if (g.batch == 0) {
+    return grad_input;
+  }
+  const int64_t chunk = chunk_images(g, input_);
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t b = std::min(chunk, g.batch - n0);
+    const auto go = grad_output.narrow(0, n0, b).view({b, g.out_channels, g.out_plane()});
+    // Pointwise: ∂L/∂X is Wᵀ · ∂L/∂Y itself; otherwise the columns go through col2im.
+    auto cols = g.is_pointwise() ? grad_input.narrow(0, n0, b).view({b, g.channels, g.out_plane()})
+                                 : at::empty({b, g.channels * g.kernel_h * g.kernel_w, g.out_plane()}, go.options());
+    for (int64_t k = 0; k < g.groups; ++k) {
+      auto cols_g = cols.narrow(1, k * kg, kg);
+      at::bmm_out(cols_g, batched(w.narrow(0, k * mg, mg).t(), b), go.narrow(1, k * mg, mg));
+    }
+    if (!g.is_pointwise()) {
+      const int64_t total = b * g.channels * g.in_plane();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cols.scalar_type(), "torchcnn::col2im_cuda", [&] {
+        col2im_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            cols.const_data_ptr<scalar_t>(),
+            grad_input.mutable_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), total, g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+  }
+  return grad_input;
+}
+
+at::Tensor conv2d_backward_weight_cuda(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_weight";
+  const auto g = conv2d_geometry(op, input_, weight_, std::nullopt, stride, padding, dilation, groups);
+  detail::check_grad_output(op, grad_output_, input_, g.output_sizes());
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto grad_output = grad_output_.contiguous();
+  const auto input = input_.contiguous();
+  const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
+  // Accumulated in the op-math type, chunk by chunk in order: deterministic.
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  auto grad_weight = at::zeros({g.out_channels, kg}, input.options().dtype(acc_type));
+  const int64_t chunk = chunk_images(g, input);
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t b = std::min(chunk, g.batch - n0);
+    const auto cols = columns(input, n0, b, g);
+    const auto go = grad_output.narrow(0, n0, b).view({b, g.out_channels, g.out_plane()});
+    for (int64_t k = 0; k < g.groups; ++k) {
+      // Σ over the chunk's images of ∂L/∂Y_n · cols_nᵀ: one GEMM over the (image, pixel) axis.
+      const auto go_g = go.narrow(1, k * mg, mg).transpose(0, 1).reshape({mg, b * g.out_plane()});
+      const auto cols_g = cols.narrow(1, k * kg, kg).transpose(0, 1).reshape({kg, b * g.out_plane()});
+      grad_weight.narrow(0, k * mg, mg).add_(at::mm(go_g, cols_g.t()));
+    }
+  }
+  return grad_weight.to(input.scalar_type()).view(weight_.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchcnn, CUDA, m) {
+  m.impl("conv2d", &conv2d_cuda);
+  m.impl("conv2d_backward_input", &conv2d_backward_input_cuda);
+  m.impl("conv2d_backward_weight", &conv2d_backward_weight_cuda);
+}
+
+}  // namespace torchcnn
