@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adadelta")
-DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 3e-3, "adadelta": 1.0}
+DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
 SCHEDULES = ("onecycle", "step", "none")
 
 
