@@ -11,7 +11,9 @@ figure is the median of ``torch.utils.benchmark`` blocked runs; ratio = torchcnn
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as TF
@@ -55,6 +57,13 @@ def run(device: str, batches: list[int], min_run_time: float, threads: int | Non
     return rows
 
 
+def set_tf32(enabled: bool) -> None:
+    """One float32 precision for both libraries: cuDNN's convolutions default to TF32 while cuBLAS's
+    matmuls (which torchcnn's convolutions use) do not."""
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
 def describe(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()})"
@@ -77,14 +86,20 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let cuDNN and cuBLAS use TF32 for float32 (default: off for both, a like-for-like comparison)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    set_tf32(args.tf32)
     rows = run(args.device, args.batch_sizes, args.min_run_time, args.threads)
     print(f"device: {describe(args.device)}")
     print(table(rows))
     worst = max(max(r["torchcnn_fwd"] / r["torch_fwd"], r["torchcnn_bwd"] / r["torch_bwd"]) for r in rows)
     print(f"worst ratio: {worst:.2f}×")
+    if args.json:
+        args.json.write_text(json.dumps({"device": describe(args.device), "rows": rows, "worst_ratio": worst}, indent=1))
 
 
 if __name__ == "__main__":

@@ -59,21 +59,26 @@ def test_matches_torch(sample, device, dtype):
     _check_against_torch(sample, device, dtype)
 
 
+# Significant bits: a result rounded once from the exact value is within 2^-bits of it, relatively.
+HALF_BITS = {torch.bfloat16: 8, torch.float16: 11}
+
+
+@pytest.mark.parametrize("dtype", HALF_BITS, ids=str)
 @pytest.mark.parametrize("sample", conv2d_samples(full=False), ids=repr)
-def test_bfloat16_accumulates_in_float(sample, device):
-    """bfloat16 results equal the float64 result on the same bfloat16 values, rounded once."""
-    x, w, b = make_conv(sample, device, torch.bfloat16, requires_grad=True)
+def test_half_types_accumulate_in_float(sample, device, dtype):
+    """bfloat16/float16 results equal the float64 result on the same values, rounded once."""
+    x, w, b = make_conv(sample, device, dtype, requires_grad=True)
     x64, w64, b64 = (t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b))
     ours, exact = F.conv2d(x, w, b, **sample.kwargs), TF.conv2d(x64, w64, b64, **sample.kwargs)
-    assert ours.dtype == torch.bfloat16
+    assert ours.dtype == dtype
     grad = torch.randn_like(ours)
     inputs = [t for t in (x, w, b) if t is not None]
     inputs64 = [t for t in (x64, w64, b64) if t is not None]
     pairs = [(ours, exact)] + list(zip(torch.autograd.grad(ours, inputs, grad),
                                        torch.autograd.grad(exact, inputs64, grad.double())))
     for a, e in pairs:
-        # One rounding to bfloat16 (8 significant bits) of the exact value.
-        torch.testing.assert_close(a.double(), e, rtol=2 ** -8, atol=1e-6)
+        # One rounding of the exact value to the half type.
+        torch.testing.assert_close(a.double(), e, rtol=2.0 ** -HALF_BITS[dtype], atol=1e-6)
 
 
 @pytest.mark.parametrize("sample", conv2d_samples(full=False), ids=repr)

@@ -5,7 +5,7 @@ import torch.nn.functional as TF
 import torchcnn.functional as F
 from samples import max_pool2d_samples
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def reference_max_pool2d(x, k, s):

@@ -6,8 +6,11 @@
 //   cols[n, (c, p, q), (i, j)] = X[n, c, i·s + p·d − pad, j·s + q·d − pad]   (0 outside the image)
 // and the design notes' sums become three batched products of the same matrices, per group:
 //   Y_n = W · cols_n (+ b),    ∂L/∂cols_n = Wᵀ · ∂L/∂Y_n (then col2im),    ∂L/∂W = Σ_n ∂L/∂Y_n · cols_nᵀ.
-// Half types go to cuBLAS as they are (it accumulates in float); the hand-written kernels
-// accumulate in at::opmath_type. Nothing uses atomics: every result is deterministic.
+// The chunks are as large as a 256 MiB column buffer allows (the whole batch, at MNIST's sizes).
+// Half types go to cuBLAS as they are; every product that is summed further (the columns of
+// ∂L/∂X before col2im, the per-image parts of ∂L/∂W) comes back in at::opmath_type (float), and
+// the bias enters the GEMM as its C operand, so each result is rounded to the half type once, as
+// ATen's own kernels do. Nothing uses atomics: every result is deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -52,16 +55,15 @@ __global__ void im2col_kernel(const scalar_t* __restrict__ x, scalar_t* __restri
 // The adjoint of im2col, gathered: one thread per input pixel (image, c, h, w) sums the column
 // entries that were read from it, ∂L/∂X[n, c, h, w] = Σ_{p, q : h = i·s − pad + p·d, w = j·s − pad + q·d}
 // ∂L/∂cols[n, (c, p, q), (i, j)]. Each pixel is written once, so no atomics and no zeroing.
-template <typename scalar_t>
-__global__ void col2im_kernel(const scalar_t* __restrict__ cols, scalar_t* __restrict__ dx, int64_t total,
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__global__ void col2im_kernel(const acc_t* __restrict__ cols, scalar_t* __restrict__ dx, int64_t total,
                               Conv2dGeometry g) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = g.out_plane();
   for (int64_t t = grid_start(); t < total; t += grid_step()) {
     const int64_t w = t % g.width;
     const int64_t h = (t / g.width) % g.height;
     const int64_t nc = t / g.in_plane();  // n · C + c
-    const scalar_t* col = cols + nc * g.kernel_h * g.kernel_w * plane;
+    const acc_t* col = cols + nc * g.kernel_h * g.kernel_w * plane;
     acc_t sum = 0;
     for (int64_t p = 0; p < g.kernel_h; ++p) {
       const int64_t ih = h + g.pad_h - p * g.dilation_h;  // = oh · stride_h
@@ -74,7 +76,7 @@ __global__ void col2im_kernel(const scalar_t* __restrict__ cols, scalar_t* __res
         if (iw < 0 || iw % g.stride_w != 0 || iw / g.stride_w >= g.out_width) {
           continue;
         }
-        sum += static_cast<acc_t>(col[(p * g.kernel_w + q) * plane + oh * g.out_width + iw / g.stride_w]);
+        sum += col[(p * g.kernel_w + q) * plane + oh * g.out_width + iw / g.stride_w];
       }
     }
     dx[t] = static_cast<scalar_t>(sum);
@@ -112,10 +114,15 @@ __global__ void conv2d_single_channel_kernel(const scalar_t* __restrict__ x, con
   }
 }
 
-// Images per chunk: as many as keep the column buffer within ~256 MiB (at least one).
-int64_t chunk_images(const Conv2dGeometry& g, const at::Tensor& like) {
-  const int64_t per_image = g.channels * g.kernel_h * g.kernel_w * g.out_plane() * like.element_size();
-  return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t{256} << 20) / std::max<int64_t>(per_image, 1)));
+// Images per chunk: as many as keep the chunk's buffers (`bytes_per_image` each) within ~256 MiB
+// (at least one).
+int64_t chunk_images(const Conv2dGeometry& g, int64_t bytes_per_image) {
+  return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t{256} << 20) / std::max<int64_t>(bytes_per_image, 1)));
+}
+
+// Bytes of one image's im2col columns, (C·KH·KW) × (OH·OW) entries of `element_size` bytes.
+int64_t column_bytes(const Conv2dGeometry& g, int64_t element_size) {
+  return g.channels * g.kernel_h * g.kernel_w * g.out_plane() * element_size;
 }
 
 // im2col of images [n0, n0 + b) into cols (b, C·KH·KW, OH·OW), or the input itself when pointwise.
@@ -138,6 +145,16 @@ at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t b, const Conv2dG
 // The same (M/g × K/g) matrix for every image of a chunk, as a stride-0 batch for at::bmm.
 at::Tensor batched(const at::Tensor& matrix, int64_t b) {
   return matrix.unsqueeze(0).expand({b, matrix.size(0), matrix.size(1)});
+}
+
+// out = a · b, batched, with out in the inputs' dtype or (half types) in float: cuBLAS then
+// hands back its float accumulator instead of rounding it.
+void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::bmm_out(out, a, b);
+  } else {
+    at::bmm_out(out, a, b, out.scalar_type());
+  }
 }
 
 at::Tensor conv2d_cuda(
@@ -167,18 +184,24 @@ at::Tensor conv2d_cuda(
 
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
   const auto w = weight.view({g.out_channels, kg});
-  const int64_t chunk = chunk_images(g, input);
+  if (has_bias) {  // the GEMMs below add W · cols to it (beta = 1): one rounding, in cuBLAS
+    output.copy_(bias_->reshape({1, g.out_channels, 1, 1}).expand_as(output));
+  }
+  const int64_t chunk = chunk_images(g, column_bytes(g, input.element_size()));
   for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
     const int64_t b = std::min(chunk, g.batch - n0);
     const auto cols = columns(input, n0, b, g);
     auto out = output.narrow(0, n0, b).view({b, g.out_channels, g.out_plane()});
     for (int64_t k = 0; k < g.groups; ++k) {
       auto out_g = out.narrow(1, k * mg, mg);
-      at::bmm_out(out_g, batched(w.narrow(0, k * mg, mg), b), cols.narrow(1, k * kg, kg));
+      const auto w_g = batched(w.narrow(0, k * mg, mg), b);
+      const auto cols_g = cols.narrow(1, k * kg, kg);
+      if (has_bias) {
+        at::baddbmm_out(out_g, out_g, w_g, cols_g);
+      } else {
+        at::bmm_out(out_g, w_g, cols_g);
+      }
     }
-  }
-  if (has_bias) {
-    output.add_(bias_->reshape({1, g.out_channels, 1, 1}));
   }
   return output;
 }
@@ -197,22 +220,25 @@ at::Tensor conv2d_backward_input_cuda(
   if (g.batch == 0) {
     return grad_input;
   }
-  const int64_t chunk = chunk_images(g, input_);
+  // The columns are summed again by col2im, so they stay in the op-math type.
+  const auto acc_options = grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type()));
+  const int64_t chunk = chunk_images(g, column_bytes(g, acc_options.dtype().itemsize()));
   for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
     const int64_t b = std::min(chunk, g.batch - n0);
     const auto go = grad_output.narrow(0, n0, b).view({b, g.out_channels, g.out_plane()});
     // Pointwise: ∂L/∂X is Wᵀ · ∂L/∂Y itself; otherwise the columns go through col2im.
     auto cols = g.is_pointwise() ? grad_input.narrow(0, n0, b).view({b, g.channels, g.out_plane()})
-                                 : at::empty({b, g.channels * g.kernel_h * g.kernel_w, g.out_plane()}, go.options());
+                                 : at::empty({b, g.channels * g.kernel_h * g.kernel_w, g.out_plane()}, acc_options);
     for (int64_t k = 0; k < g.groups; ++k) {
       auto cols_g = cols.narrow(1, k * kg, kg);
-      at::bmm_out(cols_g, batched(w.narrow(0, k * mg, mg).t(), b), go.narrow(1, k * mg, mg));
+      bmm_into(cols_g, batched(w.narrow(0, k * mg, mg).t(), b), go.narrow(1, k * mg, mg));
     }
     if (!g.is_pointwise()) {
       const int64_t total = b * g.channels * g.in_plane();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cols.scalar_type(), "torchcnn::col2im_cuda", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "torchcnn::col2im_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
         col2im_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            cols.const_data_ptr<scalar_t>(),
+            cols.const_data_ptr<acc_t>(),
             grad_input.mutable_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), total, g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -231,20 +257,22 @@ at::Tensor conv2d_backward_weight_cuda(
   const auto grad_output = grad_output_.contiguous();
   const auto input = input_.contiguous();
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
-  // Accumulated in the op-math type, chunk by chunk in order: deterministic.
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  auto grad_weight = at::zeros({g.out_channels, kg}, input.options().dtype(acc_type));
-  const int64_t chunk = chunk_images(g, input);
+  // Per-image products ∂L/∂Y_n · cols_nᵀ in the op-math type, summed over the images in a fixed
+  // order (chunk by chunk, then at::sum): deterministic, and rounded to the input's dtype once.
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  auto grad_weight = at::zeros({g.out_channels, kg}, acc_options);
+  const int64_t acc_size = acc_options.dtype().itemsize();
+  const int64_t chunk = chunk_images(g, column_bytes(g, input.element_size()) + g.out_channels * kg * acc_size);
   for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
     const int64_t b = std::min(chunk, g.batch - n0);
     const auto cols = columns(input, n0, b, g);
     const auto go = grad_output.narrow(0, n0, b).view({b, g.out_channels, g.out_plane()});
+    auto per_image = at::empty({b, g.out_channels, kg}, acc_options);
     for (int64_t k = 0; k < g.groups; ++k) {
-      // Σ over the chunk's images of ∂L/∂Y_n · cols_nᵀ: one GEMM over the (image, pixel) axis.
-      const auto go_g = go.narrow(1, k * mg, mg).transpose(0, 1).reshape({mg, b * g.out_plane()});
-      const auto cols_g = cols.narrow(1, k * kg, kg).transpose(0, 1).reshape({kg, b * g.out_plane()});
-      grad_weight.narrow(0, k * mg, mg).add_(at::mm(go_g, cols_g.t()));
+      auto per_image_g = per_image.narrow(1, k * mg, mg);
+      bmm_into(per_image_g, go.narrow(1, k * mg, mg), cols.narrow(1, k * kg, kg).transpose(1, 2));
     }
+    grad_weight.add_(per_image.sum(0));
   }
   return grad_weight.to(input.scalar_type()).view(weight_.sizes());
 }
