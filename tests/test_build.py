@@ -65,3 +65,11 @@ def test_just_in_time_build_loads_the_ops():
 
 def test_loaded_from_is_reported():
     assert torchcnn.LOADED_FROM in ("prebuilt", "jit")
+
+
+@pytest.mark.skipif(not _build.config().with_cuda, reason="this environment builds the extension without CUDA")
+def test_cuda_kernels_are_compiled_in():
+    """With a CUDA toolkit (as in CI) every .cu file is compiled and registers its kernels."""
+    assert torchcnn.WITH_CUDA
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchcnn::{name}", "CUDA"), name

@@ -77,8 +77,9 @@ def test_half_types_accumulate_in_float(sample, device, dtype):
     pairs = [(ours, exact)] + list(zip(torch.autograd.grad(ours, inputs, grad),
                                        torch.autograd.grad(exact, inputs64, grad.double())))
     for a, e in pairs:
-        # One rounding of the exact value to the half type.
-        torch.testing.assert_close(a.double(), e, rtol=2.0 ** -HALF_BITS[dtype], atol=1e-6)
+        # One rounding of the exact value to the half type; atol leaves room for the float
+        # accumulator's own error where a sum of ~300 terms of size ~1 cancels to near zero.
+        torch.testing.assert_close(a.double(), e, rtol=2.0 ** -HALF_BITS[dtype], atol=1e-4)
 
 
 @pytest.mark.parametrize("sample", conv2d_samples(full=False), ids=repr)

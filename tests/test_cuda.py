@@ -139,12 +139,12 @@ def test_deterministic_mode_is_deterministic_or_says_why():
         torch.use_deterministic_algorithms(False)
 
 
-def _free_gib():
-    free, _ = torch.cuda.mem_get_info()
-    return free / 2 ** 30
+def needs_free_memory(gib):
+    free = torch.cuda.mem_get_info()[0] / 2 ** 30 if torch.cuda.is_available() else 0.0
+    return pytest.mark.skipif(torch.cuda.is_available() and free < gib, reason=f"needs {gib} GiB of free GPU memory")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or _free_gib() < 24, reason="needs 24 GiB of free GPU memory")
+@needs_free_memory(24)
 def test_max_pool_indexes_past_2_to_the_31_elements():
     """2·32768·32800 > 2^31 input elements: an int32 offset would wrap and read the wrong plane."""
     x = torch.empty(1, 2, 32768, 32800, dtype=torch.float16, device="cuda").uniform_()
@@ -163,7 +163,7 @@ def test_max_pool_indexes_past_2_to_the_31_elements():
     torch.cuda.empty_cache()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or _free_gib() < 16, reason="needs 16 GiB of free GPU memory")
+@needs_free_memory(16)
 def test_conv_indexes_past_2_to_the_31_elements():
     """A conv whose input passes 2^31 elements matches torch on its last image."""
     x = torch.randn(42, 4, 3600, 3600, dtype=torch.float16, device="cuda")

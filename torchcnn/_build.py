@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
-# A, RTX 30 / 40 and H100/H200, plus PTX for newer GPUs; TORCH_CUDA_ARCH_LIST overrides it.
+# A100, RTX 30 / 40 and H100/H200, plus PTX for newer GPUs; TORCH_CUDA_ARCH_LIST overrides it.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 CXX_FLAGS = ["-O3", "-fopenmp"]
