@@ -197,7 +197,7 @@ at::Tensor conv2d_cuda(
       const auto w_g = batched(w.narrow(0, k * mg, mg), b);
       const auto cols_g = cols.narrow(1, k * kg, kg);
       if (has_bias) {
-        at::baddbmm_out(out_g, out_g, w_g, cols_g);
+        out_g.baddbmm_(w_g, cols_g);
       } else {
         at::bmm_out(out_g, w_g, cols_g);
       }
