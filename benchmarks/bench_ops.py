@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as TF
 
-import torchcnn.functional as CF  # before torch.utils.benchmark, which logs a CUDA warning
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout works without installing
+import torchcnn.functional as CF  # noqa: E402  (before torch.utils.benchmark, which logs a CUDA warning)
 from torch.utils import benchmark  # noqa: E402  (after torchcnn, which imports it quietly)
 
 
