@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import platform
 import signal
 import sys
 import time
@@ -29,6 +30,19 @@ from torchcnn import checkpoint, mnist, plots
 from torchcnn.models import BACKENDS, MnistNet, loss_function
 from torchcnn.training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, Progress, Totals, confusion_matrix,
                                evaluate, make_optimizer, make_schedule, predict, train_epoch)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the threads torch uses (for metrics.json)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -217,8 +231,7 @@ def main(argv=None) -> int:
             "test_accuracy": test.accuracy if test else None, "test_loss": test.mean_loss if test else None,
             "history": history, "train_seconds": train_seconds,
             "images_per_second": sum(r["train_images"] for r in history) / max(train_seconds, 1e-9),
-            "device": str(device), "device_name": torch.cuda.get_device_name(device)
-            if device.type == "cuda" else None, "backend": args.backend, "world_size": world_size,
+            "device": str(device), "device_name": device_name(device), "backend": args.backend, "world_size": world_size,
             "seed": args.seed, "torch": str(torch.__version__), "torchcnn": torchcnn.__version__,
             "args": vars(args), "argv": sys.argv,
         }, out / "metrics.json")
