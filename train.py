@@ -250,7 +250,8 @@ def main(argv=None) -> int:
             progress.close()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            train_seconds += time.perf_counter() - started
+            epoch_train_seconds = time.perf_counter() - started
+            train_seconds += epoch_train_seconds
             if step < len(batches):  # stopped by Ctrl-C in the middle of the epoch
                 data_rng.set_state(epoch_start_rng)
                 if is_main:
@@ -265,12 +266,12 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - started
             history.append({"epoch": epoch + 1, "train_loss": train.mean_loss, "train_accuracy": train.accuracy,
                             "test_loss": test.mean_loss, "test_accuracy": test.accuracy,
-                            "seconds": seconds, "train_images": train.count,
+                            "seconds": seconds, "train_seconds": epoch_train_seconds, "train_images": train.count,
                             "lr": optimizer.param_groups[0]["lr"]})
             epoch, step, totals = epoch + 1, 0, None
             say(f"epoch {epoch:>2}/{args.epochs}  train loss {train.mean_loss:.4f} acc {100 * train.accuracy:.2f}%"
                 f"  test loss {test.mean_loss:.4f} acc {100 * test.accuracy:.2f}%  "
-                f"{seconds:.1f} s  {train.count / seconds:,.0f} img/s", flush=True)
+                f"{seconds:.1f} s  (training {train.count / epoch_train_seconds:,.0f} img/s)", flush=True)
             if is_main:
                 save_state(out / "last.pt", data_rng.get_state())
                 if test.accuracy > best:
