@@ -233,7 +233,7 @@ def main(argv=None) -> int:
             "images_per_second": sum(r["train_images"] for r in history) / max(train_seconds, 1e-9),
             "device": str(device), "device_name": device_name(device), "backend": args.backend, "world_size": world_size,
             "seed": args.seed, "torch": str(torch.__version__), "torchcnn": torchcnn.__version__,
-            "args": vars(args), "argv": sys.argv,
+            "args": vars(args), "argv": ["train.py", *(sys.argv[1:] if argv is None else map(str, argv))],
         }, out / "metrics.json")
 
     # The loop: train an epoch, evaluate, save; Ctrl-C stops after a step and saves where it was.
