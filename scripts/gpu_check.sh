@@ -7,23 +7,27 @@
 #   5. with --sanitize, runs the CUDA op tests under compute-sanitizer (memcheck and racecheck),
 # and prints a summary table last (also written to $OUT_DIR/summary.md).
 #
-#   scripts/gpu_check.sh [--sanitize]
+#   scripts/gpu_check.sh [--sanitize | --sanitize-only]
 #
+# Without --sanitize it takes a few minutes on an H100; --sanitize-only builds and runs only step 5
+# (for machines that limit one command's time).
 # Environment: OUT_DIR (default gpu_check/), TORCH_CUDA_ARCH_LIST (default: this GPU's arch only;
 # CI compiles all of 8.0, 8.6, 8.9 and 9.0), TORCHCNN_DATA_DIR (MNIST; default ./data).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 sanitize=0
+main=1
 for arg in "$@"; do
   case "$arg" in
     --sanitize) sanitize=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --sanitize-only) sanitize=1; main=0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
 
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 OUT_DIR="${OUT_DIR:-gpu_check}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
@@ -32,13 +36,29 @@ status=0
 note() { summary+=("$1|$2"); }
 stage() { echo; echo "== $*"; }
 
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "gpu_check.sh: $PYTHON cannot import torch (set PYTHON to the interpreter that has it)" >&2
+  exit 2
+fi
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check.sh: torch sees no CUDA GPU here" >&2
   exit 2
 fi
+# The suite needs these besides torch (torch.library.opcheck imports expecttest); say which are missing.
+missing=$("$PYTHON" - <<'EOF'
+import importlib.util
+names = {"pytest": "pytest", "expecttest": "expecttest", "torchvision": "torchvision", "tqdm": "tqdm",
+         "matplotlib": "matplotlib", "PIL": "pillow", "numpy": "numpy", "ninja": "ninja"}
+print(" ".join(pip for mod, pip in names.items() if importlib.util.find_spec(mod) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+  echo "gpu_check.sh: missing Python packages: $missing (pip install them, or carry their wheels)" >&2
+fi
 device=$("$PYTHON" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}')")
 versions=$("$PYTHON" -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}')")
 note "device" "$device ($versions)"
+[ -z "$missing" ] || note "missing packages" "$missing: the tests that import them fail"
 
 stage "build (just in time, from this checkout)"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
@@ -59,6 +79,7 @@ if [ -z "${TORCHCNN_DATA_DIR:-}" ] && [ -d data ]; then
   export TORCHCNN_DATA_DIR
 fi
 
+if [ "$main" -eq 1 ]; then
 stage "tests (the whole suite; CUDA cases included)"
 start=$SECONDS
 "$PYTHON" -m pytest -q -rfEs --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log"
@@ -126,6 +147,7 @@ print(f\"1 epoch: test accuracy {m['test_accuracy']:.2%}, {m['train_seconds']:.1
 else
   note "train.py cuda" "skipped: no MNIST files (set TORCHCNN_DATA_DIR)"
 fi
+fi  # main
 
 if [ "$sanitize" -eq 1 ]; then
   sanitizer="$(command -v compute-sanitizer || true)"
