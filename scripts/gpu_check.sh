@@ -97,7 +97,7 @@ def count(selected):
     outcomes = [outcome(c) for c in selected]
     return {k: outcomes.count(k) for k in ("passed", "failure", "error", "skipped")}
 every = count(cases)
-cuda = count([c for c in cases if "cuda" in c.get("name", "") or "test_cuda" in c.get("classname", "")])
+cuda = count([c for c in cases if "[cuda" in c.get("name", "") or c.get("classname", "").endswith("test_cuda")])
 print(f"{every['passed']} passed, {every['failure']} failed, {every['error']} errors, {every['skipped']} skipped "
       f"(CUDA cases: {cuda['passed']} passed, {cuda['failure'] + cuda['error']} failed, {cuda['skipped']} skipped)")
 EOF
