@@ -16,6 +16,7 @@ import torch
 
 from torchcnn import checkpoint, mnist
 from torchcnn.models import MnistNet
+from torchcnn.training import parse_device
 
 
 def main(argv=None) -> int:
@@ -24,6 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by train.py")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    try:
+        parse_device(args.device)
+    except ValueError as e:
+        p.error(f"--device {e}")
 
     from PIL import Image, UnidentifiedImageError
 

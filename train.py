@@ -29,7 +29,7 @@ import torchcnn
 from torchcnn import checkpoint, mnist, plots
 from torchcnn.models import BACKENDS, MnistNet, loss_function
 from torchcnn.training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, Progress, Totals, confusion_matrix,
-                               evaluate, make_optimizer, make_schedule, predict, train_epoch)
+                               evaluate, make_optimizer, make_schedule, parse_device, predict, train_epoch)
 
 
 def device_name(device: torch.device) -> str:
@@ -88,6 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lr must be positive")
     if args.shift < 0 or not 0 <= args.dropout < 1:
         p.error("--shift must be >= 0 and --dropout in [0, 1)")
+    for name in ("limit_train", "limit_test"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive number of images")
+    try:
+        parse_device(args.device)
+    except ValueError as e:
+        p.error(f"--device {e}")
     return args
 
 
@@ -145,8 +152,6 @@ def main(argv=None) -> int:
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device}: CUDA is not available here")
 
     # Resuming or evaluating: the checkpoint's arguments define the run; the command line may
     # change only where the output goes and how it is shown.

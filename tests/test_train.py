@@ -7,6 +7,7 @@ The real-data tests find MNIST through $TORCHCNN_DATA_DIR (CI points it at ../sh
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -194,10 +195,12 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="truncated, corrupt or not a torch.save"):
         checkpoint.load(truncated)
 
-    text = tmp_path / "notes.txt"
-    text.write_text("not a checkpoint")
-    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
-        checkpoint.load(text)
+    # Text and random bytes: the unpickler fails in many ways (IndexError for this one), all reported alike.
+    for name, content in (("notes.txt", b"not a checkpoint"), ("passwd", b"root:x:0:0:root:/root:/bin/bash\n"),
+                          ("noise.pt", bytes(range(256)) * 8)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+            checkpoint.load(tmp_path / name)
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": model.state_dict()}, foreign)
@@ -213,6 +216,29 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     other = torch.nn.Linear(3, 4)
     with pytest.raises(checkpoint.CheckpointError, match="another architecture"):
         checkpoint.load_model_state(other, checkpoint.load(good))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--limit-train", "0"], "--limit-train must be a positive number of images"),
+    (["--limit-test", "-5"], "--limit-test must be a positive number of images"),
+    (["--dropout", "1.5"], "--dropout in \\[0, 1\\)"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "cuda:99"], "--device 'cuda:99'"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_predict_names_a_bad_device(capsys):
+    with pytest.raises(SystemExit):
+        predict.main(["digit.png", "--checkpoint", "x.pt", "--device", "gpu"])
+    assert "--device 'gpu' is not a device" in capsys.readouterr().err
 
 
 def test_train_reports_a_bad_checkpoint_without_traceback(tmp_path, capsys):

@@ -16,6 +16,22 @@ DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
 SCHEDULES = ("onecycle", "step", "none")
 
 
+def parse_device(text: str) -> torch.device:
+    """A ``--device`` argument as a torch.device, or a ValueError that says what is wrong with it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"{text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{text!r}: CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"{text!r}: only cpu and cuda devices are supported")
+    return device
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """``sgd`` is the design notes' gradient descent, θ ← θ − η ∂L/∂θ; the others are torch's."""
     if name == "sgd":
