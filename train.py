@@ -214,7 +214,12 @@ def main(argv=None) -> int:
 
     out = Path(args.out or Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--out {out}: cannot create the output folder ({e.strerror})")
+        if not os.access(out, os.W_OK):
+            fail(f"--out {out}: the output folder is not writable")
     say(f"torchcnn {torchcnn.__version__} | torch {torch.__version__} | {device} x{world_size} | "
         f"backend {args.backend} | data {data.source} | {data.train_images.shape[0]} train / "
         f"{data.test_images.shape[0]} test images | output {out}")

@@ -235,6 +235,16 @@ def test_bad_arguments_are_named(argv, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
+@needs_mnist
+def test_an_output_folder_that_cannot_be_made_is_named(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--out", blocker / "run"])
+    assert exit_info.value.code == 2
+    assert f"--out {blocker / 'run'}: cannot create the output folder" in capsys.readouterr().err
+
+
 def test_predict_names_a_bad_device(capsys):
     with pytest.raises(SystemExit):
         predict.main(["digit.png", "--checkpoint", "x.pt", "--device", "gpu"])
