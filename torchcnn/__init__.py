@@ -4,6 +4,9 @@
   indices and its gradient), loaded on import (built once on first import in a source checkout).
 - ``torchcnn.functional``: functions with torch.nn.functional's names and signatures.
 - ``torchcnn.nn``: layers that are drop-ins for torch.nn's.
+- ``torchcnn.mnist``, ``torchcnn.models``, ``torchcnn.training``, ``torchcnn.checkpoint``,
+  ``torchcnn.plots``: the pieces train.py and predict.py are built from (import them explicitly;
+  they need torchvision, tqdm and matplotlib).
 """
 
 from . import _ops, functional, nn  # noqa: F401  (_ops registers autograd and fake kernels)
