@@ -169,6 +169,16 @@ inline Conv2dGeometry conv2d_geometry(
   return g;
 }
 
+// Checks the arguments of conv2d's gradient ops: the forward's (without bias), then grad_output
+// against the forward's output. Returns the forward's geometry.
+inline Conv2dGeometry conv2d_backward_geometry(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto g = conv2d_geometry(op, input, weight, std::nullopt, stride, padding, dilation, groups);
+  detail::check_grad_output(op, grad_output, input, g.output_sizes());
+  return g;
+}
+
 // Checks max_pool2d's arguments (torch.nn.functional.max_pool2d's rules) and returns its geometry.
 inline Window2d max_pool2d_geometry(
     const char* op, const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -204,9 +214,13 @@ inline bool is_pool_2x2_stride_2(const Window2d& g) {
       2 * g.out_width <= g.width;
 }
 
-inline void check_max_pool2d_backward(
-    const char* op, const Window2d& g, const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& indices) {
+// Checks max_pool2d_backward's arguments: the forward's, then grad_output and indices against the
+// forward's output. Returns the forward's geometry.
+inline Window2d max_pool2d_backward_geometry(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    bool ceil_mode) {
+  const auto g = max_pool2d_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
   const std::vector<int64_t> out_sizes = {g.batch, g.channels, g.out_height, g.out_width};
   detail::check_grad_output(op, grad_output, input, out_sizes);
   TORCH_CHECK_VALUE(indices.device() == input.device(), op,
@@ -216,6 +230,7 @@ inline void check_max_pool2d_backward(
                    indices.scalar_type());
   TORCH_CHECK_VALUE(indices.sizes() == at::IntArrayRef(out_sizes), op, ": expected indices of shape ",
                     at::IntArrayRef(out_sizes), " but got ", detail::shape_str(indices));
+  return g;
 }
 
 }  // namespace torchcnn

@@ -193,8 +193,7 @@ at::Tensor conv2d_backward_input_cpu(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_input";
-  const auto g = conv2d_geometry(op, input_, weight_, std::nullopt, stride, padding, dilation, groups);
-  detail::check_grad_output(op, grad_output_, input_, g.output_sizes());
+  const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
   if (is_reduced(input_)) {
     return conv2d_backward_input_cpu(grad_output_.to(at::kFloat), input_.to(at::kFloat), weight_.to(at::kFloat),
                                      stride, padding, dilation, groups)
@@ -233,8 +232,7 @@ at::Tensor conv2d_backward_weight_cpu(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_weight";
-  const auto g = conv2d_geometry(op, input_, weight_, std::nullopt, stride, padding, dilation, groups);
-  detail::check_grad_output(op, grad_output_, input_, g.output_sizes());
+  const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
   if (is_reduced(input_)) {
     return conv2d_backward_weight_cpu(grad_output_.to(at::kFloat), input_.to(at::kFloat), weight_.to(at::kFloat),
                                       stride, padding, dilation, groups)

@@ -144,8 +144,8 @@ at::Tensor max_pool2d_backward_cpu(
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     bool ceil_mode) {
   const char* op = "max_pool2d_backward";
-  const auto g = max_pool2d_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
-  check_max_pool2d_backward(op, g, grad_output_, input, indices_);
+  const auto g = max_pool2d_backward_geometry(op, grad_output_, input, indices_, kernel_size, stride, padding,
+                                              dilation, ceil_mode);
   const auto grad_output = grad_output_.contiguous();
   const auto indices = indices_.contiguous();
   auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, input.options());

@@ -210,8 +210,7 @@ at::Tensor conv2d_backward_input_cuda(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_input";
-  const auto g = conv2d_geometry(op, input_, weight_, std::nullopt, stride, padding, dilation, groups);
-  detail::check_grad_output(op, grad_output_, input_, g.output_sizes());
+  const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(input_.device());
   const auto grad_output = grad_output_.contiguous();
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
@@ -251,8 +250,7 @@ at::Tensor conv2d_backward_weight_cuda(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_weight";
-  const auto g = conv2d_geometry(op, input_, weight_, std::nullopt, stride, padding, dilation, groups);
-  detail::check_grad_output(op, grad_output_, input_, g.output_sizes());
+  const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(input_.device());
   const auto grad_output = grad_output_.contiguous();
   const auto input = input_.contiguous();

@@ -164,8 +164,8 @@ at::Tensor max_pool2d_backward_cuda(
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     bool ceil_mode) {
   const char* op = "max_pool2d_backward";
-  const auto g = max_pool2d_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
-  check_max_pool2d_backward(op, g, grad_output_, input, indices_);
+  const auto g = max_pool2d_backward_geometry(op, grad_output_, input, indices_, kernel_size, stride, padding,
+                                              dilation, ceil_mode);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto grad_output = grad_output_.contiguous();
   const auto indices = indices_.contiguous();
