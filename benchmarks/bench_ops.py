@@ -40,9 +40,7 @@ def median_ms(fn, device: str, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def run(device: str, batches: list[int], min_run_time: float, threads: int | None) -> list[dict]:
-    if threads:
-        torch.set_num_threads(threads)
+def run(device: str, batches: list[int], min_run_time: float) -> list[dict]:
     rows = []
     for batch in batches:
         for name, ours, theirs, shapes in cases(batch):
@@ -82,8 +80,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def setup(description: str) -> argparse.Namespace:
+    """The options every benchmark here takes, parsed and applied (threads, TF32)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per figure")
@@ -94,8 +93,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     set_tf32(args.tf32)
-    rows = run(args.device, args.batch_sizes, args.min_run_time, args.threads)
+    return args
+
+
+def main() -> None:
+    args = setup(__doc__)
+    rows = run(args.device, args.batch_sizes, args.min_run_time)
     print(f"device: {describe(args.device)}")
     print(table(rows))
     worst = max(max(r["torchcnn_fwd"] / r["torch_fwd"], r["torchcnn_bwd"] / r["torch_bwd"]) for r in rows)

@@ -10,7 +10,6 @@ of ``torch.utils.benchmark`` blocked runs (it synchronizes the GPU); ratio = tor
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import describe, set_tf32  # noqa: E402  (imports torchcnn before torch.utils.benchmark)
+from bench_ops import describe, setup  # noqa: E402  (imports torchcnn before torch.utils.benchmark)
 from torch.utils import benchmark  # noqa: E402
 
 from torchcnn.models import MnistNet, loss_function  # noqa: E402
@@ -45,17 +44,7 @@ def step_ms(backend: str, batch: int, device: str, min_run_time: float) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per figure")
-    parser.add_argument("--tf32", action="store_true",
-                        help="let cuDNN and cuBLAS use TF32 for float32 (default: off for both, a like-for-like comparison)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    set_tf32(args.tf32)
+    args = setup(__doc__)
     rows = []
     for batch in args.batch_sizes:
         t = step_ms("torch", batch, args.device, args.min_run_time)
