@@ -34,9 +34,7 @@ def main(argv=None) -> int:
 
     try:
         saved = checkpoint.load(args.checkpoint)
-        config = saved["model_config"]
-        model = MnistNet(saved["args"]["backend"], channels=tuple(config["channels"]),
-                         hidden=config["hidden"], dropout=config["dropout"])
+        model = MnistNet.from_config(saved["args"]["backend"], saved["model_config"])
         checkpoint.load_model_state(model, saved, args.checkpoint)
     except checkpoint.CheckpointError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)

@@ -175,9 +175,8 @@ def main(argv=None) -> int:
 
     # Model, loss, optimizer, schedule. The same seed gives the same weights on every backend.
     torch.manual_seed(args.seed)
-    config = saved["model_config"] if saved else {"channels": [32, 64], "hidden": 128, "dropout": args.dropout}
-    model = MnistNet(args.backend, channels=tuple(config["channels"]), hidden=config["hidden"],
-                     dropout=config["dropout"]).to(device)
+    model = (MnistNet.from_config(args.backend, saved["model_config"]) if saved
+             else MnistNet(args.backend, dropout=args.dropout)).to(device)
     loss_fn = loss_function(args.backend)
     if args.eval:
         checkpoint.load_model_state(model, saved, args.eval)

@@ -42,6 +42,11 @@ class MnistNet(torch_nn.Module):
         )
         self.config = {"channels": list(channels), "hidden": hidden, "dropout": dropout}
 
+    @classmethod
+    def from_config(cls, backend: str, config: dict) -> "MnistNet":
+        """The model that a ``.config`` (as saved in a checkpoint's ``model_config``) describes."""
+        return cls(backend, channels=tuple(config["channels"]), hidden=config["hidden"], dropout=config["dropout"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
