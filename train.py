@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     net = model.module if world_size > 1 else model
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     optimizer = make_optimizer(args.optimizer, model.parameters(), lr, args.weight_decay)
-    steps_per_epoch = -(-(data.train_images.shape[0] // world_size) // args.batch_size)
+    steps_per_epoch = mnist.Batches.per_epoch(data.train_images.shape[0], args.batch_size, world_size)
     schedule = make_schedule(args.schedule, optimizer, lr=lr, epochs=args.epochs,
                              steps_per_epoch=steps_per_epoch, step_size=args.step_size, gamma=args.gamma)
     data_rng = torch.Generator().manual_seed(args.seed)  # order and shifts: the same on every rank

@@ -192,8 +192,13 @@ class Batches:
         # runs from its start or resumes at i.
         self.shift_seeds = torch.randint(0, 2**62, (len(self),), generator=generator).tolist()
 
+    @staticmethod
+    def per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
+        """Batches per epoch on each rank: its equal share of ``n_images``, ``batch_size`` at a time."""
+        return -(-(n_images // world_size) // batch_size)
+
     def __len__(self) -> int:
-        return (self.order.numel() + self.batch_size - 1) // self.batch_size
+        return self.per_epoch(self.order.numel(), self.batch_size)
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
