@@ -1,10 +1,13 @@
 // The contract of every torchcnn op. Kernels live by backend in csrc/cpu (and csrc/cuda) and
 // register themselves for their dispatch key; the autograd formulas and fake (meta) kernels
-// for torch.compile live in torchcnn/_ops.py.
+// for torch.compile live in torchcnn/_ops.py. The namespace is torchcnn, or torchcnn_emulated in
+// the emulated-CUDA test library (registration.h).
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(torchcnn, m) {
+#include "registration.h"
+
+TORCHCNN_LIBRARY(m) {
   // Y[n, k, i, j] = Σ_c Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, c, p, q] + b[k]
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
         "int[2] dilation=1, int groups=1) -> Tensor");

@@ -9,17 +9,26 @@
 
 namespace torchcnn {
 
-// Output length of a sliding window: the last window start i·s must keep the dilated kernel
-// ((k - 1)·d + 1 taps) inside the padded input, hence floor((in + 2p − d(k−1) − 1) / s) + 1.
-// ceil_mode rounds up instead, but, as in torch, a window may not start inside the right padding.
+// A kernel of k taps spaced d apart spans (k − 1)·d + 1 input pixels.
+C10_HOST_DEVICE inline int64_t dilated_extent(int64_t kernel, int64_t dilation) {
+  return (kernel - 1) * dilation + 1;
+}
+
+// a / b rounded towards −∞ (b > 0), as torch's div_rtn.
+inline int64_t floor_div(int64_t a, int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+// Output length of a sliding window, torch's pooling_output_shape: window i starts at i·s − pad,
+// and the last one must keep the dilated kernel inside the padded input, hence
+// floor((in + 2p − extent) / s) + 1. ceil_mode rounds up instead (so the kernel may even be longer
+// than the padded input), but, as in torch, the last window may not start inside the right
+// padding. The result may be ≤ 0: the callers reject that.
 inline int64_t window_output_size(
     int64_t in, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation,
     bool ceil_mode = false) {
-  const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1;
-  if (span < 0) {
-    return 0;
-  }
-  int64_t out = (span + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+  const int64_t span = in + 2 * pad - dilated_extent(kernel, dilation) + (ceil_mode ? stride - 1 : 0);
+  int64_t out = floor_div(span, stride) + 1;
   if (ceil_mode && (out - 1) * stride >= in + pad) {
     --out;
   }
@@ -159,8 +168,8 @@ inline Conv2dGeometry conv2d_geometry(
                       ": expected bias to be a 1-D tensor of ", g.out_channels, " elements but got shape ",
                       shape_str(*bias));
   }
-  const int64_t eff_kh = g.dilation_h * (g.kernel_h - 1) + 1;
-  const int64_t eff_kw = g.dilation_w * (g.kernel_w - 1) + 1;
+  const int64_t eff_kh = dilated_extent(g.kernel_h, g.dilation_h);
+  const int64_t eff_kw = dilated_extent(g.kernel_w, g.dilation_w);
   TORCH_CHECK_VALUE(eff_kh <= g.height + 2 * g.pad_h && eff_kw <= g.width + 2 * g.pad_w, op,
                     ": kernel size (", eff_kh, ", ", eff_kw, ") after dilation is larger than the padded input (",
                     g.height + 2 * g.pad_h, ", ", g.width + 2 * g.pad_w, ")");
@@ -193,17 +202,19 @@ inline Window2d max_pool2d_geometry(
 
   Window2d g;
   detail::set_window(g, input, kernel_size, stride, padding, dilation);
-  const int64_t eff_kh = g.dilation_h * (g.kernel_h - 1) + 1;
-  const int64_t eff_kw = g.dilation_w * (g.kernel_w - 1) + 1;
-  // A window that starts in the padding must still reach a real pixel.
-  TORCH_CHECK_VALUE(2 * g.pad_h <= eff_kh && 2 * g.pad_w <= eff_kw, op,
-                    ": expected padding to be at most half of the (dilated) kernel size, but got padding=",
-                    padding, ", kernel_size=", kernel_size, " and dilation=", dilation);
+  // torch's rule, on the undilated kernel. It does not make every window reach a real pixel: with
+  // dilation > 1 the taps of a window that starts in the padding can step over the whole input
+  // (H = 1, kernel 2, dilation 2, padding 1). Such a window's output is −inf, and it passes no
+  // gradient (max_pool2d_window.h).
+  TORCH_CHECK_VALUE(2 * g.pad_h <= g.kernel_h && 2 * g.pad_w <= g.kernel_w, op,
+                    ": expected padding to be at most half of kernel_size, but got padding=", padding,
+                    " and kernel_size=", kernel_size);
   g.out_height = window_output_size(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, ceil_mode);
   g.out_width = window_output_size(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w, ceil_mode);
-  TORCH_CHECK_VALUE(g.out_height > 0 && g.out_width > 0, op, ": the (dilated) kernel (", eff_kh, ", ", eff_kw,
-                    ") is larger than the padded input (", g.height + 2 * g.pad_h, ", ",
-                    g.width + 2 * g.pad_w, "); the output would be empty");
+  TORCH_CHECK_VALUE(g.out_height > 0 && g.out_width > 0, op, ": the (dilated) kernel (",
+                    dilated_extent(g.kernel_h, g.dilation_h), ", ", dilated_extent(g.kernel_w, g.dilation_w),
+                    ") is larger than the padded input (", g.height + 2 * g.pad_h, ", ", g.width + 2 * g.pad_w,
+                    "); the output would be empty");
   return g;
 }
 

@@ -7,8 +7,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torchcnn  # noqa: E402,F401  (builds/loads the extension once, before any test runs)
+import torchcnn.testing  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Every op test runs on the CPU kernels, on the CUDA kernels when a GPU is present, and on the
+# CUDA kernels emulated on the CPU (csrc/cuda compiled as C++: torchcnn.testing), whose test ids
+# say "emulated": `pytest -k emulated` runs the CUDA code without a GPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + ["emulated"]
 
 # The references must be exact to the dtype: torch's CUDA convolutions (cuDNN) would otherwise run
 # float32 in TF32, and cuBLAS may reduce half-type partial sums in half precision.
@@ -18,9 +22,32 @@ torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
-@pytest.fixture(params=DEVICES)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_emulation: the test exercises no kernel (tracing, torch-only "
+                                       "layers): run it on real devices only")
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        emulate = metafunc.definition.get_closest_marker("no_emulation") is None
+        metafunc.parametrize("device", [d for d in DEVICES if emulate or d != "emulated"], indirect=True)
+
+
+@pytest.fixture
 def device(request):
-    return request.param
+    """The device to put tensors on. For "emulated" that is the CPU, with every torchcnn op routed
+    to the emulated CUDA kernels for the length of the test."""
+    if request.param == "emulated":
+        with torchcnn.testing.emulated_cuda():
+            yield "cpu"
+    else:
+        yield request.param
+
+
+@pytest.fixture
+def kernels(request, device):
+    """Which kernels the test's device runs: "cpu" (csrc/cpu) or "cuda" (csrc/cuda, emulated or not)."""
+    return "cpu" if request.node.callspec.params["device"] == "cpu" else "cuda"
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,9 @@ import torchcnn
 from samples import conv2d_samples, make_conv, max_pool2d_samples
 from torchcnn.functional import _pair
 
+# Tracing and the fake kernels, not the kernels: the emulated CUDA kernels add nothing here.
+pytestmark = pytest.mark.no_emulation
+
 
 def _conv_args(sample, device):
     x, w, b = make_conv(sample, device, torch.float64, requires_grad=True)

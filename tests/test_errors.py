@@ -35,20 +35,27 @@ CONV_ERRORS = [
 ]
 
 
+def _on(device, args):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
 @pytest.mark.parametrize("override,exc,message", CONV_ERRORS, ids=lambda v: str(v)[:40])
-def test_conv2d_errors(override, exc, message):
+def test_conv2d_errors(override, exc, message, device):
     args = dict(input=X, weight=W, bias=None, stride=1, padding=0, dilation=1, groups=1) | override
     with pytest.raises(exc, match=message):
-        F.conv2d(**args)
+        F.conv2d(**_on(device, args))
 
 
-def test_conv2d_errors_from_the_op_itself():
+def test_conv2d_errors_from_the_op_itself(device):
+    x, w = X.to(device), W.to(device)
     with pytest.raises(ValueError, match="stride to have 2 elements"):
-        torch.ops.torchcnn.conv2d(X, W, None, [1, 1, 1], [0, 0], [1, 1], 1)
+        torch.ops.torchcnn.conv2d(x, w, None, [1, 1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(ValueError, match="input to be a 4-D"):
-        torch.ops.torchcnn.conv2d(X[0], W)
+        torch.ops.torchcnn.conv2d(x[0], w)
     with pytest.raises(ValueError, match="grad_output of shape"):
-        torch.ops.torchcnn.conv2d_backward_input(torch.randn(2, 6, 5, 5), X, W, [1, 1], [0, 0], [1, 1], 1)
+        torch.ops.torchcnn.conv2d_backward_input(torch.randn(2, 6, 5, 5, device=device), x, w, [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(ValueError, match="grad_output of shape"):
+        torch.ops.torchcnn.conv2d_backward_weight(torch.randn(2, 6, 6, 5, device=device), x, w, [1, 1], [0, 0], [1, 1], 1)
 
 
 POOL_ERRORS = [
@@ -60,24 +67,31 @@ POOL_ERRORS = [
     (dict(padding=-1), ValueError, "padding to be non-negative"),
     (dict(kernel_size=2, padding=2), ValueError, "padding to be at most half"),
     (dict(kernel_size=3, padding=2), ValueError, "padding to be at most half"),
+    (dict(kernel_size=3, padding=2, dilation=2), ValueError, "padding to be at most half"),  # torch's rule
     (dict(kernel_size=9), ValueError, "larger than the padded input"),
+    (dict(kernel_size=9, stride=1, ceil_mode=True), ValueError, "larger than the padded input"),
+    (dict(kernel_size=3, dilation=5, padding=1), ValueError, "larger than the padded input"),
     (dict(kernel_size="2"), TypeError, "kernel_size to be an int or a pair"),
 ]
 
 
 @pytest.mark.parametrize("override,exc,message", POOL_ERRORS, ids=lambda v: str(v)[:40])
-def test_max_pool2d_errors(override, exc, message):
+def test_max_pool2d_errors(override, exc, message, device):
     args = dict(input=X, kernel_size=2) | override
     with pytest.raises(exc, match=message):
-        F.max_pool2d(**args)
+        F.max_pool2d(**_on(device, args))
 
 
-def test_max_pool2d_backward_checks_indices():
-    out, idx = torch.ops.torchcnn.max_pool2d_with_indices(X, [2, 2], [2, 2])
+def test_max_pool2d_backward_checks_indices(device):
+    x = X.to(device)
+    params = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x, *params[:2])
     with pytest.raises(TypeError, match="indices to be int64"):
-        torch.ops.torchcnn.max_pool2d_backward(out, X, idx.int(), [2, 2], [2, 2], [0, 0], [1, 1], False)
+        torch.ops.torchcnn.max_pool2d_backward(out, x, idx.int(), *params)
     with pytest.raises(ValueError, match="indices of shape"):
-        torch.ops.torchcnn.max_pool2d_backward(out, X, idx[:1], [2, 2], [2, 2], [0, 0], [1, 1], False)
+        torch.ops.torchcnn.max_pool2d_backward(out, x, idx[:1], *params)
+    with pytest.raises(ValueError, match="grad_output of shape"):
+        torch.ops.torchcnn.max_pool2d_backward(out[:, :1], x, idx, *params)
 
 
 @pytest.mark.parametrize("target,exc,message", [

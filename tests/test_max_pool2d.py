@@ -27,7 +27,7 @@ def test_matches_the_design_notes_pooling():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sample", max_pool2d_samples(), ids=repr)
-def test_matches_torch_exactly(sample, device, dtype):
+def test_matches_torch_exactly(sample, device, kernels, dtype):
     """Values, indices and gradients are exactly torch's: max picks, no arithmetic."""
     x = torch.randn(sample.shape, device=device, dtype=dtype, requires_grad=True)
     ours, ours_idx = F.max_pool2d(x, **sample.kwargs, return_indices=True)
@@ -35,8 +35,15 @@ def test_matches_torch_exactly(sample, device, dtype):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert torch.equal(ours_idx, theirs_idx)
     grad = torch.randn_like(theirs)
-    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0],
-                               rtol=0, atol=0)
+    if dtype in (torch.float16, torch.bfloat16) and kernels == "cuda":
+        # Where windows overlap, a pixel's gradient is a sum. The CUDA kernels (ours and torch's)
+        # add in float and round once; torch's CPU kernel rounds after every addition. So the
+        # reference is the exact sum, rounded once.
+        x64 = x.detach().double().requires_grad_()
+        expected = torch.autograd.grad(TF.max_pool2d(x64, **sample.kwargs), x64, grad.double())[0].to(dtype)
+    else:
+        expected = torch.autograd.grad(theirs, x, grad)[0]
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("sample", max_pool2d_samples(full=False), ids=repr)

@@ -36,8 +36,8 @@ def _import_cpp_extension():
     return cpp_extension
 
 
-def _needs_compile(build_dir: str, sources: list[str]) -> bool:
-    library = os.path.join(build_dir, f"{JIT_NAME}.so")
+def _needs_compile(build_dir: str, sources: list[str], name: str = JIT_NAME) -> bool:
+    library = os.path.join(build_dir, f"{name}.so")
     if not os.path.exists(library):
         return True
     headers = [os.path.join(root, f) for root, _, files in os.walk(_build.CSRC) for f in files]

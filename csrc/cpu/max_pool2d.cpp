@@ -1,9 +1,7 @@
 // max_pool2d on the CPU: planes (n, c) in parallel, one pass over each window.
 //
 // Forward (the design notes' pooling): P[i, j] = max over the window of X, and the flat index
-// h·W + w of the element chosen. The choice follows torch exactly: the window is scanned row by
-// row, a value replaces the running max only if it is larger (so ties keep the first) or NaN (so
-// the last NaN wins and NaN propagates); an all −inf window reports its first element.
+// h·W + w of the element chosen, by torch's rule (max_pool2d_window.h, shared with CUDA).
 // Backward: ∂L/∂X[idx] += ∂L/∂P[i, j] for each output, i.e. the gradient goes to the argmax.
 // Reduced-precision inputs are compared in float; the result is exact in the input dtype.
 #include <ATen/OpMathType.h>
@@ -11,26 +9,11 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
-#include <limits>
-
+#include "../max_pool2d_window.h"
 #include "../shapes.h"
 
 namespace torchcnn {
 namespace {
-
-// Written without short-circuit so that compilers emit selects, not branches: on real data the
-// outcome is a coin flip, and a mispredicted branch per tap costs more than the whole window.
-template <typename acc_t>
-inline bool replaces_max(acc_t value, acc_t current) {
-  return (value > current) | (value != value);
-}
-
-template <typename acc_t>
-inline void take_if_larger(acc_t value, int64_t index, acc_t& best, int64_t& best_index) {
-  const bool larger = replaces_max(value, best);
-  best = larger ? value : best;
-  best_index = larger ? index : best_index;
-}
 
 // Planes per parallel task: enough work per task (~32k window taps) to amortise scheduling.
 int64_t plane_grain(const Window2d& g) {
@@ -41,28 +24,9 @@ int64_t plane_grain(const Window2d& g) {
 // General window: any kernel, stride, padding, dilation, ceil_mode.
 template <typename scalar_t>
 void max_pool_plane(const scalar_t* x, scalar_t* y, int64_t* idx, const Window2d& g) {
-  using acc_t = at::opmath_type<scalar_t>;
   for (int64_t oh = 0; oh < g.out_height; ++oh) {
-    int64_t h0 = oh * g.stride_h - g.pad_h;
-    const int64_t h1 = std::min(h0 + (g.kernel_h - 1) * g.dilation_h + 1, g.height);
-    while (h0 < 0) {
-      h0 += g.dilation_h;
-    }
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
-      int64_t w0 = ow * g.stride_w - g.pad_w;
-      const int64_t w1 = std::min(w0 + (g.kernel_w - 1) * g.dilation_w + 1, g.width);
-      while (w0 < 0) {
-        w0 += g.dilation_w;
-      }
-      int64_t best = h0 * g.width + w0;
-      acc_t best_value = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t h = h0; h < h1; h += g.dilation_h) {
-        for (int64_t w = w0; w < w1; w += g.dilation_w) {
-          take_if_larger(static_cast<acc_t>(x[h * g.width + w]), h * g.width + w, best_value, best);
-        }
-      }
-      y[oh * g.out_width + ow] = static_cast<scalar_t>(best_value);
-      idx[oh * g.out_width + ow] = best;
+      window_max(x, g, oh, ow, y[oh * g.out_width + ow], idx[oh * g.out_width + ow]);
     }
   }
 }
@@ -92,21 +56,27 @@ void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Wind
   }
 }
 
-// ∂L/∂X[idx[j]] += ∂L/∂P[j] over one plane, zeroed here while it is in cache. The indices are
-// validated first, in a branch-free pass, so that the scatter loop itself stays tight.
+// ∂L/∂X[idx[j]] += ∂L/∂P[j] over one plane, zeroed here while it is in cache. Each index is
+// checked against its window first (a window with no real pixel passes nothing), in a pass of its
+// own so that the scatter loop itself stays tight.
 template <typename scalar_t>
 void max_pool_backward_plane(const scalar_t* go, const int64_t* idx, scalar_t* gi, const Window2d& g,
                              const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t in_plane = g.in_plane(), out_plane = g.out_plane();
-  bool in_range = true;
-  for (int64_t j = 0; j < out_plane; ++j) {
-    in_range &= static_cast<uint64_t>(idx[j]) < static_cast<uint64_t>(in_plane);
+  bool any_empty = false;
+  for (int64_t oh = 0; oh < g.out_height; ++oh) {
+    for (int64_t ow = 0; ow < g.out_width; ++ow) {
+      const int64_t index = idx[oh * g.out_width + ow];
+      TORCH_CHECK_INDEX(is_valid_argmax(g, oh, ow, index), op, ": indices[..., ", oh, ", ", ow, "] = ", index,
+                        " is not a pixel of its pooling window (as flat index h·W + w in the input plane)");
+      any_empty |= pool_window(g, oh, ow).empty();
+    }
   }
-  TORCH_CHECK_INDEX(in_range, op, ": indices holds a value outside [0, ", in_plane,
-                    "), the input plane's flat index range");
-  std::fill(gi, gi + in_plane, scalar_t(0));
-  for (int64_t j = 0; j < out_plane; ++j) {
+  std::fill(gi, gi + g.in_plane(), scalar_t(0));
+  for (int64_t j = 0; j < g.out_plane(); ++j) {
+    if (any_empty && pool_window(g, j / g.out_width, j % g.out_width).empty()) {
+      continue;
+    }
     gi[idx[j]] = static_cast<scalar_t>(static_cast<acc_t>(gi[idx[j]]) + static_cast<acc_t>(go[j]));
   }
 }

@@ -10,16 +10,16 @@
 // Half types go to cuBLAS as they are; every product that is summed further (the columns of
 // ∂L/∂X before col2im, the per-image parts of ∂L/∂W) comes back in at::opmath_type (float), and
 // the bias enters the GEMM as its C operand, so each result is rounded to the half type once, as
-// ATen's own kernels do. Nothing uses atomics: every result is deterministic.
+// ATen's own kernels do — provided cuBLAS itself sums in float: torch lets it round partial sums
+// of half-type GEMMs to the half type unless torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+// and allow_bf16_reduced_precision_reduction are set to False (both default to True; the tests
+// turn them off). Nothing uses atomics: every result is deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
-#include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "../shapes.h"
 #include "launch.cuh"
@@ -114,10 +114,19 @@ __global__ void conv2d_single_channel_kernel(const scalar_t* __restrict__ x, con
   }
 }
 
-// Images per chunk: as many as keep the chunk's buffers (`bytes_per_image` each) within ~256 MiB
-// (at least one).
+// The most bytes of column buffers one chunk may take; the tests lower it to force many chunks.
+std::atomic<int64_t> chunk_budget{int64_t{256} << 20};
+
+// Images per chunk: as many as keep the chunk's buffers (`bytes_per_image` each) within the
+// budget (at least one).
 int64_t chunk_images(const Conv2dGeometry& g, int64_t bytes_per_image) {
-  return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t{256} << 20) / std::max<int64_t>(bytes_per_image, 1)));
+  return std::max<int64_t>(1, std::min<int64_t>(g.batch, chunk_budget.load() / std::max<int64_t>(bytes_per_image, 1)));
+}
+
+// torch.ops.torchcnn._cuda_set_chunk_budget(bytes) -> the previous budget (tests only).
+int64_t set_chunk_budget(int64_t bytes) {
+  TORCH_CHECK_VALUE(bytes > 0, "_cuda_set_chunk_budget: expected bytes to be positive but got ", bytes);
+  return chunk_budget.exchange(bytes);
 }
 
 // Bytes of one image's im2col columns, (C·KH·KW) × (OH·OW) entries of `element_size` bytes.
@@ -134,10 +143,9 @@ at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t b, const Conv2dG
   auto cols = at::empty({b, k, g.out_plane()}, input.options());
   const int64_t total = b * g.channels * g.out_plane();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::im2col_cuda", [&] {
-    im2col_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        input.const_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), cols.mutable_data_ptr<scalar_t>(),
-        total, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(im2col_kernel<scalar_t>, blocks_for(total), kThreads,
+           input.const_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), cols.mutable_data_ptr<scalar_t>(), total,
+           g);
   });
   return cols;
 }
@@ -153,7 +161,7 @@ void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (out.scalar_type() == a.scalar_type()) {
     at::bmm_out(out, a, b);
   } else {
-    at::bmm_out(out, a, b, out.scalar_type());
+    bmm_out_dtype(out, a, b);
   }
 }
 
@@ -161,7 +169,7 @@ at::Tensor conv2d_cuda(
     const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const auto g = conv2d_geometry("conv2d", input_, weight_, bias_, stride, padding, dilation, groups);
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const auto input = input_.contiguous();
   const auto weight = weight_.contiguous();
   const bool has_bias = bias_.has_value() && bias_->defined();
@@ -174,10 +182,9 @@ at::Tensor conv2d_cuda(
     const auto bias = has_bias ? bias_->contiguous() : at::Tensor();
     const int64_t total = output.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_direct", [&] {
-      conv2d_single_channel_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          has_bias ? bias.const_data_ptr<scalar_t>() : nullptr, output.mutable_data_ptr<scalar_t>(), total, g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(conv2d_single_channel_kernel<scalar_t>, blocks_for(total), kThreads, input.const_data_ptr<scalar_t>(),
+             weight.const_data_ptr<scalar_t>(), has_bias ? bias.const_data_ptr<scalar_t>() : nullptr,
+             output.mutable_data_ptr<scalar_t>(), total, g);
     });
     return output;
   }
@@ -211,7 +218,7 @@ at::Tensor conv2d_backward_input_cuda(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_input";
   const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const auto grad_output = grad_output_.contiguous();
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
   const auto w = weight_.contiguous().view({g.out_channels, kg});
@@ -236,10 +243,8 @@ at::Tensor conv2d_backward_input_cuda(
       const int64_t total = b * g.channels * g.in_plane();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "torchcnn::col2im_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        col2im_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            cols.const_data_ptr<acc_t>(),
-            grad_input.mutable_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), total, g);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(col2im_kernel<scalar_t, acc_t>, blocks_for(total), kThreads, cols.const_data_ptr<acc_t>(),
+               grad_input.mutable_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), total, g);
       });
     }
   }
@@ -251,7 +256,7 @@ at::Tensor conv2d_backward_weight_cuda(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_weight";
   const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const auto grad_output = grad_output_.contiguous();
   const auto input = input_.contiguous();
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
@@ -277,10 +282,15 @@ at::Tensor conv2d_backward_weight_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchcnn, CUDA, m) {
+TORCHCNN_CUDA_KERNELS(m) {
   m.impl("conv2d", &conv2d_cuda);
   m.impl("conv2d_backward_input", &conv2d_backward_input_cuda);
   m.impl("conv2d_backward_weight", &conv2d_backward_weight_cuda);
+}
+
+// A knob for the tests, outside the op contract of ops.cpp: it exists wherever the CUDA kernels do.
+TORCHCNN_LIBRARY_FRAGMENT(m) {
+  m.def("_cuda_set_chunk_budget(int bytes) -> int", &set_chunk_budget);
 }
 
 }  // namespace torchcnn

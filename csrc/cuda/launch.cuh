@@ -1,22 +1,95 @@
-// Launch geometry shared by the CUDA kernels: a 1-D grid of 256-thread blocks, with grid-stride
-// loops over int64 element indices, so any tensor size is covered by any grid (no 65535-block
-// limit in y/z, no int32 overflow past 2^31 elements).
+// The device runtime as the CUDA kernels see it: every kernel launch, and every call the host code
+// makes to the CUDA runtime or to CUDA-only ATen functions, goes through this header.
+//
+// The same csrc/cuda sources are built two ways:
+// - by nvcc, for the GPU (the extension's CUDA kernels, dispatch key CUDA);
+// - by a plain C++ compiler with -DTORCHCNN_EMULATE_CUDA, for the CPU (the emulated-CUDA test
+//   library, torchcnn.testing.emulated_cuda_ops()): emulation.h supplies the CUDA language
+//   (__global__, blockIdx, …) and runs every block and thread of a grid on the calling thread.
+//
+// The seams, each with its GPU and its emulated form below:
+//   launch(kernel, blocks, threads, args...)  the current stream + a launch check | the emulator
+//   max_blocks()                              32 per multiprocessor | 3, so grid-stride loops wrap
+//   DeviceGuard                               c10::cuda::CUDAGuard | nothing to switch
+//   stream_is_capturing()                     the current stream's CUDA-graph capture status | false
+//   bmm_out_dtype(out, a, b)                  at::bmm_out with out_dtype (CUDA only in ATen) |
+//                                             at::bmm on inputs converted to out's dtype
+// Nothing else in csrc/cuda may include a CUDA header or use <<<…>>>.
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
+
+#include "../registration.h"
+
+#ifdef TORCHCNN_EMULATE_CUDA
+#include "emulation.h"
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 namespace torchcnn {
+namespace {  // each library keeps its own copy: the real and the emulated ones differ
+
+#ifdef TORCHCNN_EMULATE_CUDA
+
+// Small blocks and few of them, so that every grid-stride loop in the test sweeps wraps.
+constexpr int kThreads = 32;
+inline int64_t max_blocks() { return 3; }
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, Args&&... args) {
+  emulation::run_grid(kernel, blocks, threads, std::forward<Args>(args)...);
+}
+
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+
+inline bool stream_is_capturing() { return false; }
+
+inline void bmm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  // Products of half-type values are exact in float: the same sums as cuBLAS's float accumulator.
+  out.copy_(at::bmm(a.to(out.scalar_type()), b.to(out.scalar_type())));
+}
+
+#else
 
 constexpr int kThreads = 256;
-
 // Enough blocks to fill the device several times over; the grid-stride loop does the rest.
+inline int64_t max_blocks() {
+  return int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 32;
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, Args&&... args) {
+  kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+inline bool stream_is_capturing() {
+  return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+}
+
+inline void bmm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::bmm_out(out, a, b, out.scalar_type());
+}
+
+#endif
+
+// A 1-D grid of kThreads-thread blocks covering `total` work items with grid-stride loops over
+// int64 indices: any size is covered by any grid (no 65535-block limit in y/z, no int32 overflow).
 inline unsigned int blocks_for(int64_t total) {
   const int64_t wanted = (total + kThreads - 1) / kThreads;
-  const int64_t cap = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 32;
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, cap)));
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, max_blocks())));
 }
 
 __device__ __forceinline__ int64_t grid_start() {
@@ -27,4 +100,5 @@ __device__ __forceinline__ int64_t grid_step() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
+}  // namespace
 }  // namespace torchcnn

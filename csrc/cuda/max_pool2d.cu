@@ -1,60 +1,26 @@
 // max_pool2d on CUDA: P[n, c, i, j] = max over the window and the flat index h·W + w of that max in
-// its plane, with torch's rules (NaN wins, ties keep the first in scan order, a window of −inf
-// points at its first valid tap). A dedicated kernel for the design notes' 2×2 stride-2 pool loads
-// each window's two row pairs as vectors; the backward gathers, so it needs no atomics.
+// its plane, by torch's rule (max_pool2d_window.h, shared with the CPU kernels). A dedicated kernel
+// for the design notes' 2×2 stride-2 pool loads each window's two row pairs as vectors; the
+// backward gathers, so it needs no atomics.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
-#include <torch/library.h>
 
-#include <algorithm>
-#include <limits>
-
+#include "../max_pool2d_window.h"
 #include "../shapes.h"
 #include "launch.cuh"
 
 namespace torchcnn {
 namespace {
 
-template <typename acc_t>
-__device__ __forceinline__ void take_if_larger(acc_t value, int64_t index, acc_t& best, int64_t& best_index) {
-  const bool larger = (value > best) | (value != value);
-  best = larger ? value : best;
-  best_index = larger ? index : best_index;
-}
-
 // One thread per output element (n, c, i, j); it scans its window row by row.
 template <typename scalar_t>
 __global__ void max_pool2d_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                   int64_t* __restrict__ indices, int64_t total, Window2d g) {
-  using acc_t = at::opmath_type<scalar_t>;
   for (int64_t t = grid_start(); t < total; t += grid_step()) {
     const int64_t ow = t % g.out_width;
     const int64_t oh = (t / g.out_width) % g.out_height;
-    const scalar_t* plane = x + (t / g.out_plane()) * g.in_plane();
-    int64_t h0 = oh * g.stride_h - g.pad_h;
-    int64_t w0 = ow * g.stride_w - g.pad_w;
-    const int64_t h1 = std::min(h0 + (g.kernel_h - 1) * g.dilation_h + 1, g.height);
-    const int64_t w1 = std::min(w0 + (g.kernel_w - 1) * g.dilation_w + 1, g.width);
-    while (h0 < 0) {
-      h0 += g.dilation_h;
-    }
-    while (w0 < 0) {
-      w0 += g.dilation_w;
-    }
-    int64_t best = h0 * g.width + w0;
-    acc_t best_value = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t h = h0; h < h1; h += g.dilation_h) {
-      for (int64_t w = w0; w < w1; w += g.dilation_w) {
-        take_if_larger(static_cast<acc_t>(plane[h * g.width + w]), h * g.width + w, best_value, best);
-      }
-    }
-    y[t] = static_cast<scalar_t>(best_value);
-    indices[t] = best;
+    window_max(x + (t / g.out_plane()) * g.in_plane(), g, oh, ow, y[t], indices[t]);
   }
 }
 
@@ -93,21 +59,23 @@ __global__ void max_pool2d_2x2_kernel(const scalar_t* __restrict__ x, scalar_t* 
   }
 }
 
-// ∂L/∂X[n, c, h, w] = Σ over the windows that cover (h, w) and whose argmax it is of ∂L/∂P.
+// ∂L/∂X[n, c, h, w] = Σ over the windows that hold (h, w) and whose argmax it is of ∂L/∂P.
 // One thread per input pixel; it gathers from the outputs [i0, i1) × [j0, j1) whose windows can
-// reach it, so every pixel is written once: no atomics, no zeroing, deterministic.
+// reach it, so every pixel is written once: no atomics, no zeroing, deterministic. A window whose
+// taps step over (h, w) (dilation) does not hold it, and one with no real pixel holds none: they
+// pass it nothing, whatever their index says.
 template <typename scalar_t>
 __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_output,
                                            const int64_t* __restrict__ indices, scalar_t* __restrict__ grad_input,
                                            int64_t total, Window2d g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t reach_h = (g.kernel_h - 1) * g.dilation_h + 1;
-  const int64_t reach_w = (g.kernel_w - 1) * g.dilation_w + 1;
+  const int64_t reach_h = dilated_extent(g.kernel_h, g.dilation_h);
+  const int64_t reach_w = dilated_extent(g.kernel_w, g.dilation_w);
   for (int64_t t = grid_start(); t < total; t += grid_step()) {
     const int64_t w = t % g.width;
     const int64_t h = (t / g.width) % g.height;
     const int64_t offset = (t / g.in_plane()) * g.out_plane();
-    // Window i starts at i·s − pad and reaches reach − 1 further: it covers h iff
+    // Window i starts at i·s − pad and spans `reach` pixels: it reaches h iff
     // i·s − pad ≤ h ≤ i·s − pad + reach − 1.
     const int64_t i0 = h + g.pad_h < reach_h ? 0 : (h + g.pad_h - reach_h) / g.stride_h + 1;
     const int64_t i1 = std::min((h + g.pad_h) / g.stride_h + 1, g.out_height);
@@ -116,9 +84,12 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_out
     const int64_t me = h * g.width + w;
     acc_t sum = 0;
     for (int64_t i = i0; i < i1; ++i) {
+      if ((h + g.pad_h - i * g.stride_h) % g.dilation_h != 0) {
+        continue;
+      }
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t o = offset + i * g.out_width + j;
-        if (indices[o] == me) {
+        if (indices[o] == me && (w + g.pad_w - j * g.stride_w) % g.dilation_w == 0) {
           sum += static_cast<acc_t>(grad_output[o]);
         }
       }
@@ -127,11 +98,21 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_out
   }
 }
 
+// valid[t] = whether indices[t] obeys the backward's contract (is_valid_argmax).
+__global__ void max_pool2d_check_indices_kernel(const int64_t* __restrict__ indices, bool* __restrict__ valid,
+                                                int64_t total, Window2d g) {
+  for (int64_t t = grid_start(); t < total; t += grid_step()) {
+    const int64_t ow = t % g.out_width;
+    const int64_t oh = (t / g.out_width) % g.out_height;
+    valid[t] = is_valid_argmax(g, oh, ow, indices[t]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_cuda(
     const at::Tensor& input_, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, bool ceil_mode) {
   const auto g = max_pool2d_geometry("max_pool2d", input_, kernel_size, stride, padding, dilation, ceil_mode);
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const auto input = input_.contiguous();
   auto output = at::empty({g.batch, g.channels, g.out_height, g.out_width}, input.options());
   auto indices = at::empty(output.sizes(), input.options().dtype(at::kLong));
@@ -139,22 +120,21 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_cuda(
   if (total == 0) {
     return {output, indices};
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::max_pool2d_cuda", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
+    const unsigned int blocks = blocks_for(total);
     if (is_pool_2x2_stride_2(g)) {
       const bool aligned = g.width % 2 == 0 && reinterpret_cast<uintptr_t>(x) % (2 * sizeof(scalar_t)) == 0;
       if (aligned) {
-        max_pool2d_2x2_kernel<scalar_t, true><<<blocks_for(total), kThreads, 0, stream>>>(x, y, idx, total, g);
+        launch(max_pool2d_2x2_kernel<scalar_t, true>, blocks, kThreads, x, y, idx, total, g);
       } else {
-        max_pool2d_2x2_kernel<scalar_t, false><<<blocks_for(total), kThreads, 0, stream>>>(x, y, idx, total, g);
+        launch(max_pool2d_2x2_kernel<scalar_t, false>, blocks, kThreads, x, y, idx, total, g);
       }
     } else {
-      max_pool2d_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(x, y, idx, total, g);
+      launch(max_pool2d_kernel<scalar_t>, blocks, kThreads, x, y, idx, total, g);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {output, indices};
 }
@@ -166,16 +146,18 @@ at::Tensor max_pool2d_backward_cuda(
   const char* op = "max_pool2d_backward";
   const auto g = max_pool2d_backward_geometry(op, grad_output_, input, indices_, kernel_size, stride, padding,
                                               dilation, ceil_mode);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   const auto grad_output = grad_output_.contiguous();
   const auto indices = indices_.contiguous();
-  // An index outside the plane would be silently dropped by the gather: refuse it, as the CPU op
-  // does. The check reads one bool back, so it is skipped while a CUDA graph is being captured
-  // (a sync is not allowed there; the graph replays indices made by its own forward).
-  if (indices.numel() > 0 && at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None) {
-    const bool in_range = at::logical_and(indices >= 0, indices < g.in_plane()).all().item<bool>();
-    TORCH_CHECK_INDEX(in_range, op, ": indices holds a value outside [0, ", g.in_plane(),
-                      "), the input plane's flat index range");
+  // An index that is not a pixel of its window would be silently dropped by the gather: refuse it,
+  // as the CPU op does. The check reads one bool back, so it is skipped while a CUDA graph is
+  // being captured (a sync is not allowed there; the graph replays indices made by its own forward).
+  if (indices.numel() > 0 && !stream_is_capturing()) {
+    auto valid = at::empty(indices.sizes(), indices.options().dtype(at::kBool));
+    launch(max_pool2d_check_indices_kernel, blocks_for(indices.numel()), kThreads,
+           indices.const_data_ptr<int64_t>(), valid.mutable_data_ptr<bool>(), indices.numel(), g);
+    TORCH_CHECK_INDEX(valid.all().item<bool>(), op, ": indices holds a value that is not a pixel of its pooling "
+                      "window (as flat index h·W + w in the input plane)");
   }
   auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, grad_output.options());
   const int64_t total = grad_input.numel();
@@ -184,17 +166,15 @@ at::Tensor max_pool2d_backward_cuda(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "torchcnn::max_pool2d_backward_cuda", [&] {
-    max_pool2d_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad_output.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
-        grad_input.mutable_data_ptr<scalar_t>(), total, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(max_pool2d_backward_kernel<scalar_t>, blocks_for(total), kThreads, grad_output.const_data_ptr<scalar_t>(),
+           indices.const_data_ptr<int64_t>(), grad_input.mutable_data_ptr<scalar_t>(), total, g);
   });
   return grad_input;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchcnn, CUDA, m) {
+TORCHCNN_CUDA_KERNELS(m) {
   m.impl("max_pool2d_with_indices", &max_pool2d_with_indices_cuda);
   m.impl("max_pool2d_backward", &max_pool2d_backward_cuda);
 }

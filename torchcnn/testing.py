@@ -1,0 +1,112 @@
+"""Testing aids: torchcnn's CUDA kernels, run on the CPU.
+
+:func:`emulated_cuda_ops` compiles ``csrc/cuda/*.cu`` a second time, with the C++ compiler and
+``csrc/cuda/emulation.h`` standing in for the CUDA language, into a library of its own (built once
+on first use, cached like the main extension, never part of a normal ``import torchcnn``). Its ops
+have the names and schemas of ``torch.ops.torchcnn`` and take CPU tensors; they live in
+``torch.ops.torchcnn_emulated``, beside the real CPU kernels.
+
+:func:`emulated_cuda` routes every ``torchcnn`` op called inside it — from ``torchcnn.functional``,
+``torchcnn.nn``, autograd or ``torch.ops.torchcnn`` directly — to its emulated twin, so the whole
+op suite runs on the CUDA code without a GPU::
+
+    with torchcnn.testing.emulated_cuda() as calls:
+        y = torchcnn.functional.conv2d(x, w)   # csrc/cuda/conv2d.cu's kernels, on the CPU
+    assert calls["conv2d"] == 1
+
+With ``TORCHCNN_EMULATION_SANITIZE=1`` the library is built with AddressSanitizer and
+UndefinedBehaviorSanitizer (``scripts/sanitize_emulated.sh`` sets up the process for it).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import _build, _extension
+
+NAMESPACE = "torchcnn_emulated"
+
+_loaded: dict[str, bool] = {}
+
+
+def _sanitize_requested() -> bool:
+    return os.environ.get("TORCHCNN_EMULATION_SANITIZE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _asan_is_loaded() -> bool:
+    with open("/proc/self/maps") as maps:
+        return any("libasan" in line for line in maps)
+
+
+def emulated_cuda_ops(sanitize: bool | None = None):
+    """``torch.ops.torchcnn_emulated``: csrc/cuda's kernels compiled for the CPU (built on first use).
+
+    ``sanitize`` (default: ``$TORCHCNN_EMULATION_SANITIZE``) builds them with ASan and UBSan; that
+    needs the ASan runtime loaded first (``LD_PRELOAD``). One process holds one of the two builds.
+    """
+    sanitize = _sanitize_requested() if sanitize is None else sanitize
+    if _loaded:
+        if _loaded["sanitize"] != sanitize:
+            raise RuntimeError(f"emulated_cuda_ops: this process already loaded the "
+                               f"{'sanitized' if _loaded['sanitize'] else 'plain'} emulated library; "
+                               "a process can hold only one of the two")
+        return getattr(torch.ops, NAMESPACE)
+    if sanitize and not _asan_is_loaded():
+        raise RuntimeError(
+            "emulated_cuda_ops(sanitize=True): the AddressSanitizer runtime must be loaded before Python "
+            "starts; run under LD_PRELOAD=\"$(gcc -print-file-name=libasan.so)\" ASAN_OPTIONS=detect_leaks=0 "
+            "(scripts/sanitize_emulated.sh does this)")
+    if not os.path.isdir(_build.CSRC):
+        raise RuntimeError("emulated_cuda_ops: needs a source checkout (csrc/ was not found)")
+
+    name = "torchcnn_emulated_cuda" + ("_sanitized" if sanitize else "")
+    cpp_extension = _extension._import_cpp_extension()
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    sources = _build.emulated_sources(os.path.join(build_dir, "src"))
+    flags = _build.EMULATION_FLAGS + (_build.SANITIZER_FLAGS if sanitize else [])
+    if _extension._needs_compile(build_dir, sources, name):
+        print(f"torchcnn: compiling the emulated CUDA kernels (csrc/cuda as C++{', sanitized' if sanitize else ''}) "
+              f"once into {build_dir} ...", file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_cflags=flags,
+        extra_ldflags=_build.SANITIZER_FLAGS[:1] if sanitize else [],
+        extra_include_paths=[_build.CSRC],
+        with_cuda=False,
+        is_python_module=False,
+        verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1",
+    )
+    _loaded["sanitize"] = sanitize
+    return getattr(torch.ops, NAMESPACE)
+
+
+class _ToEmulated(TorchDispatchMode):
+    """Sends each torchcnn op to the op of the same name and overload in the emulated library."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = ops
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "torchcnn":
+            name = func._opname
+            func = getattr(getattr(self.ops, name), func._overloadname)
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def emulated_cuda(sanitize: bool | None = None):
+    """Within it, every torchcnn op runs csrc/cuda's kernels on the CPU (CPU tensors in and out).
+    Yields a Counter of the ops it routed, by name."""
+    mode = _ToEmulated(emulated_cuda_ops(sanitize))
+    with mode:
+        yield mode.calls
