@@ -35,6 +35,22 @@ summary=()
 status=0
 note() { summary+=("$1|$2"); }
 stage() { echo; echo "== $*"; }
+print_summary() {
+  echo
+  echo "== summary"
+  {
+    echo "| check | result |"
+    echo "|---|---|"
+    for row in "${summary[@]}"; do echo "| ${row%%|*} | ${row#*|} |"; done
+  } | tee "$OUT_DIR/summary.md"
+}
+
+# Wheels carried to a machine without network (the device tool's way): installed into a folder of
+# their own, used for this run only.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$OUT_DIR/site" \
+    .whl/*.whl && export PYTHONPATH="$OUT_DIR/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "gpu_check.sh: $PYTHON cannot import torch (set PYTHON to the interpreter that has it)" >&2
@@ -47,18 +63,19 @@ fi
 # The suite needs these besides torch (torch.library.opcheck imports expecttest); say which are missing.
 missing=$("$PYTHON" - <<'EOF'
 import importlib.util
-names = {"pytest": "pytest", "expecttest": "expecttest", "torchvision": "torchvision", "tqdm": "tqdm",
-         "matplotlib": "matplotlib", "PIL": "pillow", "numpy": "numpy", "ninja": "ninja"}
+names = {"pytest": "pytest", "expecttest": "expecttest", "hypothesis": "hypothesis", "torchvision": "torchvision",
+         "tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "pillow", "numpy": "numpy", "ninja": "ninja"}
 print(" ".join(pip for mod, pip in names.items() if importlib.util.find_spec(mod) is None))
 EOF
 )
 if [ -n "$missing" ]; then
-  echo "gpu_check.sh: missing Python packages: $missing (pip install them, or carry their wheels)" >&2
+  echo "gpu_check.sh: missing Python packages: $missing (pip install them, or carry their wheels in .whl/);" \
+       "the tests that need them are skipped" >&2
 fi
 device=$("$PYTHON" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}')")
 versions=$("$PYTHON" -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}')")
 note "device" "$device ($versions)"
-[ -z "$missing" ] || note "missing packages" "$missing: the tests that import them fail"
+[ -z "$missing" ] || note "missing packages" "$missing: the tests that need them are skipped"
 
 stage "build (just in time, from this checkout)"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
@@ -70,7 +87,7 @@ if "$PYTHON" -c "import torchcnn, sys; print('CUDA kernels:', torchcnn.WITH_CUDA
   note "build" "ok, arch $TORCH_CUDA_ARCH_LIST, $((SECONDS - start)) s"
 else
   note "build" "FAILED (see $OUT_DIR/build.log)"
-  printf '%s\n' "${summary[@]}" | column -t -s '|'
+  print_summary
   exit 1
 fi
 
@@ -85,6 +102,7 @@ start=$SECONDS
 "$PYTHON" -m pytest -q -rfEs --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log"
 tests_rc=${PIPESTATUS[0]}
 counts=$("$PYTHON" - "$OUT_DIR/tests.xml" <<'EOF'
+import re
 import sys
 import xml.etree.ElementTree as ET
 cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
@@ -97,7 +115,8 @@ def count(selected):
     outcomes = [outcome(c) for c in selected]
     return {k: outcomes.count(k) for k in ("passed", "failure", "error", "skipped")}
 every = count(cases)
-cuda = count([c for c in cases if "[cuda" in c.get("name", "") or c.get("classname", "").endswith("test_cuda")])
+cuda = count([c for c in cases if re.search(r"[\[-]cuda[-\]]", c.get("name", ""))
+              or c.get("classname", "").endswith("test_cuda")])
 print(f"{every['passed']} passed, {every['failure']} failed, {every['error']} errors, {every['skipped']} skipped "
       f"(CUDA cases: {cuda['passed']} passed, {cuda['failure'] + cuda['error']} failed, {cuda['skipped']} skipped)")
 EOF
@@ -163,7 +182,7 @@ if [ "$sanitize" -eq 1 ]; then
       start=$SECONDS
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 99 \
         "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_conv2d.py tests/test_max_pool2d.py \
-        -k "cuda and not gradcheck" 2>&1 | tee "$OUT_DIR/sanitize_$tool.log"
+        -k "cuda and not emulated and not gradcheck" 2>&1 | tee "$OUT_DIR/sanitize_$tool.log"
       rc=${PIPESTATUS[0]}
       errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$OUT_DIR/sanitize_$tool.log" | tail -1)
       note "$tool" "rc $rc, ${errors:-no summary}, $((SECONDS - start)) s"
@@ -172,11 +191,5 @@ if [ "$sanitize" -eq 1 ]; then
   fi
 fi
 
-echo
-echo "== summary"
-{
-  echo "| check | result |"
-  echo "|---|---|"
-  for row in "${summary[@]}"; do echo "| ${row%%|*} | ${row#*|} |"; done
-} | tee "$OUT_DIR/summary.md"
+print_summary
 exit $status

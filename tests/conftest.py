@@ -25,12 +25,24 @@ torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 def pytest_configure(config):
     config.addinivalue_line("markers", "no_emulation: the test exercises no kernel (tracing, torch-only "
                                        "layers): run it on real devices only")
+    config.addinivalue_line("markers", "cuda_kernels: the test is about csrc/cuda: run it on cuda and emulated only")
 
 
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
-        emulate = metafunc.definition.get_closest_marker("no_emulation") is None
-        metafunc.parametrize("device", [d for d in DEVICES if emulate or d != "emulated"], indirect=True)
+        devices = DEVICES
+        if metafunc.definition.get_closest_marker("no_emulation"):
+            devices = [d for d in devices if d != "emulated"]
+        if metafunc.definition.get_closest_marker("cuda_kernels"):
+            devices = [d for d in devices if d != "cpu"]
+        metafunc.parametrize("device", devices, indirect=True)
+
+
+def cuda_ops(request):
+    """The op namespace of the CUDA kernels the test runs: torchcnn's, or the emulated library's."""
+    if request.node.callspec.params["device"] == "emulated":
+        return torchcnn.testing.emulated_cuda_ops()
+    return torch.ops.torchcnn
 
 
 @pytest.fixture

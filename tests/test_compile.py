@@ -11,6 +11,10 @@ from torchcnn.functional import _pair
 pytestmark = pytest.mark.no_emulation
 
 
+def _needs_expecttest():
+    pytest.importorskip("expecttest", reason="torch.library.opcheck imports expecttest (pip install expecttest)")
+
+
 def _conv_args(sample, device):
     x, w, b = make_conv(sample, device, torch.float64, requires_grad=True)
     k = sample.kwargs
@@ -26,6 +30,7 @@ def _batched(samples):
 
 @pytest.mark.parametrize("sample", _batched(conv2d_samples(full=False)), ids=repr)
 def test_opcheck_conv2d(sample, device):
+    _needs_expecttest()
     x, w, b, *params = _conv_args(sample, device)
     torch.library.opcheck(torch.ops.torchcnn.conv2d.default, (x, w, b, *params))
     y = torch.ops.torchcnn.conv2d(x, w, b, *params).detach()
@@ -39,6 +44,7 @@ def test_opcheck_conv2d(sample, device):
 
 @pytest.mark.parametrize("sample", _batched(max_pool2d_samples(full=False)), ids=repr)
 def test_opcheck_max_pool2d(sample, device):
+    _needs_expecttest()
     k = sample.kwargs
     kernel = list(_pair("k", "t", k["kernel_size"]))
     stride = kernel if k.get("stride") is None else list(_pair("s", "t", k["stride"]))

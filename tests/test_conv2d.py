@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as TF
 
 import torchcnn.functional as F
-from samples import conv2d_samples, make_conv
+from conftest import cuda_ops
+from samples import Sample, conv2d_samples, make_conv
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
        torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
@@ -143,3 +144,33 @@ def test_op_is_registered_and_differentiable_directly(device):
     y = torch.ops.torchcnn.conv2d(x, w)  # schema defaults: no bias, stride 1, padding 0
     assert y.shape == (1, 3, 3, 3)
     assert torch.autograd.gradcheck(lambda a, b: torch.ops.torchcnn.conv2d(a, b, None, [2, 1], [1, 0], [1, 1], 1), (x, w))
+
+
+@pytest.mark.cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sample", [Sample((5, 3, 9, 9), {"padding": 1, "groups": 1}, (4, 3, 3, 3)),
+                                    Sample((5, 4, 6, 7), {"groups": 2}, (6, 2, 1, 1)),  # pointwise: no im2col
+                                    Sample((3, 4, 8, 8), {"stride": 2, "dilation": 2, "groups": 2}, (4, 2, 2, 3))],
+                         ids=repr)
+def test_many_chunks_give_the_same_result(request, device, dtype, sample):
+    """The CUDA conv works through the batch in chunks that keep its buffers within a byte budget;
+    a budget of about one image's columns makes every op run chunk by chunk."""
+    ops = cuda_ops(request)
+    x, w, b = make_conv(sample, device, dtype, requires_grad=True)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    out_plane = TF.conv2d(x.detach(), w.detach(), **sample.kwargs)[0, 0].numel()
+    one_image = x.shape[1] * w.shape[2] * w.shape[3] * out_plane * x.element_size()  # its im2col columns
+    previous = ops._cuda_set_chunk_budget(one_image)
+    try:
+        with torch.profiler.profile() as prof:
+            y = F.conv2d(x, w, b, **sample.kwargs)
+            grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    finally:
+        ops._cuda_set_chunk_budget(previous)
+    gemms = sum(e.name in ("aten::bmm", "aten::baddbmm_", "aten::baddbmm") for e in prof.events())
+    assert gemms >= 3 * len(x) * sample.kwargs["groups"]  # one image per chunk, in all three ops
+    y64 = TF.conv2d(x64, w64, b64, **sample.kwargs)
+    expected = (y64, *torch.autograd.grad(y64, (x64, w64, b64), torch.ones_like(y64)))
+    bits = HALF_BITS.get(dtype, 20)
+    for got, want in zip((y, *grads), expected):
+        torch.testing.assert_close(got.double(), want, rtol=2.0 ** -bits, atol=1e-3)

@@ -99,8 +99,61 @@ def test_empty_batch_gives_empty_result(device):
     assert torch.autograd.grad(y.sum(), x)[0].shape == x.shape
 
 
-def test_backward_rejects_out_of_range_indices():
-    x = torch.randn(1, 1, 4, 4)
+@pytest.mark.parametrize("where,index", [((0, 1, 1, 1), 16), ((0, 1, 1, 1), 0), ((0, 0, 0, 1), -1)],
+                         ids=["past the plane", "another window's pixel", "negative"])
+def test_backward_rejects_indices_outside_their_window(device, where, index):
+    x = torch.randn(1, 2, 4, 4, device=device)
     out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x, [2, 2], [2, 2])
-    with pytest.raises(IndexError, match="indices"):
-        torch.ops.torchcnn.max_pool2d_backward(out, x, idx + 100, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    idx[where] = index
+    with pytest.raises(IndexError, match="not a pixel of its pooling window"):
+        torch.ops.torchcnn.max_pool2d_backward(out, x, idx, [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+# Dilated windows that hold no real pixel: every tap of a width-2, dilation-2 window that starts
+# at column −1 (padding 1) falls outside a width-1 input. torch's forward gives −inf and an index
+# h0·W + w0 outside the window (here pixels of other rows, and one past the plane); its CPU backward
+# then adds the gradient to those pixels or writes past the end of the buffer.
+EMPTY_WINDOWS = [
+    dict(shape=(2, 3, 4, 1), kernel_size=2, stride=1, padding=1, dilation=(1, 2)),
+    dict(shape=(2, 2, 1, 5), kernel_size=(2, 3), stride=(1, 2), padding=1, dilation=(2, 1), ceil_mode=True),
+]
+
+
+@pytest.mark.parametrize("case", EMPTY_WINDOWS, ids=str)
+def test_windows_with_no_real_pixel_pass_no_gradient(device, case):
+    kwargs = dict(case)
+    x = torch.randn(kwargs.pop("shape"), device=device, dtype=torch.float64, requires_grad=True)
+    ours, ours_idx = F.max_pool2d(x, **kwargs, return_indices=True)
+    theirs, theirs_idx = TF.max_pool2d(x, **kwargs, return_indices=True)
+    assert torch.isinf(theirs).all()  # the case is what it says
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert torch.equal(ours_idx, theirs_idx)
+    (grad,) = torch.autograd.grad(ours, x, torch.randn_like(ours))
+    assert torch.equal(grad, torch.zeros_like(x))
+
+
+def test_ceil_mode_accepts_a_kernel_longer_than_the_input_as_torch(device):
+    """With ceil_mode, a window may overhang the padded input as long as it starts inside it."""
+    x = torch.randn(2, 3, 3, 1, device=device, requires_grad=True)
+    for kwargs in (dict(kernel_size=3, ceil_mode=True), dict(kernel_size=(2, 3), stride=(2, 3), ceil_mode=True)):
+        ours, oi = F.max_pool2d(x, **kwargs, return_indices=True)
+        theirs, ti = TF.max_pool2d(x, **kwargs, return_indices=True)
+        assert ours.shape == theirs.shape and ours.shape[-1] == 1
+        assert torch.equal(ours, theirs) and torch.equal(oi, ti)
+        grad = torch.randn_like(ours)
+        assert torch.equal(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("width,offset", [(8, 0), (8, 1), (7, 0), (7, 1), (2, 1)])
+def test_2x2_pool_at_any_alignment(device, dtype, width, offset):
+    """The 2×2 fast path loads row pairs as vectors when rows start aligned: even widths at an even
+    offset take the vector loads, the rest the scalar ones; both must give torch's result."""
+    shape = (2, 3, 6, width)
+    buffer = torch.randn(offset + torch.Size(shape).numel(), device=device, dtype=dtype)
+    x = buffer[offset:].view(shape).requires_grad_()  # contiguous, starting `offset` elements in
+    ours, oi = F.max_pool2d(x, 2, return_indices=True)
+    theirs, ti = TF.max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(ours, theirs) and torch.equal(oi, ti)
+    grad = torch.randn_like(ours)
+    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0])

@@ -73,16 +73,22 @@ def emulated_cuda_ops(sanitize: bool | None = None):
     if _extension._needs_compile(build_dir, sources, name):
         print(f"torchcnn: compiling the emulated CUDA kernels (csrc/cuda as C++{', sanitized' if sanitize else ''}) "
               f"once into {build_dir} ...", file=sys.stderr, flush=True)
-    cpp_extension.load(
-        name=name,
-        sources=sources,
-        extra_cflags=flags,
-        extra_ldflags=_build.SANITIZER_FLAGS[:1] if sanitize else [],
-        extra_include_paths=[_build.CSRC],
-        with_cuda=False,
-        is_python_module=False,
-        verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1",
-    )
+    # The compiler must not run with this process's preloaded sanitizer runtime.
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=flags,
+            extra_ldflags=_build.SANITIZER_FLAGS[:1] if sanitize else [],
+            extra_include_paths=[_build.CSRC],
+            with_cuda=False,
+            is_python_module=False,
+            verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1",
+        )
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
     _loaded["sanitize"] = sanitize
     return getattr(torch.ops, NAMESPACE)
 

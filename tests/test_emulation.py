@@ -1,0 +1,56 @@
+"""The emulated CUDA library itself: that it is csrc/cuda's code, with torchcnn's op contract, and that
+the `emulated` test device really runs it. (The op tests, run on that device, check its results.)"""
+
+import glob
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import torchcnn.functional as F
+import torchcnn.testing
+
+CUDA_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda")
+OPS = ["conv2d", "conv2d_backward_input", "conv2d_backward_weight", "max_pool2d_with_indices", "max_pool2d_backward"]
+
+
+def test_emulated_ops_have_torchcnn_schemas():
+    emulated = torchcnn.testing.emulated_cuda_ops()
+    for name in OPS:
+        ours = str(getattr(torch.ops.torchcnn, name).default._schema)
+        theirs = str(getattr(emulated, name).default._schema)
+        assert theirs == ours.replace("torchcnn::", "torchcnn_emulated::"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchcnn_emulated::{name}", "CPU"), name
+
+
+def test_emulated_cuda_routes_every_op_to_the_emulated_kernels():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    with torchcnn.testing.emulated_cuda() as calls, torch.profiler.profile() as prof:
+        y = F.max_pool2d(F.conv2d(x, w, padding=1), 2)
+        y.backward(torch.ones_like(y))
+    assert calls == {name: 1 for name in OPS}
+    ran = {e.name for e in prof.events()}
+    assert {f"torchcnn_emulated::{name}" for name in OPS} <= ran
+    expected = TF.max_pool2d(TF.conv2d(x, w, padding=1), 2)
+    torch.testing.assert_close(y, expected)
+
+
+def test_a_process_holds_one_of_the_two_builds():
+    loaded = torchcnn.testing._sanitize_requested()
+    torchcnn.testing.emulated_cuda_ops()
+    with pytest.raises(RuntimeError, match="can hold only one of the two"):
+        torchcnn.testing.emulated_cuda_ops(sanitize=not loaded)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CUDA_SOURCES, "*.cu"))), ids=os.path.basename)
+def test_kernels_reach_the_device_only_through_launch_cuh(path):
+    """What lets the emulated build be the same code: no <<<…>>>, no CUDA header, no runtime call
+    in the kernel files; launch.cuh holds each of those, with its emulated form."""
+    source = open(path).read()
+    assert "<<<" not in source
+    assert not re.search(r"#include\s*<(c10/cuda|ATen/cuda|cuda)", source)
+    assert not re.search(r"\b(cuda[A-Z]\w*|at::cuda::|c10::cuda::)", source)
+    assert '#include "launch.cuh"' in source

@@ -1,0 +1,119 @@
+"""Property-based tests: random shapes and arguments for conv2d and max_pool2d — valid and invalid,
+empty batches, odd sizes, dilation, ceil_mode, string padding, unbatched inputs, both memory
+layouts — and torchcnn held to torch: either both raise, or values, indices and gradients agree.
+
+The examples are derandomized (a fixed seed and count), so CI runs the same cases every time;
+TORCHCNN_HYPOTHESIS_EXAMPLES raises the count for a longer search.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+pytest.importorskip("hypothesis", reason="the property-based tests need hypothesis (pip install hypothesis)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import torchcnn.functional as F  # noqa: E402
+
+EXAMPLES = int(os.environ.get("TORCHCNN_HYPOTHESIS_EXAMPLES", "150"))
+SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+pairs = st.one_of(st.integers(1, 4), st.tuples(st.integers(1, 4), st.integers(1, 4)))
+
+
+def _outcome(fn):
+    """(result, None) or (None, exception)."""
+    try:
+        return fn(), None
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        return None, e
+
+
+def _input(draw, device, channels, batched):
+    shape = (draw(st.integers(0, 3)), channels, draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    if not batched:
+        shape = (max(shape[0], 1), *shape[1:])
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    if draw(st.booleans()):
+        x = x.to(memory_format=torch.channels_last)
+    return x if batched else x[0]
+
+
+@st.composite
+def conv2d_cases(draw, device):
+    groups = draw(st.integers(1, 3))
+    in_channels = groups * draw(st.integers(1, 3))
+    out_channels = groups * draw(st.integers(1, 3)) + draw(st.sampled_from([0, 0, 0, 1]))  # sometimes invalid
+    x = _input(draw, device, in_channels + draw(st.sampled_from([0, 0, 0, 0, 1])), draw(st.booleans()))
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    w = torch.randn(out_channels, in_channels // groups, *kernel, dtype=torch.float64, device=device)
+    b = torch.randn(out_channels, dtype=torch.float64, device=device) if draw(st.booleans()) else None
+    padding = draw(st.one_of(st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 3)),
+                             st.sampled_from(["same", "valid"])))
+    kwargs = dict(stride=draw(pairs), padding=padding, dilation=draw(pairs), groups=groups)
+    return x, w, b, kwargs
+
+
+@st.composite
+def max_pool2d_cases(draw, device):
+    x = _input(draw, device, draw(st.integers(1, 3)), draw(st.booleans()))
+    kwargs = dict(kernel_size=draw(pairs), stride=draw(st.one_of(st.none(), pairs)),
+                  padding=draw(st.one_of(st.integers(0, 2), st.tuples(st.integers(0, 2), st.integers(0, 2)))),
+                  dilation=draw(pairs), ceil_mode=draw(st.booleans()))
+    return x, kwargs
+
+
+def _agree(ours, theirs, case):
+    (a, a_err), (b, b_err) = ours, theirs
+    assert (a_err is None) == (b_err is None), f"{case}: torchcnn {a_err!r}, torch {b_err!r}"
+    return a_err is None
+
+
+@SETTINGS
+@given(data=st.data())
+def test_conv2d_agrees_with_torch(device, data):
+    x, w, b, kwargs = data.draw(conv2d_cases(device))
+    case = f"input {tuple(x.shape)}, weight {tuple(w.shape)}, bias {b is not None}, {kwargs}"
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    ours, theirs = _outcome(lambda: F.conv2d(x, w, b, **kwargs)), _outcome(lambda: TF.conv2d(x, w, b, **kwargs))
+    if not _agree(ours, theirs, case):
+        return
+    y, expected = ours[0], theirs[0]
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{case}: {m}")
+    grad = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad(y, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"{case}: gradient: {m}")
+
+
+def _pool_gradient(x, values, indices, grad):
+    """∂L/∂X of max pooling from the forward's indices: each output's gradient added at its argmax,
+    except where the window held no real pixel (a −inf from finite inputs), which passes nothing.
+    (torch's own CPU backward writes those past the buffer, so it cannot be the reference.)"""
+    planes = x.new_zeros(x.shape[:-2].numel(), x.shape[-2] * x.shape[-1])
+    passes = torch.isfinite(values).reshape(planes.shape[0], values.shape[-2] * values.shape[-1])
+    src = torch.where(passes, grad.reshape(passes.shape), 0)
+    idx = torch.where(passes, indices.reshape(passes.shape), 0)
+    return planes.scatter_add_(1, idx, src).view(x.shape)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_max_pool2d_agrees_with_torch(device, data):
+    x, kwargs = data.draw(max_pool2d_cases(device))
+    case = f"input {tuple(x.shape)}, {kwargs}"
+    x.requires_grad_()
+    ours = _outcome(lambda: F.max_pool2d(x, **kwargs, return_indices=True))
+    theirs = _outcome(lambda: TF.max_pool2d(x, **kwargs, return_indices=True))
+    if not _agree(ours, theirs, case):
+        return
+    (y, idx), (expected, expected_idx) = ours[0], theirs[0]
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, msg=lambda m: f"{case}: {m}")
+    assert torch.equal(idx, expected_idx), case
+    grad = torch.randn_like(expected)
+    (g,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(g, _pool_gradient(x.detach(), expected.detach(), expected_idx, grad),
+                               msg=lambda m: f"{case}: gradient: {m}")
