@@ -56,25 +56,64 @@ void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Wind
   }
 }
 
-// ∂L/∂X[idx[j]] += ∂L/∂P[j] over one plane, zeroed here while it is in cache. Each index is
-// checked against its window first (a window with no real pixel passes nothing), in a pass of its
-// own so that the scatter loop itself stays tight.
+// The error for a plane whose indices are not all valid (is_valid_argmax), naming the first bad one.
+[[noreturn]] void throw_invalid_index(const int64_t* idx, const Window2d& g, const char* op) {
+  for (int64_t j = 0; j < g.out_plane(); ++j) {
+    const int64_t oh = j / g.out_width, ow = j % g.out_width;
+    TORCH_CHECK_INDEX(is_valid_argmax(g, oh, ow, idx[j]), op, ": indices[..., ", oh, ", ", ow, "] = ", idx[j],
+                      " is not a pixel of its pooling window (as flat index h·W + w in the input plane)");
+  }
+  TORCH_INTERNAL_ASSERT(false, op, ": an index was invalid in one pass and valid in the next");
+}
+
+// ∂L/∂X[idx[j]] += ∂L/∂P[j] over one plane, zeroed here while it is in cache.
+//
+// 2×2 stride 2: each index is checked as it is used, branch-free (an offset of 0 or 1 from the
+// window's first pixel or from the pixel below it); an invalid one adds nothing, at the window's
+// first pixel, and the op raises once the plane is done.
+template <typename scalar_t>
+void max_pool_backward_plane_2x2(const scalar_t* go, const int64_t* idx, scalar_t* gi, const Window2d& g,
+                                 const char* op) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::fill(gi, gi + g.in_plane(), scalar_t(0));
+  const uint64_t W = g.width;
+  uint64_t invalid = 0;
+  for (int64_t oh = 0; oh < g.out_height; ++oh) {
+    const int64_t* ir = idx + oh * g.out_width;
+    const scalar_t* gr = go + oh * g.out_width;
+    for (int64_t ow = 0; ow < g.out_width; ++ow) {
+      const uint64_t first = 2 * (oh * W + ow);
+      const uint64_t k = static_cast<uint64_t>(ir[ow]) - first;
+      const bool bad = (k > 1) & (k - W > 1);
+      invalid |= bad;
+      const uint64_t at = bad ? first : first + k;
+      gi[at] = static_cast<scalar_t>(static_cast<acc_t>(gi[at]) + (bad ? acc_t(0) : static_cast<acc_t>(gr[ow])));
+    }
+  }
+  if (invalid != 0) {
+    throw_invalid_index(idx, g, op);
+  }
+}
+
+// Any window: the indices are checked in a pass of their own, then scattered. Only a dilated
+// window can hold no real pixel (max_pool2d_window.h); such a window passes nothing.
 template <typename scalar_t>
 void max_pool_backward_plane(const scalar_t* go, const int64_t* idx, scalar_t* gi, const Window2d& g,
                              const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
-  bool any_empty = false;
+  bool valid = true;
   for (int64_t oh = 0; oh < g.out_height; ++oh) {
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
-      const int64_t index = idx[oh * g.out_width + ow];
-      TORCH_CHECK_INDEX(is_valid_argmax(g, oh, ow, index), op, ": indices[..., ", oh, ", ", ow, "] = ", index,
-                        " is not a pixel of its pooling window (as flat index h·W + w in the input plane)");
-      any_empty |= pool_window(g, oh, ow).empty();
+      valid &= is_valid_argmax(g, oh, ow, idx[oh * g.out_width + ow]);
     }
   }
+  if (!valid) {
+    throw_invalid_index(idx, g, op);
+  }
   std::fill(gi, gi + g.in_plane(), scalar_t(0));
+  const bool may_be_empty = g.dilation_h > 1 || g.dilation_w > 1;
   for (int64_t j = 0; j < g.out_plane(); ++j) {
-    if (any_empty && pool_window(g, j / g.out_width, j % g.out_width).empty()) {
+    if (may_be_empty && pool_window(g, j / g.out_width, j % g.out_width).empty()) {
       continue;
     }
     gi[idx[j]] = static_cast<scalar_t>(static_cast<acc_t>(gi[idx[j]]) + static_cast<acc_t>(go[j]));
@@ -124,12 +163,17 @@ at::Tensor max_pool2d_backward_cpu(
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
     // One task owns whole planes, so the scatter into a plane is race-free and ordered.
+    const bool fast = is_pool_2x2_stride_2(g);
     at::parallel_for(0, g.batch * g.channels, plane_grain(g), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const scalar_t* gop = go + plane * g.out_plane();
         const int64_t* ip = idx + plane * g.out_plane();
         scalar_t* gip = gi + plane * g.in_plane();
-        max_pool_backward_plane(gop, ip, gip, g, op);
+        if (fast) {
+          max_pool_backward_plane_2x2(gop, ip, gip, g, op);
+        } else {
+          max_pool_backward_plane(gop, ip, gip, g, op);
+        }
       }
     });
   });
