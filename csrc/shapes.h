@@ -64,6 +64,15 @@ struct Conv2dGeometry : Window2d {
   std::vector<int64_t> output_sizes() const { return {batch, out_channels, out_height, out_width}; }
 };
 
+// torch's memory-format rule for a convolution's output and its gradients: channels_last if the
+// input or the weight is. The kernels compute in NCHW; the ops hand their results back in this format.
+inline at::MemoryFormat conv2d_memory_format(const at::Tensor& input, const at::Tensor& weight) {
+  const auto channels_last = at::MemoryFormat::ChannelsLast;
+  return input.suggest_memory_format() == channels_last || weight.suggest_memory_format() == channels_last
+      ? channels_last
+      : at::MemoryFormat::Contiguous;
+}
+
 namespace detail {
 
 inline std::string shape_str(const at::Tensor& t) {

@@ -34,10 +34,7 @@ def test_opcheck_conv2d(sample, device):
     x, w, b, *params = _conv_args(sample, device)
     torch.library.opcheck(torch.ops.torchcnn.conv2d.default, (x, w, b, *params))
     y = torch.ops.torchcnn.conv2d(x, w, b, *params).detach()
-    go = torch.randn_like(y)
-    # The backward ops are not differentiable themselves (no double backward): opcheck them
-    # with inputs that do not require grad, so its autograd-registration check does not apply.
-    x, w = x.detach(), w.detach()
+    go = torch.randn_like(y).requires_grad_()  # the backward ops are differentiable too
     torch.library.opcheck(torch.ops.torchcnn.conv2d_backward_input.default, (go, x, w, *params))
     torch.library.opcheck(torch.ops.torchcnn.conv2d_backward_weight.default, (go, x, w, *params))
 
@@ -54,7 +51,7 @@ def test_opcheck_max_pool2d(sample, device):
     torch.library.opcheck(torch.ops.torchcnn.max_pool2d_with_indices.default, (x, *params))
     out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x.detach(), *params)
     torch.library.opcheck(torch.ops.torchcnn.max_pool2d_backward.default,
-                          (torch.randn_like(out), x.detach(), idx, *params))
+                          (torch.randn_like(out).requires_grad_(), x.detach(), idx, *params))
 
 
 def _mnist_model(nn):

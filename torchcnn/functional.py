@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._ops import Conv2dFunction, MaxPool2dFunction
+from . import _ops
+from ._ops import Conv2dFunction, Conv2dParams, MaxPool2dFunction, MaxPool2dParams, ops
 
 __all__ = ["conv2d", "max_pool2d", "relu", "linear", "cross_entropy"]
 
@@ -34,6 +35,15 @@ def _pair(name: str, fn: str, value) -> tuple[int, int]:
 def _check_tensor(fn: str, name: str, value) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{fn}: expected {name} to be a Tensor but got {type(value).__name__}")
+
+
+def _apply(function, op, tensors, params):
+    """Runs an op through its autograd.Function (reverse and forward-mode AD, vmap). torch.compile
+    traces the op itself instead — Dynamo cannot trace a Function with a custom jvp — whose
+    registered autograd is the Function's own backward."""
+    if torch.compiler.is_compiling():
+        return op(*tensors, *params.args())
+    return function.apply(*tensors, params)
 
 
 def _batched(fn: str, input: Tensor) -> bool:
@@ -86,7 +96,11 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     else:
         padding = _pair("padding", fn, padding)
 
-    output = Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups)
+    if bias is None:
+        input, weight = _ops.autocast(input, weight)
+    else:
+        input, weight, bias = _ops.autocast(input, weight, bias)
+    output = _apply(Conv2dFunction, ops.conv2d, (input, weight, bias), Conv2dParams(stride, padding, dilation, groups))
     return output if batched else output.squeeze(0)
 
 
@@ -108,34 +122,11 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     dilation = _pair("dilation", fn, dilation)
     if not batched:
         input = input.unsqueeze(0)
-    output, indices = MaxPool2dFunction.apply(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    params = MaxPool2dParams(kernel_size, stride, padding, dilation, bool(ceil_mode))
+    output, indices = _apply(MaxPool2dFunction, ops.max_pool2d_with_indices, (input,), params)
     if not batched:
         output, indices = output.squeeze(0), indices.squeeze(0)
     return (output, indices) if return_indices else output
-
-
-class _ReLU(torch.autograd.Function):
-    """A = max(0, Z); ∂L/∂Z = ∂L/∂A where Z ≥ 0, else 0 (the design notes' convention)."""
-
-    @staticmethod
-    def forward(input, inplace):
-        passes = input >= 0
-        output = input.clamp_min_(0) if inplace else input.clamp_min(0)
-        return output, passes
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, inplace = inputs
-        _, passes = output
-        if inplace:
-            ctx.mark_dirty(input)
-        ctx.mark_non_differentiable(passes)
-        ctx.save_for_backward(passes)
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_passes):
-        (passes,) = ctx.saved_tensors
-        return grad_output * passes, None
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
@@ -145,7 +136,11 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
     ``torchcnn`` gives ∂L/∂z = ∂L/∂a. Everywhere else the two agree.
     """
     _check_tensor("relu", "input", input)
-    return _ReLU.apply(input, bool(inplace))[0]
+    # A = Z where Z is not negative, else 0: the selection's gradient is exactly that convention
+    # (NaN passes through, as in torch), and, being plain torch ops, it works under every
+    # autograd mode, vmap, torch.compile and export.
+    negative = input < 0
+    return input.masked_fill_(negative, 0) if inplace else input.masked_fill(negative, 0)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

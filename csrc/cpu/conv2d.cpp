@@ -164,7 +164,7 @@ at::Tensor conv2d_cpu(
   const bool has_bias = bias_.has_value() && bias_->defined();
   auto output = at::empty(g.output_sizes(), input.options());
   if (g.batch == 0) {
-    return output;
+    return output.contiguous(conv2d_memory_format(input_, weight_));
   }
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
   const auto bias = has_bias ? bias_->contiguous() : at::Tensor();
@@ -186,7 +186,7 @@ at::Tensor conv2d_cpu(
       }
     }
   });
-  return output;
+  return output.contiguous(conv2d_memory_format(input_, weight_));
 }
 
 at::Tensor conv2d_backward_input_cpu(
@@ -203,7 +203,7 @@ at::Tensor conv2d_backward_input_cpu(
   const auto weight = weight_.contiguous().view({g.out_channels, g.group_kernel_size()});
   auto grad_input = at::zeros({g.batch, g.channels, g.height, g.width}, input_.options());
   if (g.batch == 0) {
-    return grad_input;
+    return grad_input.contiguous(conv2d_memory_format(input_, weight_));
   }
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
 
@@ -225,7 +225,7 @@ at::Tensor conv2d_backward_input_cpu(
       }
     }
   });
-  return grad_input;
+  return grad_input.contiguous(conv2d_memory_format(input_, weight_));
 }
 
 at::Tensor conv2d_backward_weight_cpu(
@@ -257,7 +257,7 @@ at::Tensor conv2d_backward_weight_cpu(
       }
     });
   }
-  return partial.sum(0).view(weight_.sizes());
+  return partial.sum(0).view(weight_.sizes()).contiguous(conv2d_memory_format(input_, weight_));
 }
 
 }  // namespace

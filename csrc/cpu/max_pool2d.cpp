@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_cpu(
       }
     });
   });
-  return {output, indices};
+  return {output.contiguous(input_.suggest_memory_format()), indices.contiguous(input_.suggest_memory_format())};
 }
 
 at::Tensor max_pool2d_backward_cpu(
@@ -177,7 +177,7 @@ at::Tensor max_pool2d_backward_cpu(
       }
     });
   });
-  return grad_input;
+  return grad_input.contiguous(input.suggest_memory_format());
 }
 
 }  // namespace

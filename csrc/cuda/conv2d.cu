@@ -175,7 +175,7 @@ at::Tensor conv2d_cuda(
   const bool has_bias = bias_.has_value() && bias_->defined();
   auto output = at::empty(g.output_sizes(), input.options());
   if (g.batch == 0) {
-    return output;
+    return output.contiguous(conv2d_memory_format(input_, weight_));
   }
 
   if (g.channels == 1 && g.groups == 1) {
@@ -186,7 +186,7 @@ at::Tensor conv2d_cuda(
              weight.const_data_ptr<scalar_t>(), has_bias ? bias.const_data_ptr<scalar_t>() : nullptr,
              output.mutable_data_ptr<scalar_t>(), total, g);
     });
-    return output;
+    return output.contiguous(conv2d_memory_format(input_, weight_));
   }
 
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
@@ -210,7 +210,7 @@ at::Tensor conv2d_cuda(
       }
     }
   }
-  return output;
+  return output.contiguous(conv2d_memory_format(input_, weight_));
 }
 
 at::Tensor conv2d_backward_input_cuda(
@@ -224,7 +224,7 @@ at::Tensor conv2d_backward_input_cuda(
   const auto w = weight_.contiguous().view({g.out_channels, kg});
   auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, input_.options());
   if (g.batch == 0) {
-    return grad_input;
+    return grad_input.contiguous(conv2d_memory_format(input_, weight_));
   }
   // The columns are summed again by col2im, so they stay in the op-math type.
   const auto acc_options = grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type()));
@@ -248,7 +248,7 @@ at::Tensor conv2d_backward_input_cuda(
       });
     }
   }
-  return grad_input;
+  return grad_input.contiguous(conv2d_memory_format(input_, weight_));
 }
 
 at::Tensor conv2d_backward_weight_cuda(
@@ -277,7 +277,7 @@ at::Tensor conv2d_backward_weight_cuda(
     }
     grad_weight.add_(per_image.sum(0));
   }
-  return grad_weight.to(input.scalar_type()).view(weight_.sizes());
+  return grad_weight.to(input.scalar_type()).view(weight_.sizes()).contiguous(conv2d_memory_format(input_, weight_));
 }
 
 }  // namespace

@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_cuda(
   auto indices = at::empty(output.sizes(), input.options().dtype(at::kLong));
   const int64_t total = output.numel();
   if (total == 0) {
-    return {output, indices};
+    return {output.contiguous(input_.suggest_memory_format()), indices.contiguous(input_.suggest_memory_format())};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::max_pool2d_cuda", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_cuda(
       launch(max_pool2d_kernel<scalar_t>, blocks, kThreads, x, y, idx, total, g);
     }
   });
-  return {output, indices};
+  return {output.contiguous(input_.suggest_memory_format()), indices.contiguous(input_.suggest_memory_format())};
 }
 
 at::Tensor max_pool2d_backward_cuda(
@@ -162,14 +162,14 @@ at::Tensor max_pool2d_backward_cuda(
   auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, grad_output.options());
   const int64_t total = grad_input.numel();
   if (total == 0) {
-    return grad_input;
+    return grad_input.contiguous(input.suggest_memory_format());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "torchcnn::max_pool2d_backward_cuda", [&] {
     launch(max_pool2d_backward_kernel<scalar_t>, blocks_for(total), kThreads, grad_output.const_data_ptr<scalar_t>(),
            indices.const_data_ptr<int64_t>(), grad_input.mutable_data_ptr<scalar_t>(), total, g);
   });
-  return grad_input;
+  return grad_input.contiguous(input.suggest_memory_format());
 }
 
 }  // namespace
