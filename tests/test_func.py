@@ -100,3 +100,18 @@ def test_hessian_forward_over_reverse(device):
         return lambda w: lib.max_pool2d(lib.conv2d(x, w, padding=1), 2).pow(3).sum()
 
     torch.testing.assert_close(torch.func.hessian(loss(F))(w), torch.func.hessian(loss(TF))(w))
+
+
+def test_raw_ops_refuse_forward_mode_ad_by_name(device):
+    """torch.ops.torchcnn.* called directly are reverse-mode only; forward-mode AD through them
+    would otherwise lose the tangent silently. The error names the route that works."""
+    x, w = _t(1, 2, 5, 5, device=device), _t(3, 2, 3, 3, device=device)
+    with pytest.raises(NotImplementedError, match="call torchcnn.functional.conv2d"):
+        jvp(lambda t: torch.ops.torchcnn.conv2d(t, w), (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match="call torchcnn.functional.max_pool2d"):
+        jvp(lambda t: torch.ops.torchcnn.max_pool2d_with_indices(t, [2, 2], [2, 2])[0], (x,), (torch.ones_like(x),))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="reverse-mode autograd only"):
+            torch.ops.torchcnn.conv2d_backward_weight(torch.ones(1, 3, 3, 3, dtype=x.dtype, device=device), dual, w,
+                                                      [1, 1], [0, 0], [1, 1], 1)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch._library.autograd
+from torch.autograd import forward_ad
 from torch._prims_common import suggest_memory_format
 
 from . import _extension  # noqa: F401  (loads torch.ops.torchcnn)
@@ -334,8 +336,13 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
         return MaxPool2dBackwardFunction.apply(grad_output_t, input, indices, ctx.params)
 
 
-# The same formulas for the ops called directly (and for torch.compile, which traces the ops):
-# the op's arguments are the Function's tensors followed by its parameters, spelled out.
+# The same formulas for the ops called directly, in reverse mode (torch.compile traces the ops
+# this way): the op's arguments are the Function's tensors followed by its parameters, spelled
+# out. torch.library.register_autograd would do, but a custom op reached by forward-mode AD drops
+# the tangent without a word; these kernels refuse it, naming the route that supports it.
+_AUTOGRAD_LIBRARY = torch.library.Library("torchcnn", "IMPL")
+
+
 def _register_op_autograd(name, function, tensors, params_class):
     def setup_context(ctx, inputs, output):
         function.setup_context(ctx, (*inputs[:tensors], params_class(*inputs[tensors:])), output)
@@ -343,7 +350,20 @@ def _register_op_autograd(name, function, tensors, params_class):
     def backward(ctx, *grads):
         return (*function.backward(ctx, *grads)[:tensors], *[None] * len(dataclasses.fields(params_class)))
 
-    torch.library.register_autograd(f"torchcnn::{name}", backward, setup_context=setup_context)
+    op = getattr(ops, name).default
+    reverse = torch._library.autograd.make_autograd_impl(op, torch._library.autograd.Info(backward, setup_context))
+    public = {"conv2d": "conv2d", "max_pool2d_with_indices": "max_pool2d"}.get(name)
+
+    def kernel(keyset, *args):
+        if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+            route = f"call torchcnn.functional.{public} (or a torchcnn.nn layer)" if public else \
+                "differentiate the torchcnn.functional op it is the gradient of"
+            raise NotImplementedError(
+                f"torch.ops.torchcnn.{name} called directly supports reverse-mode autograd only, not forward-mode "
+                f"AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad): {route}, whose forward-mode AD works")
+        return reverse(keyset, *args)
+
+    _AUTOGRAD_LIBRARY.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 for _name, _function, _tensors, _params in [
