@@ -20,12 +20,18 @@ def test_relu_forward_matches_torch(device):
 
 
 @no_emulation
-def test_relu_gradient_passes_at_zero_and_above_but_not_below(device):
-    x = torch.tensor([-2.0, -1e-30, 0.0, 1e-30, 3.0], device=device, requires_grad=True)
-    (g,) = torch.autograd.grad(F.relu(x), x, torch.full_like(x, 5.0))
-    assert g.tolist() == [0.0, 0.0, 5.0, 5.0, 5.0]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_relu_gradient_passes_at_zero_and_above_but_not_below(device, dtype):
+    info = torch.finfo(dtype)
+    subnormal = info.tiny * info.eps  # the smallest positive value: its negative is the first below 0
+    x = torch.tensor([-2.0, -subnormal, -0.0, 0.0, subnormal, 3.0, float("nan"), float("-inf")], dtype=dtype,
+                     device=device, requires_grad=True)
+    out = F.relu(x)
+    torch.testing.assert_close(out, torch.relu(x), equal_nan=True, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(out, x, torch.full_like(x, 5.0), create_graph=True)
+    assert g[:6].tolist() == [0.0, 0.0, 5.0, 5.0, 5.0, 5.0] and g[7] == 0
     (g_torch,) = torch.autograd.grad(torch.relu(x), x, torch.full_like(x, 5.0))
-    assert g_torch.tolist() == [0.0, 0.0, 0.0, 5.0, 5.0]  # torch passes nothing at exactly 0
+    assert g_torch[:6].tolist() == [0.0, 0.0, 0.0, 0.0, 5.0, 5.0]  # torch passes nothing at exactly 0
 
 
 @no_emulation

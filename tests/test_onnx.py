@@ -10,7 +10,7 @@ ort = pytest.importorskip("onnxruntime", reason="running the exported model need
 import torchcnn.onnx  # noqa: E402
 from models import ResNetBlock, SmallCNN, twins  # noqa: E402
 
-STANDARD = {"Conv", "MaxPool", "Gemm", "MatMul", "Add", "Less", "Where", "ReduceMean", "Reshape", "Flatten"}
+STANDARD = {"Conv", "MaxPool", "Gemm", "MatMul", "Add", "LessOrEqual", "Where", "ReduceMean", "Reshape", "Flatten"}
 
 
 @pytest.mark.parametrize("model_class,shape", [(SmallCNN, (3, 1, 10, 10)), (ResNetBlock, (2, 3, 16, 16))])

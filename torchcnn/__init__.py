@@ -4,6 +4,8 @@
   indices and its gradient), loaded on import (built once on first import in a source checkout).
 - ``torchcnn.functional``: functions with torch.nn.functional's names and signatures.
 - ``torchcnn.nn``: layers that are drop-ins for torch.nn's.
+- ``torchcnn.onnx``: ONNX export of models built from them (needs onnxscript).
+- ``torchcnn.testing``: the CUDA kernels compiled for and run on the CPU, for the test suite.
 - ``torchcnn.mnist``, ``torchcnn.models``, ``torchcnn.training``, ``torchcnn.checkpoint``,
   ``torchcnn.plots``: the pieces train.py and predict.py are built from (import them explicitly;
   they need torchvision, tqdm and matplotlib).
