@@ -65,9 +65,13 @@ struct Conv2dGeometry : Window2d {
 };
 
 // torch's memory-format rule for a convolution's output and its gradients: channels_last if the
-// input or the weight is. The kernels compute in NCHW; the ops hand their results back in this format.
+// input or the weight is — except float64 on CUDA, which cuDNN computes contiguous. The kernels
+// compute in NCHW; the ops hand their results back in this format.
 inline at::MemoryFormat conv2d_memory_format(const at::Tensor& input, const at::Tensor& weight) {
   const auto channels_last = at::MemoryFormat::ChannelsLast;
+  if (input.is_cuda() && input.scalar_type() == at::kDouble) {
+    return at::MemoryFormat::Contiguous;
+  }
   return input.suggest_memory_format() == channels_last || weight.suggest_memory_format() == channels_last
       ? channels_last
       : at::MemoryFormat::Contiguous;

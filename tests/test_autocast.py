@@ -48,3 +48,15 @@ def test_a_mixed_precision_training_step_matches_torch(device):
     for g, e in zip(grads, e_grads):
         assert g.dtype == e.dtype == torch.float32
         torch.testing.assert_close(g, e, rtol=0.1, atol=0.05)
+
+
+def test_float64_is_left_alone(device):
+    """Autocast casts only float32 (and lower): float64 stays float64, as in torch."""
+    x = torch.randn(2, 3, 8, 8, device=device, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64)
+    dtype = AUTOCAST_DTYPES["cuda" if device == "cuda" else "cpu"][0]
+    with _autocast(device, dtype):
+        ours, theirs = F.conv2d(x, w), TF.conv2d(x, w)
+        raw = torch.ops.torchcnn.conv2d(x, w)
+    assert ours.dtype == theirs.dtype == raw.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs)

@@ -115,3 +115,39 @@ def test_raw_ops_refuse_forward_mode_ad_by_name(device):
         with pytest.raises(NotImplementedError, match="reverse-mode autograd only"):
             torch.ops.torchcnn.conv2d_backward_weight(torch.ones(1, 3, 3, 3, dtype=x.dtype, device=device), dual, w,
                                                       [1, 1], [0, 0], [1, 1], 1)
+
+
+def test_bias_tangent_alone(device):
+    x, w, b = _t(2, 3, 6, 6, device=device), _t(4, 3, 3, 3, device=device), _t(4, device=device)
+    tb = torch.randn_like(b)
+    ours = jvp(lambda b: F.conv2d(x, w, b, padding=1), (b,), (tb,))
+    theirs = jvp(lambda b: TF.conv2d(x, w, b, padding=1), (b,), (tb,))
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(jacfwd(lambda b: F.conv2d(x, w, b), argnums=0)(b),
+                               jacfwd(lambda b: TF.conv2d(x, w, b), argnums=0)(b))
+
+
+@pytest.mark.parametrize("case", ["conv", "pool", "network"])
+def test_hessian_where_the_gradient_does_not_depend_on_the_variable(device, case):
+    """Forward-over-reverse through a gradient op whose tangent comes only through its shape-only
+    argument (a loss linear after the layer): the tangent is zero, as torch's."""
+    x = _t(1, 1, 6, 6, device=device)
+    w = _t(2, 1, 3, 3, device=device)
+    ours, theirs = twins(SmallCNN, device)
+    image = _t(1, 1, 10, 10, device=device)
+    fns = {
+        "conv": (lambda t: F.conv2d(t, w).sum(), lambda t: TF.conv2d(t, w).sum()),
+        "pool": (lambda t: F.max_pool2d(t, 2).sum(), lambda t: TF.max_pool2d(t, 2).sum()),
+        "network": (lambda t: ours(image + t.mean())[0, 3], lambda t: theirs(image + t.mean())[0, 3]),
+    }[case]
+    torch.testing.assert_close(torch.func.hessian(fns[0])(x), torch.func.hessian(fns[1])(x))
+
+
+def test_vmap_over_an_empty_batch(device):
+    x, w = _t(3, 0, 2, 6, 6, device=device), _t(4, 2, 3, 3, device=device)
+    for lib in (F, TF):
+        y = vmap(lambda t: lib.max_pool2d(lib.conv2d(t, w, padding=1), 2))(x)
+        assert y.shape == (3, 0, 4, 3, 3)
+    ws = _t(3, 4, 2, 3, 3, device=device)
+    assert vmap(lambda t, v: F.conv2d(t, v))(x, ws).shape == (3, 0, 4, 4, 4)

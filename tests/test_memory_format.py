@@ -18,10 +18,11 @@ def _format(t):
     return "channels_last" if t.is_contiguous(memory_format=CL) else "strided"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("x_cl,w_cl,g_cl", list(itertools.product([False, True], repeat=3)))
-def test_conv2d_keeps_torchs_memory_format(device, x_cl, w_cl, g_cl):
-    x = torch.randn(2, 3, 8, 7, device=device)
-    w = torch.randn(5, 3, 3, 3, device=device)
+def test_conv2d_keeps_torchs_memory_format(device, x_cl, w_cl, g_cl, dtype):
+    x = torch.randn(2, 3, 8, 7, device=device, dtype=dtype)
+    w = torch.randn(5, 3, 3, 3, device=device, dtype=dtype)
     x, w = (t.to(memory_format=CL) if cl else t for t, cl in ((x, x_cl), (w, w_cl)))
     x.requires_grad_()
     w.requires_grad_()

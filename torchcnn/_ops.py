@@ -51,8 +51,10 @@ def _conv2d_output_shape(input, weight, stride, padding, dilation):
 
 def conv2d_memory_format(input, weight):
     """torch's rule for a convolution's output and gradients: channels_last if the input or the
-    weight is channels_last."""
+    weight is channels_last — except float64 on CUDA, which cuDNN computes contiguous."""
     channels_last = torch.channels_last
+    if input.device.type == "cuda" and input.dtype == torch.float64:
+        return torch.contiguous_format
     if suggest_memory_format(input) == channels_last or suggest_memory_format(weight) == channels_last:
         return channels_last
     return torch.contiguous_format
@@ -123,9 +125,13 @@ class MaxPool2dParams:
         return (self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
-def _sum(*terms):
-    """The sum of the terms that are not None (at least one is)."""
+def _sum(*terms, zeros):
+    """The sum of the terms that are not None; `zeros()` if all are (the tangent of an output
+    that depends only on arguments whose tangents are not given, e.g. a gradient op's shape-only
+    argument in forward-over-reverse AD)."""
     present = [t for t in terms if t is not None]
+    if not present:
+        return zeros()
     total = present[0]
     for t in present[1:]:
         total = total + t
@@ -150,6 +156,7 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.save_for_forward(input, weight)
         ctx.params = params
         ctx.has_bias = bias is not None
+        ctx.output_shape = output.shape
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -169,7 +176,8 @@ class Conv2dFunction(torch.autograd.Function):
         return _sum(
             None if input_t is None else Conv2dFunction.apply(input_t, weight, None, ctx.params),
             None if weight_t is None else Conv2dFunction.apply(input, weight_t, None, ctx.params),
-            None if bias_t is None else bias_t.view(1, -1, 1, 1),
+            None if bias_t is None else bias_t.view(1, -1, 1, 1).expand(ctx.output_shape),
+            zeros=lambda: None,
         )
 
 
@@ -208,6 +216,7 @@ class Conv2dBackwardInputFunction(torch.autograd.Function):
         return _sum(
             None if grad_output_t is None else apply(grad_output_t, input, weight, ctx.params),
             None if weight_t is None else apply(grad_output, input, weight_t, ctx.params),
+            zeros=lambda: torch.zeros_like(input),
         )
 
 
@@ -246,6 +255,7 @@ class Conv2dBackwardWeightFunction(torch.autograd.Function):
         return _sum(
             None if grad_output_t is None else apply(grad_output_t, input, weight, ctx.params),
             None if input_t is None else apply(grad_output, input_t, weight, ctx.params),
+            zeros=lambda: torch.zeros_like(weight),
         )
 
 
@@ -333,6 +343,8 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, grad_output_t, *_):
         input, indices = ctx.saved_tensors
+        if grad_output_t is None:  # only the shape-only input has a tangent
+            return torch.zeros_like(input)
         return MaxPool2dBackwardFunction.apply(grad_output_t, input, indices, ctx.params)
 
 
@@ -399,7 +411,12 @@ def _into_channels(t):
 
 def _from_channels(t, size):
     """(N, B·C, H, W) → (B, N, C, H, W)."""
-    return t.unflatten(1, (size, -1)).transpose(0, 1)
+    return t.unflatten(1, (size, t.shape[1] // size)).transpose(0, 1)
+
+
+def _from_batch(t, size, batch):
+    """(B·N, ...) → (B, N, ...); N is given, since it may be 0."""
+    return t.unflatten(0, (size, batch))
 
 
 def _shape_only(like, shape):
@@ -411,8 +428,9 @@ def _conv2d_vmap(info, in_dims, input, weight, bias=None, stride=(1, 1), padding
     size = info.batch_size
     x_dim, w_dim, b_dim = (*in_dims, None)[:3]  # a bias left at its default may not be passed at all
     if w_dim is None and b_dim is None:
-        y = ops.conv2d(_front(input, x_dim, size).flatten(0, 1), weight, bias, stride, padding, dilation, groups)
-        return y.unflatten(0, (size, -1)), 0
+        x = _front(input, x_dim, size)
+        y = ops.conv2d(x.flatten(0, 1), weight, bias, stride, padding, dilation, groups)
+        return _from_batch(y, size, x.shape[1]), 0
     x = _into_channels(_front(input, x_dim, size))
     w = _front(weight, w_dim, size).flatten(0, 1)
     b = None if bias is None else _front(bias, b_dim, size).flatten()
@@ -429,8 +447,9 @@ def _conv2d_backward_input_vmap(info, in_dims, grad_output, input, weight, strid
         return ops.conv2d_backward_input(grad_output, x, weight, stride, padding, dilation, groups), None
     if w_dim is None:
         g = _front(grad_output, g_dim, size).flatten(0, 1)
-        x = _shape_only(x, (size * x.shape[0], *x.shape[1:]))
-        return ops.conv2d_backward_input(g, x, weight, stride, padding, dilation, groups).unflatten(0, (size, -1)), 0
+        grad_input = ops.conv2d_backward_input(g, _shape_only(x, (size * x.shape[0], *x.shape[1:])), weight, stride,
+                                               padding, dilation, groups)
+        return _from_batch(grad_input, size, x.shape[0]), 0
     g = _into_channels(_front(grad_output, g_dim, size))
     x = _shape_only(x, (x.shape[0], size * x.shape[1], *x.shape[2:]))
     w = _front(weight, w_dim, size).flatten(0, 1)
@@ -448,15 +467,15 @@ def _conv2d_backward_weight_vmap(info, in_dims, grad_output, input, weight, stri
     x = _into_channels(_front(input, x_dim, size))
     w = _shape_only(w, (size * w.shape[0], *w.shape[1:]))
     grad_weight = ops.conv2d_backward_weight(g, x, w, stride, padding, dilation, groups * size)
-    return grad_weight.unflatten(0, (size, -1)), 0
+    return _from_batch(grad_weight, size, w.shape[0] // size), 0
 
 
 @torch.library.register_vmap("torchcnn::max_pool2d_with_indices")
 def _max_pool2d_vmap(info, in_dims, input, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
     size = info.batch_size
-    output, indices = ops.max_pool2d_with_indices(_front(input, in_dims[0], size).flatten(0, 1), kernel_size, stride,
-                                                  padding, dilation, ceil_mode)
-    return (output.unflatten(0, (size, -1)), indices.unflatten(0, (size, -1))), (0, 0)
+    x = _front(input, in_dims[0], size)
+    output, indices = ops.max_pool2d_with_indices(x.flatten(0, 1), kernel_size, stride, padding, dilation, ceil_mode)
+    return (_from_batch(output, size, x.shape[1]), _from_batch(indices, size, x.shape[1])), (0, 0)
 
 
 @torch.library.register_vmap("torchcnn::max_pool2d_backward")
@@ -470,9 +489,9 @@ def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, kernel
                                        ceil_mode), None
     g = _front(grad_output, g_dim, size).flatten(0, 1)
     i = _front(indices, i_dim, size).flatten(0, 1)
-    x = _shape_only(x, (size * x.shape[0], *x.shape[1:]))
-    grad_input = ops.max_pool2d_backward(g, x, i, kernel_size, stride, padding, dilation, ceil_mode)
-    return grad_input.unflatten(0, (size, -1)), 0
+    grad_input = ops.max_pool2d_backward(g, _shape_only(x, (size * x.shape[0], *x.shape[1:])), i, kernel_size, stride,
+                                         padding, dilation, ceil_mode)
+    return _from_batch(grad_input, size, x.shape[0]), 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +510,9 @@ def autocast(*tensors):
 
 
 def _cast(values, dtype):
-    return [v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
+    """Floating tensors to `dtype`, except float64, which autocast leaves alone (as torch's does)."""
+    return [v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64 else v
+            for v in values]
 
 
 def _register_autocast(name):
