@@ -151,3 +151,18 @@ def test_vmap_over_an_empty_batch(device):
         assert y.shape == (3, 0, 4, 3, 3)
     ws = _t(3, 4, 2, 3, 3, device=device)
     assert vmap(lambda t, v: F.conv2d(t, v))(x, ws).shape == (3, 0, 4, 4, 4)
+
+
+def test_forward_ad_dual_tensors(device):
+    """torch.autograd.forward_ad (dual tensors), the non-functorch route to forward mode."""
+    fwd = torch.autograd.forward_ad
+    x, w = _t(2, 3, 7, 7, device=device), _t(4, 3, 3, 3, device=device)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+    results = []
+    for lib in (F, TF):
+        with fwd.dual_level():
+            y = lib.max_pool2d(lib.conv2d(fwd.make_dual(x, tx), fwd.make_dual(w, tw), padding=1), 3, 2, 1)
+            primal, tangent = fwd.unpack_dual(y)
+            results.append((primal.clone(), tangent.clone()))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e)
