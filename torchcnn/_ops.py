@@ -181,16 +181,10 @@ class Conv2dFunction(torch.autograd.Function):
         )
 
 
-class Conv2dBackwardInputFunction(torch.autograd.Function):
-    """∂L/∂X = conv2d_backward_input(G, W): linear in G and in W (X gives only the shape). Its
-    gradients: with respect to G, conv2d(∂L/∂(∂L/∂X), W); with respect to W,
-    conv2d_backward_weight(G, ∂L/∂(∂L/∂X))."""
+class _Conv2dGradientFunction(torch.autograd.Function):
+    """What the two gradient ops share: arguments (G, X, W, params), all three saved."""
 
     generate_vmap_rule = True
-
-    @staticmethod
-    def forward(grad_output, input, weight, params):
-        return ops.conv2d_backward_input(grad_output, input, weight, *params.args())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -198,6 +192,16 @@ class Conv2dBackwardInputFunction(torch.autograd.Function):
         ctx.save_for_backward(grad_output, input, weight)
         ctx.save_for_forward(grad_output, input, weight)
         ctx.params = params
+
+
+class Conv2dBackwardInputFunction(_Conv2dGradientFunction):
+    """∂L/∂X = conv2d_backward_input(G, W): linear in G and in W (X gives only the shape). Its
+    gradients: with respect to G, conv2d(∂L/∂(∂L/∂X), W); with respect to W,
+    conv2d_backward_weight(G, ∂L/∂(∂L/∂X))."""
+
+    @staticmethod
+    def forward(grad_output, input, weight, params):
+        return ops.conv2d_backward_input(grad_output, input, weight, *params.args())
 
     @staticmethod
     def backward(ctx, grad_grad_input):
@@ -213,30 +217,19 @@ class Conv2dBackwardInputFunction(torch.autograd.Function):
     def jvp(ctx, grad_output_t, input_t, weight_t, _):
         grad_output, input, weight = ctx.saved_tensors
         apply = Conv2dBackwardInputFunction.apply
-        return _sum(
-            None if grad_output_t is None else apply(grad_output_t, input, weight, ctx.params),
-            None if weight_t is None else apply(grad_output, input, weight_t, ctx.params),
-            zeros=lambda: torch.zeros_like(input),
-        )
+        return _sum(None if grad_output_t is None else apply(grad_output_t, input, weight, ctx.params),
+                    None if weight_t is None else apply(grad_output, input, weight_t, ctx.params),
+                    zeros=lambda: torch.zeros_like(input))
 
 
-class Conv2dBackwardWeightFunction(torch.autograd.Function):
+class Conv2dBackwardWeightFunction(_Conv2dGradientFunction):
     """∂L/∂W = conv2d_backward_weight(G, X): linear in G and in X (W gives only the shape). Its
     gradients: with respect to G, conv2d(X, ∂L/∂(∂L/∂W)); with respect to X,
     conv2d_backward_input(G, ∂L/∂(∂L/∂W))."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(grad_output, input, weight, params):
         return ops.conv2d_backward_weight(grad_output, input, weight, *params.args())
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad_output, input, weight, params = inputs
-        ctx.save_for_backward(grad_output, input, weight)
-        ctx.save_for_forward(grad_output, input, weight)
-        ctx.params = params
 
     @staticmethod
     def backward(ctx, grad_grad_weight):
@@ -252,11 +245,9 @@ class Conv2dBackwardWeightFunction(torch.autograd.Function):
     def jvp(ctx, grad_output_t, input_t, weight_t, _):
         grad_output, input, weight = ctx.saved_tensors
         apply = Conv2dBackwardWeightFunction.apply
-        return _sum(
-            None if grad_output_t is None else apply(grad_output_t, input, weight, ctx.params),
-            None if input_t is None else apply(grad_output, input_t, weight, ctx.params),
-            zeros=lambda: torch.zeros_like(weight),
-        )
+        return _sum(None if grad_output_t is None else apply(grad_output_t, input, weight, ctx.params),
+                    None if input_t is None else apply(grad_output, input_t, weight, ctx.params),
+                    zeros=lambda: torch.zeros_like(weight))
 
 
 def _real_windows(size, out, kernel, stride, pad, dilation, device):
