@@ -7,10 +7,11 @@ mixes all run torchcnn's kernels. ``generate_vmap_rule`` lets ``torch.func.vmap`
 by the ops' own vmap rules (below), which fold the vmapped dimension into the batch, or, when a
 weight is vmapped too (per-sample gradients), into the channels as extra groups.
 
-The same ``setup_context``/``backward`` pairs are registered on the ops themselves
-(``torch.library.register_autograd``), so ``torch.ops.torchcnn.*`` called directly is
-differentiable to any order as well; that is the route ``torch.compile`` takes (Dynamo does not
-trace a Function with a custom ``jvp``), with the fake kernels below for shapes. conv2d follows
+The same ``setup_context``/``backward`` pairs are registered on the ops themselves (as
+``torch.library.register_autograd`` would, plus a refusal of forward-mode AD), so
+``torch.ops.torchcnn.*`` called directly is differentiable to any order in reverse mode as well;
+that is the route ``torch.compile`` takes (Dynamo does not trace a Function with a custom
+``jvp``), with the fake kernels below for shapes. conv2d follows
 torch's autocast policy (it runs in the autocast dtype); max_pool2d runs in its input's dtype.
 """
 
@@ -343,7 +344,7 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
 # this way): the op's arguments are the Function's tensors followed by its parameters, spelled
 # out. torch.library.register_autograd would do, but a custom op reached by forward-mode AD drops
 # the tangent without a word; these kernels refuse it, naming the route that supports it.
-_AUTOGRAD_LIBRARY = torch.library.Library("torchcnn", "IMPL")
+_LIBRARY = torch.library.Library("torchcnn", "IMPL")  # this module's kernel registrations
 
 
 def _register_op_autograd(name, function, tensors, params_class):
@@ -366,7 +367,7 @@ def _register_op_autograd(name, function, tensors, params_class):
                 f"AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad): {route}, whose forward-mode AD works")
         return reverse(keyset, *args)
 
-    _AUTOGRAD_LIBRARY.impl(name, kernel, "Autograd", with_keyset=True)
+    _LIBRARY.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 for _name, _function, _tensors, _params in [
@@ -492,8 +493,8 @@ def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, kernel
 
 
 def autocast(*tensors):
-    """conv2d's tensors as the autocast of their device has them: cast to its dtype where it is
-    enabled, as they are elsewhere."""
+    """conv2d's tensors (the first one given, None allowed after it) as the autocast of their device
+    has them: cast to its dtype where it is enabled, as they are elsewhere."""
     device_type = tensors[0].device.type
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
@@ -508,7 +509,6 @@ def _cast(values, dtype):
 
 def _register_autocast(name):
     op = getattr(ops, name).default
-    library = torch.library.Library("torchcnn", "IMPL")
     for device_type in ("cpu", "cuda"):
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
@@ -519,8 +519,7 @@ def _register_autocast(name):
                 return op(*_cast(args, dtype))
 
         op.py_impl(getattr(torch._C.DispatchKey, key))(kernel)
-        library.impl(name, lambda _keyset, *args, _kernel=kernel: _kernel(*args), key, with_keyset=True)
-    return library
+        _LIBRARY.impl(name, lambda _keyset, *args, _kernel=kernel: _kernel(*args), key, with_keyset=True)
 
 
-_AUTOCAST_LIBRARIES = [_register_autocast("conv2d")]
+_register_autocast("conv2d")

@@ -96,10 +96,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     else:
         padding = _pair("padding", fn, padding)
 
-    if bias is None:
-        input, weight = _ops.autocast(input, weight)
-    else:
-        input, weight, bias = _ops.autocast(input, weight, bias)
+    input, weight, bias = _ops.autocast(input, weight, bias)
     output = _apply(Conv2dFunction, ops.conv2d, (input, weight, bias), Conv2dParams(stride, padding, dilation, groups))
     return output if batched else output.squeeze(0)
 
