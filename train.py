@@ -7,110 +7,160 @@
     python train.py --eval runs/…/best.pt
     torchrun --nproc_per_node=2 train.py --device cpu
 
-The data, the model and the training step live in the package (torchcnn.mnist, torchcnn.models,
-torchcnn.training, torchcnn.checkpoint, torchcnn.plots); this script wires them together.
+The data, the model and the training step live in torchcnn.mnist (data, model, engine, checkpoint,
+plots); this script wires them together: arguments, data, model, loop, outputs. The arguments are
+checked before torch is imported, the data before torchcnn's first op (which builds its extension).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import signal
+import math
+import re
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# The command line's vocabulary; test_cli checks that the package accepts exactly these names.
+BACKENDS = ("torchcnn", "torch")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adadelta")
+SCHEDULES = ("onecycle", "step", "none")
+DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
 
-import torchcnn
-from torchcnn import checkpoint, mnist, plots
-from torchcnn.models import BACKENDS, MnistNet, loss_function
-from torchcnn.training import (DEFAULT_LR, OPTIMIZERS, SCHEDULES, Progress, Totals, confusion_matrix,
-                               evaluate, make_optimizer, make_schedule, parse_device, predict, train_epoch)
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and the threads torch uses (for metrics.json)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+# The arguments that define a run. A checkpoint keeps them, and --resume holds the run to them:
+# see resume_args for the one that may change (--epochs).
+RECIPE = ("epochs", "batch_size", "optimizer", "lr", "schedule", "step_size", "gamma", "weight_decay",
+          "dropout", "shift", "seed", "limit_train", "limit_test")
+# The arguments --eval uses; any other given with it is refused.
+EVAL_ARGS = {"eval", "backend", "device", "data_dir", "no_download", "test_batch_size", "limit_test", "quiet"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)")
+def number(kind, rule: str, ok):
+    """An argparse type: ``kind`` (int or float) for which ``ok(value)`` holds; argparse names the
+    flag in the error ("argument --gamma: must be in (0, 1], got 0")."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
+def device_arg(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    positive_int = number(int, "at least 1", lambda v: v >= 1)
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto, cpu, cuda or cuda:N; under torchrun each rank takes cuda:LOCAL_RANK "
+                        "(default: auto, which is cuda if available, else cpu)")
     p.add_argument("--backend", choices=BACKENDS, default="torchcnn",
-                   help="build the model from torchcnn's layers or, identically, from torch.nn's")
-    p.add_argument("--data-dir", default=mnist.default_data_dir(),
-                   help=f"MNIST folder: torchvision's layout or the four IDX files, gzipped or not "
-                        f"(default from ${mnist.ENV_VAR}, else ./data)")
-    p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--test-batch-size", type=int, default=1000)
+                   help="build the model from torchcnn's layers or, identically, from torch.nn's "
+                        "(default: torchcnn)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="MNIST folder: torchvision's layout or the four IDX files, gzipped or not "
+                        "(default: $TORCHCNN_DATA_DIR, else ./data)")
+    p.add_argument("--no-download", action="store_true",
+                   help="never try to download MNIST (default: download when it is not found)")
+    p.add_argument("--epochs", type=positive_int, default=12, metavar="N", help="epochs to train (default: 12)")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
+                   help="training images per step and process (default: 64)")
+    p.add_argument("--test-batch-size", type=positive_int, default=1000, metavar="N",
+                   help="test images per evaluation batch (default: 1000)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
-                   help="sgd is plain gradient descent θ ← θ − η∂L/∂θ; momentum is Nesterov SGD")
-    p.add_argument("--lr", type=float, default=None,
-                   help="(peak) learning rate; default per optimizer: "
-                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()))
-    p.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
-    p.add_argument("--step-size", type=int, default=1, help="epochs between decays (--schedule step)")
-    p.add_argument("--gamma", type=float, default=0.7, help="decay factor (--schedule step)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dropout", type=float, default=0.25)
-    p.add_argument("--shift", type=int, default=2,
-                   help="augmentation: shift each training image by up to this many pixels (0: off)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--limit-train", type=int, default=None, metavar="N", help="use the first N training images")
-    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="use the first N test images")
-    p.add_argument("--out", default=None, help="output folder (default: a new one under runs/)")
-    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue the run saved there")
-    p.add_argument("--eval", default=None, metavar="CHECKPOINT",
-                   help="only evaluate that checkpoint on the test set")
-    p.add_argument("--no-plots", action="store_true", help="skip the pictures")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+                   help="sgd is plain gradient descent θ ← θ − η∂L/∂θ; momentum is Nesterov SGD "
+                        "(default: adam)")
+    p.add_argument("--lr", type=number(float, "positive", lambda v: v > 0),
+                   help="(peak) learning rate (default: per optimizer: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--schedule", choices=SCHEDULES, default="onecycle",
+                   help="onecycle: up to --lr and down to ~0 over the run, per batch; step: times "
+                        "--gamma every --step-size epochs; none: constant (default: onecycle)")
+    p.add_argument("--step-size", type=positive_int, default=1, metavar="N",
+                   help="epochs between decays, with --schedule step (default: 1)")
+    p.add_argument("--gamma", type=number(float, "in (0, 1]", lambda v: 0 < v <= 1), default=0.7,
+                   help="decay factor, with --schedule step (default: 0.7)")
+    p.add_argument("--weight-decay", type=number(float, "at least 0", lambda v: v >= 0), default=0.0,
+                   help="L2 penalty, as the optimizer applies it (default: 0)")
+    p.add_argument("--dropout", type=number(float, "in [0, 1)", lambda v: 0 <= v < 1), default=0.25,
+                   help="dropout probability before each dense layer (default: 0.25)")
+    p.add_argument("--shift", type=number(int, "between 0 and 27", lambda v: 0 <= v <= 27), default=2, metavar="N",
+                   help="augmentation: shift each training image by up to this many pixels, "
+                        "0 for none (default: 2)")
+    p.add_argument("--seed", type=number(int, "between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
+                   default=1, metavar="N", help="seeds the weights, the data order, shifts and dropout "
+                                                 "(default: 1)")
+    p.add_argument("--limit-train", type=positive_int, metavar="N",
+                   help="use the first N training images (default: all 60,000)")
+    p.add_argument("--limit-test", type=positive_int, metavar="N",
+                   help="use the first N test images (default: all 10,000)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default: a new one under runs/; with --resume, the checkpoint's)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", metavar="CHECKPOINT",
+                     help="continue the run saved there; see the README for the flags that may change "
+                          "(default: a new run)")
+    run.add_argument("--eval", metavar="CHECKPOINT",
+                     help="only evaluate that checkpoint on the test set (default: train)")
+    p.add_argument("--no-plots", action="store_true", help="skip the pictures (default: draw them)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (default: bars when stderr is a terminal)")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
+    """The arguments, range-checked, and the names of those the command line gave."""
+    p = parser()
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "test_batch_size", "step_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr is not None and not args.lr > 0:
-        p.error("--lr must be positive")
-    if args.shift < 0 or not 0 <= args.dropout < 1:
-        p.error("--shift must be >= 0 and --dropout in [0, 1)")
-    for name in ("limit_train", "limit_test"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive number of images")
-    try:
-        parse_device(args.device)
-    except ValueError as e:
-        p.error(f"--device {e}")
-    return args
+
+    for action in p._actions:  # parsed again without defaults: what remains was given
+        action.default = argparse.SUPPRESS
+    given = set(vars(p.parse_args(argv)))
+    if args.eval:
+        extra = sorted(given - EVAL_ARGS)
+        if extra:
+            p.error(f"argument --{extra[0].replace('_', '-')}: not used with --eval, which only "
+                    "evaluates the checkpoint on the test set")
+    return args, given
 
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: gloo on CPU, nccl on CUDA, one GPU per rank."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, torch.device(device)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
-    else:
-        dev = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), dev
+def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> list[str]:
+    """Hold ``args`` to the recipe of the checkpoint ``saved``; what the command line may change.
+
+    --epochs may: more extend the run, fewer (but not fewer than are finished) end it sooner,
+    except under onecycle, whose learning rate was laid out for the epochs it was given. Any other
+    recipe flag must agree with the checkpoint (a ValueError names the first that does not).
+    Returns the notes to print about what was honoured.
+    """
+    recipe = {**saved["recipe"], "backend": saved["backend"]}
+    for name in ("backend", *RECIPE):
+        if name not in recipe or (name == "epochs" and name in given):
+            continue
+        if name in given and getattr(args, name) != recipe[name]:
+            raise ValueError(f"argument --{name.replace('_', '-')}: {getattr(args, name)} contradicts the "
+                             f"checkpoint's {recipe[name]}; a resumed run keeps its recipe (start a new run "
+                             "to change it)")
+        setattr(args, name, recipe[name])
+    notes = []
+    if "epochs" in recipe and args.epochs != recipe["epochs"]:
+        planned, finished = recipe["epochs"], saved["epoch"]
+        if recipe.get("schedule") == "onecycle":
+            raise ValueError(f"argument --epochs: {args.epochs} contradicts the checkpoint's {planned}: its "
+                             f"onecycle learning rate was laid out for {planned} epochs (start a new run)")
+        if args.epochs < finished:
+            raise ValueError(f"argument --epochs: the checkpoint has finished {finished} epochs already")
+        notes.append(f"--epochs {args.epochs}: the run {'extends to' if args.epochs > planned else 'ends at'} "
+                     f"epoch {args.epochs} instead of {planned}")
+    return notes
 
 
 def fail(message: str, code: int = 2):
@@ -118,199 +168,203 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-class StopRequest:
-    """The first Ctrl-C asks the loop to stop after the current step (and save); a second one
-    interrupts at once. Under torchrun every rank gets the signal; ranks agree every few steps."""
-
-    def __init__(self, world_size: int, every: int = 10):
-        self.requested = False
-        self.world_size, self.every = world_size, every
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __call__(self, step: int) -> bool:
-        if self.world_size == 1:
-            return self.requested
-        if step % self.every:
-            return False
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag if dist.get_backend() == "gloo" else flag.cuda(), op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args.device)
-    is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
+    args, given = parse_args(argv)
 
-    # Resuming or evaluating: the checkpoint's arguments define the run; the command line may
-    # change only where the output goes and how it is shown.
-    saved = None
-    if args.resume or args.eval:
-        try:
-            saved = checkpoint.load(args.resume or args.eval)
-        except checkpoint.CheckpointError as e:
-            fail(str(e))
-        if args.resume:
-            keep = {k: getattr(args, k) for k in ("resume", "quiet", "no_plots", "data_dir", "no_download")}
-            args = argparse.Namespace(**{**saved["args"], **keep, "device": args.device,
-                                         "out": args.out or str(Path(args.resume).parent)})
+    # torch and the package only now, so that --help and argument errors answer at once.
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
 
-    # Data: the whole set as tensors on the device.
+    import torchcnn
+    from torchcnn.mnist import checkpoint, data, engine, plots
+    from torchcnn.mnist.model import MnistNet, loss_function
+
     try:
-        data = mnist.load(args.data_dir, download=not args.no_download)
-    except (mnist.MNISTNotFoundError, mnist.MNISTCorruptError) as e:
-        fail(str(e))
-    data = data.limit(args.limit_train, args.limit_test).to(device)
+        device = engine.parse_device(args.device)
+    except ValueError as e:
+        fail(f"argument --device: {e}")
 
-    # Model, loss, optimizer, schedule. The same seed gives the same weights on every backend.
-    torch.manual_seed(args.seed)
-    model = (MnistNet.from_config(args.backend, saved["model_config"]) if saved
-             else MnistNet(args.backend, dropout=args.dropout)).to(device)
-    loss_fn = loss_function(args.backend)
-    if args.eval:
-        checkpoint.load_model_state(model, saved, args.eval)
-        started = time.perf_counter()
-        test = evaluate(model, loss_fn, data.test_images, data.test_labels, args.test_batch_size,
-                        normalize=mnist.normalize)
-        say(f"{args.eval}: test accuracy {100 * test.accuracy:.2f}% ({test.correct.item()}/{test.count}), "
-            f"test loss {test.mean_loss:.4f}, {time.perf_counter() - started:.1f} s")
-        return 0
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    net = model.module if world_size > 1 else model
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    optimizer = make_optimizer(args.optimizer, model.parameters(), lr, args.weight_decay)
-    steps_per_epoch = mnist.Batches.per_epoch(data.train_images.shape[0], args.batch_size, world_size)
-    schedule = make_schedule(args.schedule, optimizer, lr=lr, epochs=args.epochs,
-                             steps_per_epoch=steps_per_epoch, step_size=args.step_size, gamma=args.gamma)
-    data_rng = torch.Generator().manual_seed(args.seed)  # order and shifts: the same on every rank
-    torch.manual_seed(args.seed + rank)  # dropout: different on every rank
+    # Ctrl-C and SIGTERM from here on ask the loop to stop and save; the process group is torn
+    # down however this block is left.
+    with engine.StopRequest() as stop, engine.process_group(device) as (rank, world_size, device):
+        is_main = rank == 0
+        say = print if is_main else (lambda *a, **k: None)
 
-    history, epoch, step, totals, train_seconds, best = [], 0, 0, None, 0.0, -1.0
-    if saved is not None:
-        checkpoint.load_model_state(net, saved, args.resume)
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["scheduler"])
-        data_rng.set_state(saved["data_rng"])
-        torch.set_rng_state(saved["rng"])
-        if device.type == "cuda" and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
-        history, epoch, step = saved["history"], saved["epoch"], saved["step"]
-        train_seconds, best = saved["train_seconds"], saved["best_accuracy"]
-        totals = Totals.from_state_dict(saved["totals"], device) if saved["totals"] else None
-        say(f"resuming {args.resume}: epoch {epoch + 1}, step {step}")
+        # A checkpoint to resume or to evaluate.
+        saved = None
+        if args.resume or args.eval:
+            try:
+                saved = checkpoint.load(args.resume or args.eval)
+            except checkpoint.CheckpointError as e:
+                fail(str(e))
+        if args.resume:
+            if saved["recipe"].get("world_size", world_size) != world_size:
+                fail(f"{args.resume} was trained by {saved['recipe']['world_size']} processes; resume it "
+                     f"with as many (torchrun --nproc_per_node={saved['recipe']['world_size']})")
+            try:
+                notes = resume_args(args, given, saved)
+            except ValueError as e:
+                fail(str(e))
+        if args.eval and "backend" not in given:
+            args.backend = saved["backend"]
+        lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
 
-    out = Path(args.out or Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    if is_main:
+        # Data: read and checked before the first op, then held on the device.
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            fail(f"--out {out}: cannot create the output folder ({e.strerror})")
-        if not os.access(out, os.W_OK):
-            fail(f"--out {out}: the output folder is not writable")
-    say(f"torchcnn {torchcnn.__version__} | torch {torch.__version__} | {device} x{world_size} | "
-        f"backend {args.backend} | data {data.source} | {data.train_images.shape[0]} train / "
-        f"{data.test_images.shape[0]} test images | output {out}")
-    show_progress = is_main and not args.quiet and sys.stderr.isatty()
+            mnist = data.load(args.data_dir, download=not args.no_download)
+        except (data.MNISTNotFoundError, data.MNISTCorruptError) as e:
+            fail(str(e))
+        mnist = mnist.limit(args.limit_train, args.limit_test).to(device)
+        test_batches = data.Batches(mnist.test_images, mnist.test_labels, args.test_batch_size,
+                                    rank=rank, world_size=world_size)
 
-    def save_state(path: Path, epoch_start_rng: torch.Tensor):
-        checkpoint.save({
-            "model": net.state_dict(), "model_config": net.config, "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "epoch": epoch, "step": step,
-            "totals": totals.state_dict() if totals is not None and step else None,
-            "data_rng": epoch_start_rng, "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "history": history, "train_seconds": train_seconds, "best_accuracy": best,
-            "args": vars(args), "torch": str(torch.__version__), "torchcnn": torchcnn.__version__,
-        }, path)
+        # Model and loss. The same seed gives the same weights on either backend.
+        torch.manual_seed(args.seed)
+        net = (MnistNet.from_config(args.backend, saved["model_config"]) if saved
+               else MnistNet(args.backend, dropout=args.dropout)).to(device)
+        loss_fn = loss_function(args.backend)
 
-    def write_metrics(test: Totals | None):
-        checkpoint.write_json({
-            "test_accuracy": test.accuracy if test else None, "test_loss": test.mean_loss if test else None,
-            "history": history, "train_seconds": train_seconds,
-            "images_per_second": sum(r["train_images"] for r in history) / max(train_seconds, 1e-9),
-            "device": str(device), "device_name": device_name(device), "backend": args.backend, "world_size": world_size,
-            "seed": args.seed, "torch": str(torch.__version__), "torchcnn": torchcnn.__version__,
-            "args": vars(args), "argv": ["train.py", *(sys.argv[1:] if argv is None else map(str, argv))],
-        }, out / "metrics.json")
-
-    # The loop: train an epoch, evaluate, save; Ctrl-C stops after a step and saves where it was.
-    with StopRequest(world_size) as stop:
-        test, run_started = None, time.perf_counter()
-        while epoch < args.epochs:
-            epoch_start_rng = data_rng.get_state()
-            batches = mnist.Batches(data.train_images, data.train_labels, args.batch_size, data_rng,
-                                    max_shift=args.shift, rank=rank, world_size=world_size)
-            progress = Progress(len(batches), step, f"epoch {epoch + 1}/{args.epochs}", show_progress)
+        if args.eval:
+            try:
+                checkpoint.load_model_state(net, saved, args.eval)
+            except checkpoint.CheckpointError as e:
+                fail(str(e))
             started = time.perf_counter()
-            totals, step = train_epoch(model, loss_fn, optimizer, schedule, batches, start=step,
-                                       totals=totals, stop=stop, progress=progress)
+            test = engine.evaluate(net, loss_fn, test_batches)
+            say(f"{args.eval}: test accuracy {100 * test.accuracy:.2f}% ({test.correct.item()}/{test.count}), "
+                f"test loss {test.mean_loss:.4f}, {time.perf_counter() - started:.1f} s")
+            return 0
+
+        # Optimizer, schedule and the training state that a checkpoint holds.
+        model = DistributedDataParallel(net) if world_size > 1 else net
+        optimizer = engine.make_optimizer(args.optimizer, model.parameters(), lr, args.weight_decay)
+        steps_per_epoch = data.Batches.per_epoch(mnist.train_images.shape[0], args.batch_size, world_size)
+        schedule = engine.make_schedule(args.schedule, optimizer, lr=lr, epochs=args.epochs,
+                                        steps_per_epoch=steps_per_epoch, step_size=args.step_size,
+                                        gamma=args.gamma)
+        recipe = {**{name: getattr(args, name) for name in RECIPE}, "lr": lr, "world_size": world_size}
+        # The data generator draws each epoch's order and shifts, the same on every rank.
+        state = checkpoint.TrainingState(net, optimizer, schedule, torch.Generator().manual_seed(args.seed), recipe)
+        torch.manual_seed(args.seed + rank)  # dropout: different on every rank
+        if saved is not None:
+            try:
+                state.load_state_dict(saved, args.resume)
+            except checkpoint.CheckpointError as e:
+                fail(str(e))
+            state.recipe["epochs"] = args.epochs
+            say(f"resuming {args.resume}: epoch {state.epoch + 1}, step {state.step}")
+            for note in notes:
+                say(note)
+
+        # Where the outputs go (the folder is made when the first file is written).
+        out = Path(args.out or (Path(args.resume).parent if args.resume else
+                                Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")))
+        problem = checkpoint.unwritable(out) if is_main else None
+        if problem:
+            fail(f"--out {out}: {problem}")
+        where = str(device) if world_size == 1 else f"{world_size} processes on {device.type}"
+        say(f"torchcnn {torchcnn.__version__} | torch {torch.__version__} | {where} | backend {args.backend} | "
+            f"data {mnist.source} | {mnist.train_images.shape[0]} train / {mnist.test_images.shape[0]} test "
+            f"images | output {out}", flush=True)
+        show_progress = is_main and not args.quiet and sys.stderr.isatty()
+
+        # The loop: train an epoch, evaluate, save. A stop request ends the epoch after the step
+        # in progress and saves interrupted.pt, from which --resume goes on at the next step.
+        started_at, session_start, session_train = (state.epoch, state.step), time.perf_counter(), 0.0
+        resume_from = None
+        while state.epoch < args.epochs and not stop.agreed():
+            state.begin_epoch()
+            batches = data.Batches(mnist.train_images, mnist.train_labels, args.batch_size, state.data_rng,
+                                   max_shift=args.shift, rank=rank, world_size=world_size)
+            progress = engine.Progress(len(batches), state.step, f"epoch {state.epoch + 1}/{args.epochs}",
+                                       show_progress)
+            started = time.perf_counter()
+            state.totals, state.step = engine.train_epoch(model, loss_fn, optimizer, schedule, batches,
+                                                          start=state.step, totals=state.totals, stop=stop,
+                                                          progress=progress)
             progress.close()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            epoch_train_seconds = time.perf_counter() - started
-            train_seconds += epoch_train_seconds
-            if step < len(batches):  # stopped by Ctrl-C in the middle of the epoch
-                data_rng.set_state(epoch_start_rng)
+            train_seconds = time.perf_counter() - started
+            state.train_seconds += train_seconds
+            session_train += train_seconds
+            if state.step < len(batches):
+                resume_from = out / "interrupted.pt"
                 if is_main:
-                    save_state(out / "interrupted.pt", epoch_start_rng)
-                say(f"\ninterrupted in epoch {epoch + 1} at step {step}/{len(batches)}; saved "
-                    f"{out / 'interrupted.pt'}\ncontinue with: python train.py --resume {out / 'interrupted.pt'}")
-                return 130
+                    checkpoint.save(state.state_dict(), resume_from)
+                say(f"\n{stop.name} in epoch {state.epoch + 1} at step {state.step}/{len(batches)}: "
+                    f"saved {resume_from}")
+                break
             schedule.step_epoch()
-            train = totals.all_reduced()
-            test = evaluate(model, loss_fn, data.test_images, data.test_labels, args.test_batch_size,
-                            normalize=mnist.normalize)
+            train = state.totals.all_reduced()
+            test = engine.evaluate(net, loss_fn, test_batches)
             seconds = time.perf_counter() - started
-            history.append({"epoch": epoch + 1, "train_loss": train.mean_loss, "train_accuracy": train.accuracy,
-                            "test_loss": test.mean_loss, "test_accuracy": test.accuracy,
-                            "seconds": seconds, "train_seconds": epoch_train_seconds, "train_images": train.count,
-                            "lr": optimizer.param_groups[0]["lr"]})
-            epoch, step, totals = epoch + 1, 0, None
-            say(f"epoch {epoch:>2}/{args.epochs}  train loss {train.mean_loss:.4f} acc {100 * train.accuracy:.2f}%"
-                f"  test loss {test.mean_loss:.4f} acc {100 * test.accuracy:.2f}%  "
-                f"{seconds:.1f} s  (training {train.count / epoch_train_seconds:,.0f} img/s)", flush=True)
+            state.end_epoch({"epoch": state.epoch + 1, "train_loss": train.mean_loss,
+                             "train_accuracy": train.accuracy, "test_loss": test.mean_loss,
+                             "test_accuracy": test.accuracy, "seconds": seconds, "train_seconds": train_seconds,
+                             "train_images": train.count, "lr": optimizer.param_groups[0]["lr"]})
+            say(f"epoch {state.epoch:>2}/{args.epochs}  train loss {train.mean_loss:.4f} "
+                f"acc {100 * train.accuracy:.2f}%  test loss {test.mean_loss:.4f} acc {100 * test.accuracy:.2f}%  "
+                f"{seconds:.1f} s  (training {train.count / train_seconds:,.0f} img/s)", flush=True)
+            resume_from, improved = out / "last.pt", test.accuracy > state.best_accuracy
+            state.best_accuracy = max(state.best_accuracy, test.accuracy)
             if is_main:
-                save_state(out / "last.pt", data_rng.get_state())
-                if test.accuracy > best:
-                    best = test.accuracy
-                    save_state(out / "best.pt", data_rng.get_state())
-                write_metrics(test)
-            if stop(0 if world_size == 1 else stop.every):
-                say(f"interrupted after epoch {epoch}; saved {out / 'last.pt'}\n"
-                    f"continue with: python train.py --resume {out / 'last.pt'}")
-                return 130
+                checkpoint.save(state.state_dict(), out / "last.pt")
+                if improved:
+                    checkpoint.save(state.state_dict(), out / "best.pt")
+        stopped, last = state.epoch < args.epochs, state.history[-1] if state.history else None
 
-        # The end: metrics and pictures from the final model.
-        if test is None:  # resumed a run that had already finished
-            test = evaluate(model, loss_fn, data.test_images, data.test_labels, args.test_batch_size,
-                            normalize=mnist.normalize)
-        if is_main:
-            write_metrics(test)
+        # The outputs of the finished epochs: metrics.json, the pictures, the summary.
+        if is_main and last:
+            checkpoint.write_json({
+                "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+                "epochs": args.epochs, "stopped": {"signal": stop.name, "epoch": state.epoch + 1,
+                                                   "step": state.step} if stopped else None,
+                "history": state.history, "train_seconds": state.train_seconds,
+                "images_per_second": sum(r["train_images"] for r in state.history) / max(state.train_seconds, 1e-9),
+                "device": str(device), "device_name": engine.device_name(device), "backend": args.backend,
+                "world_size": world_size, "seed": args.seed, "torch": str(torch.__version__),
+                "torchcnn": torchcnn.__version__, "args": vars(args),
+                "argv": ["train.py", *(sys.argv[1:] if argv is None else map(str, argv))],
+            }, out / "metrics.json")
             if not args.no_plots:
-                predictions = predict(net, data.test_images, args.test_batch_size, normalize=mnist.normalize)
-                plots.curves(history, out / "curves.png")
-                plots.confusion(confusion_matrix(data.test_labels, predictions), out / "confusion.png")
-                plots.filters(net.features[0].weight, out / "filters.png")
-                plots.mistakes(data.test_images, data.test_labels, predictions, out / "mistakes.png")
-        say(f"test accuracy {100 * test.accuracy:.2f}%  test loss {test.mean_loss:.4f}  "
-            f"train time {train_seconds:.1f} s (total {time.perf_counter() - run_started:.1f} s)  "
+                plots.curves(state.history, out / "curves.png")
+                whole = not state.step  # stopped mid-epoch: draw the model of the last whole epoch, if here
+                if not whole and (out / "last.pt").is_file():
+                    finished = checkpoint.load(out / "last.pt")
+                    if finished["epoch"] == state.epoch:
+                        checkpoint.load_model_state(net, finished)
+                        whole = True
+                if whole:
+                    predictions = engine.predict(net, data.Batches(mnist.test_images, mnist.test_labels,
+                                                                   args.test_batch_size))
+                    plots.confusion(engine.confusion_matrix(mnist.test_labels, predictions), out / "confusion.png")
+                    plots.filters(net.features[0].weight, out / "filters.png")
+                    plots.mistakes(mnist.test_images, mnist.test_labels, predictions, out / "mistakes.png")
+        if stopped:
+            if (state.epoch, state.step) == started_at:
+                say(f"{stop.name} before the first step: nothing saved" +
+                    (f"; {args.resume} is as it was" if args.resume else ""))
+            else:
+                if not state.step:
+                    say(f"{stop.name} after epoch {state.epoch}: {resume_from} holds it")
+                if last:
+                    say(f"metrics.json{'' if args.no_plots else ' and the pictures'} of epochs 1-{state.epoch} "
+                        f"are in {out}")
+                say(f"continue with: python train.py --resume {resume_from}")
+            return stop.exit_code
+        session = time.perf_counter() - session_start
+        times = (f"train time {state.train_seconds:.1f} s ({session:.1f} s in all)" if not args.resume else
+                 f"train time {state.train_seconds:.1f} s, {session_train:.1f} s of it in this session "
+                 f"({session:.1f} s in all)")
+        say(f"test accuracy {100 * last['test_accuracy']:.2f}%  test loss {last['test_loss']:.4f}  {times}  "
             f"outputs in {out}")
-        if world_size > 1:
-            dist.destroy_process_group()
         return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print("\ntrain.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -30,6 +30,8 @@ def _save(plt, fig, path: Path) -> None:
 def curves(history: list[dict], path) -> None:
     """Loss and accuracy per epoch, train and test."""
     plt, fig, (ax_loss, ax_acc) = _figure(1, 2, figsize=(10, 3.8))
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [row["epoch"] for row in history]
     for split in ("train", "test"):
         ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=split)
@@ -37,6 +39,7 @@ def curves(history: list[dict], path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
         ax.grid(alpha=0.3)
         ax.legend()
     _save(plt, fig, Path(path))

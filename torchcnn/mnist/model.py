@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn as torch_nn
 
-from . import nn as torchcnn_nn
+from .. import nn as torchcnn_nn
 
 BACKENDS = ("torchcnn", "torch")
 
@@ -44,8 +44,11 @@ class MnistNet(torch_nn.Module):
 
     @classmethod
     def from_config(cls, backend: str, config: dict) -> "MnistNet":
-        """The model that a ``.config`` (as saved in a checkpoint's ``model_config``) describes."""
-        return cls(backend, channels=tuple(config["channels"]), hidden=config["hidden"], dropout=config["dropout"])
+        """The model that a ``.config`` (as a checkpoint saves it) describes."""
+        kwargs = dict(config)
+        if "channels" in kwargs:
+            kwargs["channels"] = tuple(kwargs["channels"])
+        return cls(backend, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -1,9 +1,13 @@
-"""The pieces of a training run that train.py wires together: optimizers, schedules, the epoch loop,
-evaluation, progress bars. Device-agnostic; distributed-aware through ``torch.distributed`` when a
-process group is initialised."""
+"""The pieces of a training run that train.py wires together: the device and the process group,
+optimizers, schedules, the training epoch, evaluation, progress bars and stop requests.
+Device-agnostic; distributed-aware through ``torch.distributed`` when a process group is up."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -12,16 +16,18 @@ import torch
 import torch.distributed as dist
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adadelta")
-DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
 SCHEDULES = ("onecycle", "step", "none")
 
 
 def parse_device(text: str) -> torch.device:
-    """A ``--device`` argument as a torch.device, or a ValueError that says what is wrong with it."""
+    """A ``--device`` argument (``auto``: cuda if available, else cpu) as a torch.device, or a
+    ValueError that says what is wrong with it."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise ValueError(f"{text!r} is not a device: use cpu, cuda or cuda:N") from None
+        raise ValueError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{text!r}: CUDA is not available here")
@@ -30,6 +36,103 @@ def parse_device(text: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"{text!r}: only cpu and cuda devices are supported")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device):
+    """Yields (rank, world_size, device). Under torchrun (WORLD_SIZE > 1) it joins the process
+    group, gloo on CPU and nccl on CUDA with one GPU per rank (cuda:LOCAL_RANK), and destroys the
+    group on the way out, whichever way that is. A single process yields (0, 1, device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield 0, 1, device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (what ``kill`` sends, and schedulers such as SLURM before they
+    preempt a job) ask the run to stop after the current step, so that it can save and exit with
+    128 + the signal's number (130, 143). A second signal of the same kind acts at once, as it
+    would without this. Under torchrun every rank is signalled; the ranks agree through
+    ``agreed()``, which every rank calls at the same points."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, every: int = 10):
+        self.signum: int | None = None
+        self.every = every
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process has been asked to stop."""
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum if self.signum else 0
+
+    def agreed(self) -> bool:
+        """Whether any rank has been asked to stop; a collective when distributed."""
+        if not distributed():
+            return self.requested
+        flag = torch.tensor([float(self.signum or 0)])
+        if dist.get_backend() != "gloo":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.signum is None and flag.item():
+            self.signum = int(flag.item())
+        return self.signum is not None
+
+    def __call__(self, step: int) -> bool:
+        """The check train_epoch makes after each step: every ``every`` steps when distributed."""
+        if not distributed():
+            return self.requested
+        return step % self.every == 0 and self.agreed()
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -82,10 +185,6 @@ def make_schedule(name: str, optimizer, *, lr: float, epochs: int, steps_per_epo
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
 
 
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 @dataclass
 class Totals:
     """Sums over examples, kept on the device so that the loop never waits for the GPU."""
@@ -122,11 +221,11 @@ class Totals:
     def accuracy(self) -> float:
         return self.correct.item() / max(self.count, 1)
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return {"loss": self.loss.item(), "correct": self.correct.item(), "count": self.count}
 
     @classmethod
-    def from_state_dict(cls, state, device) -> "Totals":
+    def from_state_dict(cls, state: dict, device) -> "Totals":
         return cls(torch.tensor(state["loss"], dtype=torch.float64, device=device),
                    torch.tensor(state["correct"], dtype=torch.int64, device=device), state["count"])
 
@@ -183,28 +282,24 @@ def train_epoch(model, loss_fn, optimizer, schedule: Schedule, batches, *, start
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, images, labels, batch_size: int = 1000, *, normalize) -> Totals:
-    """Loss and accuracy on ``images``/``labels``. When distributed, each rank takes every
-    world_size-th example and the totals are summed over ranks."""
+def evaluate(model, loss_fn, batches) -> Totals:
+    """Loss and accuracy over ``batches`` (``data.Batches`` in order); when distributed, each rank
+    evaluates its own batches and the totals are summed over ranks."""
     model.eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
-    idx = torch.arange(rank, images.shape[0], world, device=images.device)
-    totals = Totals.zeros(images.device)
-    for chunk in idx.split(batch_size):
-        labels_chunk = labels[chunk]
-        logits = model(normalize(images[chunk]))
-        totals.add(logits, loss_fn(logits, labels_chunk), labels_chunk)
+    totals = Totals.zeros(batches.images.device)
+    for images, labels in batches:
+        logits = model(images)
+        totals.add(logits, loss_fn(logits, labels), labels)
     return totals.all_reduced()
 
 
 @torch.no_grad()
-def predict(model, images, batch_size: int = 1000, *, normalize) -> torch.Tensor:
-    """Predicted labels of all ``images``, in this process alone (pass the unwrapped model)."""
+def predict(model, batches) -> torch.Tensor:
+    """The predicted label of every example in ``batches``, in this process alone."""
     model.eval()
-    return torch.cat([model(normalize(x)).argmax(1) for x in images.split(batch_size)])
+    return torch.cat([model(images).argmax(1) for images, _ in batches])
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: int = 10) -> torch.Tensor:
     """``m[true, predicted]`` counts."""
     return torch.bincount(labels * classes + predictions, minlength=classes * classes).view(classes, classes)
-

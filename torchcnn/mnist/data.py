@@ -1,4 +1,4 @@
-"""MNIST as tensors on the training device: find, verify, load, batch, augment, and prepare a digit.
+"""MNIST as tensors on the training device: find, verify, load, batch and augment.
 
 The whole dataset is 55 MB of uint8, so it is held as two tensors on the device and batched by
 indexing with a permutation; shifts for augmentation are drawn for the whole batch at once.
@@ -172,25 +172,35 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
 
 
 class Batches:
-    """One epoch's batches of a (sub)set: a random order drawn from ``generator``, optional shifts.
+    """Batches of a (sub)set, normalised, for training or evaluation: ``batch(i)``, or iterate.
 
-    With ``world_size`` > 1 each rank takes every ``world_size``-th example of the same permutation
-    (all ranks draw the same one), trimmed so that every rank runs the same number of steps.
-    ``start`` skips the first batches (to resume in the middle of an epoch).
+    Training (``generator`` given): one epoch's random order and each batch's shifts (up to
+    ``max_shift`` pixels) are drawn from ``generator``. With ``world_size`` > 1 every rank draws the
+    same permutation and takes every ``world_size``-th example of it, trimmed so that every rank runs
+    the same number of steps. Batch i is the same whether an epoch runs from its start or resumes at i.
+
+    Evaluation (``generator=None``): the images in their order, rank r taking examples
+    r, r + world_size, ... with none left out.
     """
 
-    def __init__(self, images, labels, batch_size: int, generator: torch.Generator, *,
+    def __init__(self, images, labels, batch_size: int, generator: torch.Generator | None = None, *,
                  max_shift: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        n = images.shape[0] // world_size * world_size
-        order = torch.randperm(images.shape[0], generator=generator)
-        self.order = order[:n][rank::world_size].to(images.device)
+        if generator is None:
+            if max_shift:
+                raise ValueError("shifts are drawn from a generator: pass one with max_shift")
+            self.order = torch.arange(rank, images.shape[0], world_size, device=images.device)
+        else:
+            n = images.shape[0] // world_size * world_size
+            order = torch.randperm(images.shape[0], generator=generator)
+            self.order = order[:n][rank::world_size].to(images.device)
         self.images, self.labels = images, labels
         self.batch_size, self.max_shift = batch_size, max_shift
-        # Each batch's shifts come from a seed drawn now, so batch i is the same whether the epoch
-        # runs from its start or resumes at i.
-        self.shift_seeds = torch.randint(0, 2**62, (len(self),), generator=generator).tolist()
+        # Each batch's shifts come from a seed drawn now, so that batch i does not depend on the
+        # batches before it.
+        self.shift_seeds = ([] if generator is None else
+                            torch.randint(0, 2**62, (len(self),), generator=generator).tolist())
 
     @staticmethod
     def per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
@@ -200,74 +210,14 @@ class Batches:
     def __len__(self) -> int:
         return self.per_epoch(self.order.numel(), self.batch_size)
 
+    def __iter__(self):
+        return (self.batch(i) for i in range(len(self)))
+
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``i``: normalised float images ``(B, 1, 28, 28)`` and their labels ``(B,)``."""
         idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
         images = self.images[idx]
         if self.max_shift:
             images = random_shift(images, self.max_shift,
                                   torch.Generator().manual_seed(self.shift_seeds[i]))
         return normalize(images), self.labels[idx]
-
-
-def _pixels(gray_image) -> torch.Tensor:
-    """An 8-bit single-channel PIL image as float32 ``(H, W)`` in [0, 1]."""
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(gray_image, dtype=np.float32) / 255)
-
-
-def prepare_digit(image) -> torch.Tensor:
-    """A picture of one digit (PIL image, any size and mode) as MNIST prepared its digits.
-
-    Grayscale; inverted when the background is light (MNIST digits are light on dark); cropped to the
-    ink; scaled, keeping the aspect ratio, to fit 20x20; and placed in 28x28 so that its centre of mass
-    is the centre. Returns float32 ``(28, 28)`` in [0, 1].
-    """
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        alpha = _pixels(rgba.getchannel("A"))
-        gray = _pixels(rgba.convert("L"))
-        if alpha.min() < 1:
-            # Transparent pixels are background whatever colour they store: put the ink on a
-            # background that contrasts with it (dark ink on white, light ink on black).
-            ink_level = (gray * alpha).sum() / alpha.sum().clamp_min(1e-6)
-            background = 1.0 if ink_level < 0.5 else 0.0
-            gray = gray * alpha + background * (1 - alpha)
-        x = gray
-    else:
-        x = _pixels(image.convert("L"))
-
-    border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
-    if border.median() > 0.5:
-        x, border = 1 - x, 1 - border
-    x = (x - border.median()).clamp(min=0)  # background to 0
-    if x.max() <= 0:
-        raise ValueError("the image is blank: no digit to read")
-    x = x / x.max()
-
-    ink = (x > 0.1).nonzero()
-    top, left = ink.min(0).values.tolist()
-    bottom, right = ink.max(0).values.tolist()
-    x = x[top:bottom + 1, left:right + 1]
-    h, w = x.shape
-    scale = 20 / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    pil = Image.fromarray((x * 255).round().to(torch.uint8).numpy())
-    digit = _pixels(pil.resize(size, Image.Resampling.LANCZOS))
-
-    canvas = torch.zeros(28, 28)
-    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
-    canvas[top:top + size[1], left:left + size[0]] = digit
-    mass = canvas.sum()
-    ys, xs = torch.arange(28, dtype=torch.float32), torch.arange(28, dtype=torch.float32)
-    cy = (canvas.sum(1) * ys).sum() / mass
-    cx = (canvas.sum(0) * xs).sum() / mass
-    dy, dx = round(13.5 - cy.item()), round(13.5 - cx.item())
-    # Shift without wrapping: only as far as the digit's box allows inside 28x28.
-    dy = max(-top, min(dy, 28 - top - size[1]))
-    dx = max(-left, min(dx, 28 - left - size[0]))
-    shifted = torch.zeros(28, 28)
-    shifted[top + dy:top + dy + size[1], left + dx:left + dx + size[0]] = digit
-    return shifted

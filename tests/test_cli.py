@@ -1,0 +1,223 @@
+"""train.py's command line: every number range-checked under its own name, --help, which flags
+--resume honours and which it refuses, --eval's, and errors without tracebacks; --help and argument
+errors answer without torch or a build."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from mnist_support import ROOT, help_blocks, needs_mnist, run_train, short_run
+
+import train
+from torchcnn.mnist import engine, model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return short_run(tmp_path_factory)
+
+
+def error_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+RANGES = [
+    ("--epochs", "0", "must be at least 1, got 0"),
+    ("--epochs", "two", "expected a whole number, got 'two'"),
+    ("--batch-size", "0", "must be at least 1, got 0"),
+    ("--test-batch-size", "-3", "must be at least 1, got -3"),
+    ("--lr", "-1", "must be positive, got -1"),
+    ("--lr", "0", "must be positive, got 0"),
+    ("--lr", "nan", "must be positive, got nan"),
+    ("--step-size", "0", "must be at least 1, got 0"),
+    ("--gamma", "0", "must be in (0, 1], got 0"),
+    ("--gamma", "1.5", "must be in (0, 1], got 1.5"),
+    ("--weight-decay", "-1", "must be at least 0, got -1"),
+    ("--weight-decay", "inf", "must be at least 0, got inf"),
+    ("--dropout", "1.5", "must be in [0, 1), got 1.5"),
+    ("--dropout", "1", "must be in [0, 1), got 1"),
+    ("--shift", "-1", "must be between 0 and 27, got -1"),
+    ("--shift", "28", "must be between 0 and 27, got 28"),
+    ("--seed", "-1", "must be between 0 and 2**63 - 1, got -1"),
+    ("--limit-train", "0", "must be at least 1, got 0"),
+    ("--limit-test", "-5", "must be at least 1, got -5"),
+    ("--device", "tpu", "'tpu' is not a device: use auto, cpu, cuda or cuda:N"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", RANGES, ids=[f"{f}={v}" for f, v, _ in RANGES])
+def test_each_number_is_range_checked_under_its_own_name(flag, value, message, capsys):
+    line = error_of([flag, value], capsys)
+    assert line == f"train.py: error: argument {flag}: {message}"
+
+
+def test_every_numeric_flag_is_range_checked():
+    numeric = {a.option_strings[0] for a in train.parser()._actions if a.type is not None}
+    assert numeric == {flag for flag, _, _ in RANGES}
+
+
+def test_edges_of_the_ranges_are_accepted():
+    args, given = train.parse_args(["--gamma", "1", "--dropout", "0", "--shift", "0", "--weight-decay", "0",
+                                    "--seed", "0", "--device", "cuda:1", "--lr", "1e-9"])
+    assert (args.gamma, args.dropout, args.shift, args.seed, args.device) == (1.0, 0.0, 0, 0, "cuda:1")
+    assert given == {"gamma", "dropout", "shift", "weight_decay", "seed", "device", "lr"}
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    blocks = help_blocks(capsys.readouterr().out)
+    assert len(blocks) == len(train.parser()._actions)  # every argument listed, -h included
+    for head, text in blocks.items():
+        if head.startswith("-h"):
+            continue
+        assert text.count("default") == 1, (head, text)
+    assert "(default: 0.7)" in blocks["--gamma GAMMA"]
+    assert "(default: auto, which is cuda if available, else cpu)" in blocks["--device DEVICE"]
+
+
+def test_the_choices_are_the_packages():
+    assert train.OPTIMIZERS == engine.OPTIMIZERS and train.SCHEDULES == engine.SCHEDULES
+    assert train.BACKENDS == model.BACKENDS and set(train.DEFAULT_LR) == set(engine.OPTIMIZERS)
+
+
+def test_help_and_argument_errors_need_no_torch_and_build_nothing(tmp_path):
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    (tmp_path / "extensions").mkdir()
+    shown = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path)
+    assert shown.returncode == 0 and "usage: train.py" in shown.stdout, shown.stderr
+    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "--weight-decay", "-1"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "argument --weight-decay: must be at least 0" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    imported = subprocess.run([sys.executable, "-c", f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+train.parse_args(["--epochs", "3"])
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchcnn", "numpy")))
+"""], capture_output=True, text=True, env=env)
+    assert imported.stdout.strip() == "[]", imported.stderr
+    assert list((tmp_path / "extensions").iterdir()) == []
+
+
+def test_the_library_does_not_load_the_application():
+    loaded = subprocess.run([sys.executable, "-c", """
+import sys, torch
+before = set(sys.modules)  # torch itself loads tqdm (torch.hub)
+import torchcnn.nn, torchcnn.functional
+print(sorted(m for m in set(sys.modules) - before
+             if m.split(".")[0] in ("matplotlib", "tqdm", "torchvision", "PIL") or m.startswith("torchcnn.mnist")))
+"""], capture_output=True, text=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "[]", loaded.stderr
+
+
+# --resume: the checkpoint's recipe holds; --epochs may change where the schedule allows.
+SAVED = {"backend": "torchcnn", "epoch": 2, "recipe": {
+    "epochs": 4, "batch_size": 64, "optimizer": "adam", "lr": 0.005, "schedule": "step", "step_size": 1,
+    "gamma": 0.7, "weight_decay": 0.0, "dropout": 0.25, "shift": 2, "seed": 1, "limit_train": None,
+    "limit_test": None, "world_size": 1}}
+
+
+def resume(*argv, **recipe):
+    args, given = train.parse_args(["--resume", "run/last.pt", *argv])
+    notes = train.resume_args(args, given, {**SAVED, "recipe": {**SAVED["recipe"], **recipe}})
+    return args, notes
+
+
+def test_resume_takes_the_checkpoints_recipe():
+    args, notes = resume("--out", "elsewhere", "--test-batch-size", "500", "--quiet", "--device", "cpu")
+    assert notes == []
+    assert (args.epochs, args.lr, args.optimizer, args.schedule, args.limit_train) == (4, 0.005, "adam", "step", None)
+    assert (args.out, args.test_batch_size, args.quiet, args.device) == ("elsewhere", 500, True, "cpu")
+    args, notes = resume("--lr", "0.005", "--batch-size", "64", "--backend", "torchcnn")  # agreeing: fine
+    assert notes == [] and args.lr == 0.005
+
+
+CONTRADICTIONS = [("--lr", "0.01"), ("--optimizer", "sgd"), ("--schedule", "none"), ("--batch-size", "32"),
+                  ("--step-size", "2"), ("--gamma", "0.5"), ("--weight-decay", "0.1"), ("--dropout", "0.5"),
+                  ("--shift", "0"), ("--seed", "2"), ("--limit-train", "100"), ("--limit-test", "100"),
+                  ("--backend", "torch")]
+
+
+@pytest.mark.parametrize("flag, value", CONTRADICTIONS, ids=[f for f, _ in CONTRADICTIONS])
+def test_resume_refuses_a_contradicting_flag_by_name(flag, value):
+    with pytest.raises(ValueError, match=rf"^argument {flag}: {value} contradicts the checkpoint's .*"
+                                         "a resumed run keeps its recipe"):
+        resume(flag, value)
+
+
+def test_resume_honours_epochs_where_the_schedule_allows():
+    args, notes = resume("--epochs", "6")
+    assert args.epochs == 6 and notes == ["--epochs 6: the run extends to epoch 6 instead of 4"]
+    args, notes = resume("--epochs", "3")
+    assert args.epochs == 3 and notes == ["--epochs 3: the run ends at epoch 3 instead of 4"]
+    with pytest.raises(ValueError, match="^argument --epochs: the checkpoint has finished 2 epochs already"):
+        resume("--epochs", "1")
+    with pytest.raises(ValueError, match="^argument --epochs: 6 contradicts the checkpoint's 4: its onecycle "
+                                         "learning rate was laid out for 4 epochs"):
+        resume("--epochs", "6", schedule="onecycle")
+    args, notes = resume("--epochs", "4", schedule="onecycle")
+    assert notes == [] and args.epochs == 4
+
+
+@needs_mnist
+def test_resume_refusal_is_an_error_line(trained, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--resume", trained / "last.pt", "--lr", "0.1", "--out", trained / "unused"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "train.py: error: argument --lr: 0.1 contradicts the checkpoint's 0.005" in err and "Traceback" not in err
+    assert not (trained / "unused").exists()
+
+
+def test_eval_refuses_training_flags_by_name(capsys):
+    assert error_of(["--eval", "best.pt", "--epochs", "3"], capsys) == (
+        "train.py: error: argument --epochs: not used with --eval, which only evaluates the checkpoint "
+        "on the test set")
+    assert "not allowed with argument" in error_of(["--eval", "best.pt", "--resume", "last.pt"], capsys)
+    args, given = train.parse_args(["--eval", "best.pt", "--limit-test", "100", "--backend", "torch"])
+    assert args.limit_test == 100 and given == {"eval", "limit_test", "backend"}
+
+
+def test_an_unavailable_device_is_named(capsys):
+    if engine.parse_device("auto").type == "cuda":
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--device", "cuda:99"])
+    assert exit_info.value.code == 2
+    assert "train.py: error: argument --device: 'cuda:99': CUDA is not available here" in capsys.readouterr().err
+
+
+def test_a_bad_checkpoint_is_reported_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--eval", str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"train.py: error: checkpoint '{bad}' cannot be read" in err and "Traceback" not in err
+
+
+def test_missing_data_folder_says_where_it_looked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--epochs", 1, "--out", tmp_path / "run"], data_dir=tmp_path / "nowhere")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "MNIST not found" in err and str(tmp_path / "nowhere") in err and "TORCHCNN_DATA_DIR" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@needs_mnist
+def test_an_output_folder_that_cannot_be_made_is_named(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--out", blocker / "run"])
+    assert exit_info.value.code == 2
+    assert f"--out {blocker / 'run'}: cannot create the output folder" in capsys.readouterr().err

@@ -1,0 +1,13 @@
+"""The MNIST application built on torchcnn: what train.py and predict.py are made of.
+
+The library (torchcnn, torchcnn.functional, torchcnn.nn) never imports this package. Its modules:
+
+- ``data``: find, verify and load the MNIST files as tensors; ``Batches`` for training and evaluation.
+- ``model``: ``MnistNet``, from torchcnn's layers or, identically, torch.nn's.
+- ``engine``: optimizers, schedules, the training epoch, evaluation, the process group, stop requests.
+- ``checkpoint``: ``TrainingState``, what a checkpoint holds; atomic saving; loading, old formats too.
+- ``plots``: the pictures a run leaves behind (matplotlib, imported when drawing).
+- ``digits``: a photo of a digit prepared as MNIST's were (PIL, imported when preparing).
+
+Import the modules themselves (``from torchcnn.mnist import data``); this file imports nothing.
+"""
