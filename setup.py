@@ -2,6 +2,9 @@
 
 TORCHCNN_CUDA=1 forces the CUDA build (failing if no toolkit is found), TORCHCNN_CUDA=0 the CPU
 build. Compiling CUDA code needs no GPU. See torchcnn/_build.py for how the toolkit is found.
+
+TORCHCNN_JIT=1 builds nothing: the package (an editable install, `pip install -e .`) then compiles
+its kernels just in time, on first use, from the checkout's csrc/.
 """
 
 import importlib.util
@@ -16,6 +19,11 @@ _spec = importlib.util.spec_from_file_location(
 _build = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _build  # dataclasses look their module up while the file executes
 _spec.loader.exec_module(_build)
+
+if os.environ.get("TORCHCNN_JIT") == "1":
+    print("torchcnn: TORCHCNN_JIT=1, nothing compiled now: the kernels are built on first use")
+    setup()
+    sys.exit(0)
 
 cfg = _build.config()
 _build.prepare_environment(cfg)

@@ -1,11 +1,12 @@
 // Which op library a translation unit registers into.
 //
-// The real extension registers the ops as torchcnn::* (schemas in ops.cpp, CPU kernels in
-// csrc/cpu, CUDA kernels in csrc/cuda under the CUDA dispatch key). The emulated-CUDA test library
-// (torchcnn.testing.emulated_cuda_ops(), see csrc/cuda/emulation.h) compiles ops.cpp and the very
-// same csrc/cuda sources with a plain C++ compiler and -DTORCHCNN_EMULATE_CUDA: its ops are
-// torchcnn_emulated::*, with the "CUDA" kernels registered for CPU tensors, so both libraries
-// live side by side in one process.
+// The op schemas are defined in Python (torchcnn/_ops/schemas.py), so that the ops exist before
+// anything is compiled; the libraries only register kernels. The real extension registers them for
+// torchcnn::* (CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda under the CUDA dispatch key). The
+// emulated-CUDA test library (torchcnn.testing.emulated_cuda_ops(), see csrc/cuda/emulation.h)
+// compiles the very same csrc/cuda sources with a plain C++ compiler and -DTORCHCNN_EMULATE_CUDA:
+// its kernels are for torchcnn_emulated::*, registered for CPU tensors, so both libraries live
+// side by side in one process.
 #pragma once
 
 #include <torch/library.h>
@@ -19,12 +20,9 @@
 #endif
 
 // TORCH_LIBRARY pastes its arguments, which stops their expansion: one level of indirection.
-#define TORCHCNN_LIBRARY_EXPAND_(ns, m) TORCH_LIBRARY(ns, m)
 #define TORCHCNN_FRAGMENT_EXPAND_(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 #define TORCHCNN_IMPL_EXPAND_(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
-// The op schemas (ops.cpp only).
-#define TORCHCNN_LIBRARY(m) TORCHCNN_LIBRARY_EXPAND_(TORCHCNN_NAMESPACE, m)
 // Extra, private ops of one backend.
 #define TORCHCNN_LIBRARY_FRAGMENT(m) TORCHCNN_FRAGMENT_EXPAND_(TORCHCNN_NAMESPACE, m)
 // The CUDA kernels (csrc/cuda/*.cu): CUDA tensors, or CPU tensors when emulated.

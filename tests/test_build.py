@@ -1,22 +1,25 @@
-"""The build: toolkit discovery, CUDA on/off, and both ways of loading the extension."""
+"""The build: toolkit discovery, CUDA on/off, building on first use, and both ways of loading."""
 
+import io
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import torchcnn
-from torchcnn import _build
+from torchcnn import _build, _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ["conv2d", "conv2d_backward_input", "conv2d_backward_weight", "max_pool2d_with_indices", "max_pool2d_backward"]
 
 
 def test_ops_live_in_torch_ops_torchcnn():
+    torchcnn.load()
     for name in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchcnn::{name}", "CPU"), name
 
@@ -25,6 +28,33 @@ def test_torchcnn_cuda_env_var_forces_cpu_build(monkeypatch):
     monkeypatch.setenv("TORCHCNN_CUDA", "0")
     cfg = _build.config()
     assert not cfg.with_cuda and all(s.endswith(".cpp") for s in cfg.sources)
+
+
+@pytest.mark.skipif(torch.version.cuda is None or _build.find_cuda_home() is None,
+                    reason="needs a CUDA build of torch and a CUDA toolkit")
+def test_just_in_time_build_leaves_cuda_out_without_a_gpu(monkeypatch):
+    """Ahead of time, a toolkit is enough to compile the CUDA kernels; just in time, they are
+    compiled only where a GPU can run them, or when TORCHCNN_CUDA=1 asks for them."""
+    monkeypatch.delenv("TORCHCNN_CUDA", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _build.config().with_cuda
+    cfg = _build.config(just_in_time=True)
+    assert not cfg.with_cuda and "TORCHCNN_CUDA=1" in cfg.reason
+    monkeypatch.setenv("TORCHCNN_CUDA", "1")
+    assert _build.config(just_in_time=True).with_cuda
+    monkeypatch.delenv("TORCHCNN_CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _build.config(just_in_time=True).with_cuda
+
+
+def test_a_build_reports_that_it_is_working():
+    stream = io.StringIO()
+    with _extension.reporting_progress("the CPU kernels", stream=stream, every=0.05):
+        time.sleep(0.3)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "torchcnn: compiling the CPU kernels ..."
+    assert any(line.startswith("torchcnn: still compiling (") for line in lines[1:-1])
+    assert lines[-1].startswith("torchcnn: compiled in ")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
@@ -53,23 +83,38 @@ def test_cuda_build_finds_library_headers(monkeypatch):
                    for d in cfg.include_dirs + [os.path.join(cfg.cuda_home, "include")]), header
 
 
-def test_just_in_time_build_loads_the_ops():
-    """A checkout with nothing built: `import torchcnn` compiles (or reuses) the extension."""
-    env = dict(os.environ, TORCHCNN_JIT="1", PYTHONPATH=ROOT)
-    code = ("import torch, torchcnn; print(torchcnn.LOADED_FROM); "
-            "print(torch.ops.torchcnn.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3)).item())")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+def test_nothing_is_compiled_or_loaded_until_an_op_runs(tmp_path):
+    """A checkout with nothing built: importing the library, building a model and tracing it with
+    fake tensors compile nothing and import no application package; the first op call compiles
+    the kernels (once) and runs them."""
+    cache = tmp_path / "extensions"
+    env = dict(os.environ, TORCHCNN_JIT="1", TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=ROOT, TORCHCNN_CUDA="0")
+    code = """
+import sys
+import torch
+before = set(sys.modules)
+import torchcnn, torchcnn.nn, torchcnn.functional
+from torch._subclasses.fake_tensor import FakeTensorMode
+with FakeTensorMode():
+    model = torch.nn.Sequential(torchcnn.nn.Conv2d(1, 4, 3), torchcnn.nn.ReLU(), torchcnn.nn.MaxPool2d(2))
+    print(tuple(model(torch.empty(2, 1, 8, 8)).shape))
+added = {m.split(".")[0] for m in set(sys.modules) - before}
+print(sorted(added & {"tqdm", "matplotlib", "torchvision", "PIL", "onnx", "onnxscript"}))
+print(torchcnn._extension.loaded(), os.path.exists(sys.argv[1]))
+print(torch.ops.torchcnn.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3)).item())
+print(torchcnn._extension.loaded().origin, os.path.exists(sys.argv[1]))
+"""
+    out = subprocess.run([sys.executable, "-c", "import os\n" + code, str(cache)], env=env, capture_output=True,
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["jit", "9.0"]
+    assert out.stdout.splitlines() == ["(2, 4, 3, 3)", "[]", "None False", "9.0", "jit True"]
+    assert "torchcnn: compiling the CPU kernels only (TORCHCNN_CUDA=0)" in out.stderr
 
 
-def test_loaded_from_is_reported():
-    assert torchcnn.LOADED_FROM in ("prebuilt", "jit")
-
-
-@pytest.mark.skipif(not _build.config().with_cuda, reason="this environment builds the extension without CUDA")
+@pytest.mark.skipif(not _build.config(just_in_time=True).with_cuda,
+                    reason="this environment builds the extension without CUDA")
 def test_cuda_kernels_are_compiled_in():
-    """With a CUDA toolkit (as in CI) every .cu file is compiled and registers its kernels."""
-    assert torchcnn.WITH_CUDA
+    """With a GPU or TORCHCNN_CUDA=1 (as in CI) every .cu file is compiled and registers its kernels."""
+    assert torchcnn.load().with_cuda
     for name in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchcnn::{name}", "CUDA"), name

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as TF
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
+import torchcnn
 import torchcnn.functional as F
 from models import ResNetBlock, SmallCNN, twins
 
@@ -102,19 +103,32 @@ def test_hessian_forward_over_reverse(device):
     torch.testing.assert_close(torch.func.hessian(loss(F))(w), torch.func.hessian(loss(TF))(w))
 
 
-def test_raw_ops_refuse_forward_mode_ad_by_name(device):
-    """torch.ops.torchcnn.* called directly are reverse-mode only; forward-mode AD through them
-    would otherwise lose the tangent silently. The error names the route that works."""
+def test_raw_ops_under_torch_func_name_the_route_that_works(device):
+    """torch.func's differentiating transforms cannot take a Function from inside a dispatcher
+    kernel: the ops called directly under them say so (rather than lose a tangent), naming the
+    route that works."""
     x, w = _t(1, 2, 5, 5, device=device), _t(3, 2, 3, 3, device=device)
-    with pytest.raises(NotImplementedError, match="call torchcnn.functional.conv2d"):
+    with pytest.raises(NotImplementedError, match="through torchcnn.functional"):
         jvp(lambda t: torch.ops.torchcnn.conv2d(t, w), (x,), (torch.ones_like(x),))
-    with pytest.raises(NotImplementedError, match="call torchcnn.functional.max_pool2d"):
+    with pytest.raises(NotImplementedError, match="Function .torchcnn._ops.MaxPool2dFunction"):
         jvp(lambda t: torch.ops.torchcnn.max_pool2d_with_indices(t, [2, 2], [2, 2])[0], (x,), (torch.ones_like(x),))
+
+
+def test_raw_ops_take_dual_tensors(device):
+    """torch.autograd.forward_ad's dual tensors go through the ops called directly, gradient ops
+    included: the tangents are the Functions' jvp."""
+    x, w = _t(1, 2, 5, 5, device=device), _t(3, 2, 3, 3, device=device)
+    g, tx = torch.randn(1, 3, 3, 3, dtype=x.dtype, device=device), torch.randn_like(x)
+    expected = jvp(lambda t: F.conv2d(t, w), (x,), (tx,))
+    params = torchcnn._ops.Conv2dParams((1, 1), (0, 0), (1, 1), 1)
+    expected_weight_grad = jvp(lambda t: torchcnn._ops.Conv2dBackwardWeightFunction.apply(g, t, w, params), (x,), (tx,))
     with torch.autograd.forward_ad.dual_level():
-        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
-        with pytest.raises(NotImplementedError, match="reverse-mode autograd only"):
-            torch.ops.torchcnn.conv2d_backward_weight(torch.ones(1, 3, 3, 3, dtype=x.dtype, device=device), dual, w,
-                                                      [1, 1], [0, 0], [1, 1], 1)
+        dual = torch.autograd.forward_ad.make_dual(x, tx)
+        y = torch.autograd.forward_ad.unpack_dual(torch.ops.torchcnn.conv2d(dual, w))
+        grad = torch.autograd.forward_ad.unpack_dual(
+            torch.ops.torchcnn.conv2d_backward_weight(g, dual, w, [1, 1], [0, 0], [1, 1], 1))
+    torch.testing.assert_close((y.primal, y.tangent), expected)
+    torch.testing.assert_close((grad.primal, grad.tangent), expected_weight_grad)
 
 
 def test_bias_tangent_alone(device):

@@ -48,16 +48,16 @@ class BuildConfig:
 
 
 def sources(with_cuda: bool) -> list[str]:
-    """Every translation unit: the op schemas, the CPU kernels and, with CUDA, the CUDA kernels."""
-    files = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    """Every translation unit: the module, the CPU kernels and, with CUDA, the CUDA kernels."""
+    files = [os.path.join(CSRC, "module.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     if with_cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     return files
 
 
 def emulated_sources(build_dir: str) -> list[str]:
-    """The emulated-CUDA library's translation units: the op schemas and, for each csrc/cuda/*.cu,
-    a one-line .cpp in `build_dir` that includes it, so that the C++ compiler (not nvcc) builds it."""
+    """The emulated-CUDA library's translation units: for each csrc/cuda/*.cu, a one-line .cpp in
+    `build_dir` that includes it, so that the C++ compiler (not nvcc) builds it."""
     wrappers = []
     os.makedirs(build_dir, exist_ok=True)
     for cu in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))):
@@ -68,7 +68,7 @@ def emulated_sources(build_dir: str) -> list[str]:
             with open(wrapper, "w") as f:
                 f.write(text)
         wrappers.append(wrapper)
-    return [os.path.join(CSRC, "ops.cpp")] + wrappers
+    return wrappers
 
 
 def _is_toolkit(path: str | None) -> bool:
@@ -138,8 +138,11 @@ def extra_cuda_include_dirs(cuda_home: str) -> list[str]:
     return dirs
 
 
-def config(torch_module=None) -> BuildConfig:
-    """Decide what to build. `TORCHCNN_CUDA=1` makes a missing toolkit an error."""
+def config(torch_module=None, *, just_in_time: bool = False) -> BuildConfig:
+    """Decide what to build. `TORCHCNN_CUDA=1` includes the CUDA kernels (a missing toolkit is then
+    an error), `TORCHCNN_CUDA=0` leaves them out. Otherwise the ahead-of-time build (setup.py)
+    compiles them whenever a toolkit is found, and the just-in-time build only when there is also a
+    GPU to run them: without one they would cost minutes of compiling and never run."""
     import torch
 
     torch_module = torch_module or torch
@@ -150,6 +153,8 @@ def config(torch_module=None) -> BuildConfig:
         if forced:
             raise RuntimeError("TORCHCNN_CUDA=1 but this torch is a CPU-only build")
         return BuildConfig(sources(False), False, reason="torch is a CPU-only build")
+    if just_in_time and not forced and not torch_module.cuda.is_available():
+        return BuildConfig(sources(False), False, reason="no GPU here; TORCHCNN_CUDA=1 compiles the CUDA kernels too")
     cuda_home = find_cuda_home()
     if cuda_home is None:
         if forced:

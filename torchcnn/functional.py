@@ -1,7 +1,8 @@
 """torchcnn's functions, with the names and signatures of ``torch.nn.functional``.
 
-``conv2d`` and ``max_pool2d`` run torchcnn's compiled operators; ``relu``, ``linear`` and
-``cross_entropy`` follow the design notes and are built from torch ops.
+``conv2d`` and ``max_pool2d`` run torchcnn's operators (``torch.ops.torchcnn``, with their autograd,
+vmap and autocast rules: :mod:`torchcnn._ops`); ``relu``, ``linear`` and ``cross_entropy`` follow
+the design notes and are built from torch ops.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _ops
-from ._ops import Conv2dFunction, Conv2dParams, MaxPool2dFunction, MaxPool2dParams, ops
+from ._ops.autograd import call
 
 __all__ = ["conv2d", "max_pool2d", "relu", "linear", "cross_entropy"]
 
@@ -35,15 +35,6 @@ def _pair(name: str, fn: str, value) -> tuple[int, int]:
 def _check_tensor(fn: str, name: str, value) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{fn}: expected {name} to be a Tensor but got {type(value).__name__}")
-
-
-def _apply(function, op, tensors, params):
-    """Runs an op through its autograd.Function (reverse and forward-mode AD, vmap). torch.compile
-    traces the op itself instead — Dynamo cannot trace a Function with a custom jvp — whose
-    registered autograd is the Function's own backward."""
-    if torch.compiler.is_compiling():
-        return op(*tensors, *params.args())
-    return function.apply(*tensors, params)
 
 
 def _batched(fn: str, input: Tensor) -> bool:
@@ -96,8 +87,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     else:
         padding = _pair("padding", fn, padding)
 
-    input, weight, bias = _ops.autocast(input, weight, bias)
-    output = _apply(Conv2dFunction, ops.conv2d, (input, weight, bias), Conv2dParams(stride, padding, dilation, groups))
+    output = call("conv2d", input, weight, bias, stride, padding, dilation, groups)
     return output if batched else output.squeeze(0)
 
 
@@ -119,8 +109,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     dilation = _pair("dilation", fn, dilation)
     if not batched:
         input = input.unsqueeze(0)
-    params = MaxPool2dParams(kernel_size, stride, padding, dilation, bool(ceil_mode))
-    output, indices = _apply(MaxPool2dFunction, ops.max_pool2d_with_indices, (input,), params)
+    output, indices = call("max_pool2d_with_indices", input, kernel_size, stride, padding, dilation, bool(ceil_mode))
     if not batched:
         output, indices = output.squeeze(0), indices.squeeze(0)
     return (output, indices) if return_indices else output

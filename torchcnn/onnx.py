@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension  # noqa: F401  (loads torch.ops.torchcnn)
+from . import _ops  # noqa: F401  (defines torch.ops.torchcnn)
 
 
 def translation_table() -> dict:

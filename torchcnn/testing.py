@@ -23,16 +23,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _build, _extension
+from ._ops import schemas
 
 NAMESPACE = "torchcnn_emulated"
 
-_loaded: dict[str, bool] = {}
+_loaded: dict[str, object] = {}
 
 
 def _sanitize_requested() -> bool:
@@ -51,7 +51,7 @@ def emulated_cuda_ops(sanitize: bool | None = None):
     needs the ASan runtime loaded first (``LD_PRELOAD``). One process holds one of the two builds.
     """
     sanitize = _sanitize_requested() if sanitize is None else sanitize
-    if _loaded:
+    if "sanitize" in _loaded:
         if _loaded["sanitize"] != sanitize:
             raise RuntimeError(f"emulated_cuda_ops: this process already loaded the "
                                f"{'sanitized' if _loaded['sanitize'] else 'plain'} emulated library; "
@@ -70,22 +70,25 @@ def emulated_cuda_ops(sanitize: bool | None = None):
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     sources = _build.emulated_sources(os.path.join(build_dir, "src"))
     flags = _build.EMULATION_FLAGS + (_build.SANITIZER_FLAGS if sanitize else [])
-    if _extension._needs_compile(build_dir, sources, name):
-        print(f"torchcnn: compiling the emulated CUDA kernels (csrc/cuda as C++{', sanitized' if sanitize else ''}) "
-              f"once into {build_dir} ...", file=sys.stderr, flush=True)
+    what = f"the emulated CUDA kernels (csrc/cuda as C++{', sanitized' if sanitize else ''}) once into {build_dir}"
+    progress = (_extension.reporting_progress(what) if _extension.needs_compile(build_dir, sources, name)
+                else contextlib.nullcontext())
     # The compiler must not run with this process's preloaded sanitizer runtime.
     preload = os.environ.pop("LD_PRELOAD", None)
+    if "definitions" not in _loaded:  # the ops' schemas: the library registers only kernels
+        _loaded["definitions"] = schemas.define(NAMESPACE)
     try:
-        cpp_extension.load(
-            name=name,
-            sources=sources,
-            extra_cflags=flags,
-            extra_ldflags=_build.SANITIZER_FLAGS[:1] if sanitize else [],
-            extra_include_paths=[_build.CSRC],
-            with_cuda=False,
-            is_python_module=False,
-            verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1",
-        )
+        with progress:
+            cpp_extension.load(
+                name=name,
+                sources=sources,
+                extra_cflags=flags,
+                extra_ldflags=_build.SANITIZER_FLAGS[:1] if sanitize else [],
+                extra_include_paths=[_build.CSRC],
+                with_cuda=False,
+                is_python_module=False,
+                verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1",
+            )
     finally:
         if preload is not None:
             os.environ["LD_PRELOAD"] = preload

@@ -288,7 +288,8 @@ TORCHCNN_CUDA_KERNELS(m) {
   m.impl("conv2d_backward_weight", &conv2d_backward_weight_cuda);
 }
 
-// A knob for the tests, outside the op contract of ops.cpp: it exists wherever the CUDA kernels do.
+// A knob for the tests, outside the op contract (torchcnn/_ops/schemas.py): it exists wherever the
+// CUDA kernels do.
 TORCHCNN_LIBRARY_FRAGMENT(m) {
   m.def("_cuda_set_chunk_budget(int bytes) -> int", &set_chunk_budget);
 }

@@ -1,0 +1,245 @@
+"""The contract of every torchcnn op: its schema, and its fake kernel (output shapes, dtypes and
+memory formats for tracing), whose shape rules and checks are csrc/shapes.h's.
+
+The schemas are defined here rather than in C++ so that the ops exist as soon as ``torchcnn`` is
+imported: ``torch.compile``, ``torch.export`` and fake tensors need no compiled code, and nothing is
+compiled until a kernel is first needed (:func:`install_loader`). The compiled libraries only
+register kernels for these ops: csrc/cpu and csrc/cuda for ``torchcnn``, and the emulated CUDA test
+library (:mod:`torchcnn.testing`) for the same schemas in ``torchcnn_emulated``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from .. import _extension
+
+SCHEMAS = {
+    # Y[n, k, i, j] = Σ_c Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, c, p, q] + b[k]
+    "conv2d": "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+              "int[2] dilation=1, int groups=1) -> Tensor",
+    # ∂L/∂X: the transposed convolution of grad_output with W. `input` only supplies the shape.
+    "conv2d_backward_input": "(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+                             "int[2] dilation, int groups) -> Tensor",
+    # ∂L/∂W[k, c, p, q] = Σ_n Σ_i Σ_j ∂L/∂Y[n, k, i, j] · X[n, c, i·s + p·d − pad, j·s + q·d − pad].
+    # `weight` only supplies the shape.
+    "conv2d_backward_weight": "(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+                              "int[2] dilation, int groups) -> Tensor",
+    # P[n, c, i, j] = max over the window, and the flat index h·W + w of that max in its plane.
+    "max_pool2d_with_indices": "(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding=0, "
+                               "int[2] dilation=1, bool ceil_mode=False) -> (Tensor, Tensor)",
+    # Routes each output gradient to its argmax; `input` only supplies the shape.
+    "max_pool2d_backward": "(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, int[2] stride, "
+                           "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor",
+}
+
+NAMESPACE = "torchcnn"
+
+
+def define(namespace: str) -> torch.library.Library:
+    """Define the ops in `namespace`; the returned Library keeps them alive."""
+    library = torch.library.Library(namespace, "DEF")
+    for name, schema in SCHEMAS.items():
+        library.define(name + schema)
+    return library
+
+
+_DEFINITIONS = define(NAMESPACE)
+ops = torch.ops.torchcnn
+_LOADER = torch.library.Library(NAMESPACE, "IMPL")
+
+
+def install_loader() -> None:
+    """The first call of any op on a real tensor loads the compiled kernels (building them if need
+    be), then goes on to them. The trigger is a kernel for BackendSelect, a key every call passes
+    just above its backend's, which nothing else uses for these ops; it removes itself once the
+    kernels are in, so later calls pay nothing. Meta tensors (shapes only) never load anything."""
+    select = torch._C.DispatchKey.BackendSelect
+    for name in SCHEMAS:
+        op = getattr(ops, name).default
+
+        def load_then_run(keyset, *args, _op=op):
+            if not keyset.has(torch._C.DispatchKey.Meta):
+                _extension.load()
+            return _op.redispatch(keyset.remove(select), *args)
+
+        _LOADER.impl(name, load_then_run, "BackendSelect", with_keyset=True)
+    _extension._on_load.append(_LOADER._destroy)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels: csrc/shapes.h's output sizes and the checks that bound them, written for SymInts,
+# with the same messages. Arguments left at their schema defaults may be left out of the call,
+# hence the defaults here.
+
+
+def dilated_extent(kernel, dilation):
+    """A kernel of k taps spaced d apart spans (k − 1)·d + 1 input pixels."""
+    return (kernel - 1) * dilation + 1
+
+
+def window_output_size(size, kernel, stride, pad, dilation, ceil_mode=False):
+    """torch's pooling_output_shape (shapes.h: window_output_size); ``//`` rounds towards −∞ as
+    shapes.h's floor_div does. May be ≤ 0: the callers reject that."""
+    span = size + 2 * pad - dilated_extent(kernel, dilation) + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out = out - 1
+    return out
+
+
+def _pair(op, name, value):
+    torch._check_value(len(value) == 2,
+                       lambda: f"{op}: expected {name} to have 2 elements (height, width) but got {len(value)}")
+    return value
+
+
+def _positive(op, name, value):
+    _pair(op, name, value)
+    torch._check_value(value[0] > 0 and value[1] > 0, lambda: f"{op}: expected {name} to be positive but got {list(value)}")
+
+
+def _non_negative(op, name, value):
+    _pair(op, name, value)
+    torch._check_value(value[0] >= 0 and value[1] >= 0,
+                       lambda: f"{op}: expected {name} to be non-negative but got {list(value)}")
+
+
+def _batched_image(op, name, t):
+    torch._check_value(t.dim() == 4, lambda: f"{op}: expected {name} to be a 4-D (N, C, H, W) tensor but got a "
+                                             f"{t.dim()}-D tensor of shape {list(t.shape)}")
+    torch._check_value(t.shape[1] > 0 and t.shape[2] > 0 and t.shape[3] > 0,
+                       lambda: f"{op}: expected {name} to have non-zero channels, height and width but got shape "
+                               f"{list(t.shape)}")
+    torch._check_type(t.is_floating_point(),
+                      lambda: f"{op}: expected {name} to have a floating-point dtype but got {t.dtype}")
+
+
+def _like(op, name, t, input):
+    torch._check_value(t.device == input.device, lambda: f"{op}: expected {name} to be on the same device as input "
+                                                         f"({input.device}) but got {t.device}")
+    torch._check_type(t.dtype == input.dtype, lambda: f"{op}: expected {name} to have the same dtype as input "
+                                                      f"({input.dtype}) but got {t.dtype}")
+
+
+def conv2d_output_shape(op, input, weight, bias, stride, padding, dilation, groups):
+    """shapes.h's conv2d_geometry: the checks, then (N, K, out_h, out_w)."""
+    _batched_image(op, "input", input)
+    torch._check_value(weight.dim() == 4, lambda: f"{op}: expected weight to be a 4-D (out_channels, "
+                                                  f"in_channels/groups, kH, kW) tensor but got a {weight.dim()}-D "
+                                                  f"tensor of shape {list(weight.shape)}")
+    _like(op, "weight", weight, input)
+    _positive(op, "stride", stride)
+    _non_negative(op, "padding", padding)
+    _positive(op, "dilation", dilation)
+    torch._check_value(groups > 0, lambda: f"{op}: expected groups to be positive but got {groups}")
+    k, c, kh, kw = weight.shape
+    torch._check_value(k > 0 and kh > 0 and kw > 0 and c > 0,
+                       lambda: f"{op}: expected weight to have non-zero sizes but got shape {list(weight.shape)}")
+    torch._check_value(k % groups == 0, lambda: f"{op}: expected out_channels (weight.size(0) = {k}) to be divisible "
+                                                f"by groups ({groups})")
+    torch._check_value(c * groups == input.shape[1],
+                       lambda: f"{op}: expected input to have {c * groups} channels (weight.size(1) = {c} × groups = "
+                               f"{groups}) but got {input.shape[1]} channels (input of shape {list(input.shape)})")
+    if bias is not None:
+        _like(op, "bias", bias, input)
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == k,
+                           lambda: f"{op}: expected bias to be a 1-D tensor of {k} elements but got shape "
+                                   f"{list(bias.shape)}")
+    h, w = input.shape[2], input.shape[3]
+    extent = [dilated_extent(kh, dilation[0]), dilated_extent(kw, dilation[1])]
+    torch._check_value(extent[0] <= h + 2 * padding[0] and extent[1] <= w + 2 * padding[1],
+                       lambda: f"{op}: kernel size ({extent[0]}, {extent[1]}) after dilation is larger than the "
+                               f"padded input ({h + 2 * padding[0]}, {w + 2 * padding[1]})")
+    return (input.shape[0], k, window_output_size(h, kh, stride[0], padding[0], dilation[0]),
+            window_output_size(w, kw, stride[1], padding[1], dilation[1]))
+
+
+def _grad_output(op, grad_output, input, expected):
+    _like(op, "grad_output", grad_output, input)
+    torch._check_value(tuple(grad_output.shape) == tuple(expected),
+                       lambda: f"{op}: expected grad_output of shape {list(expected)} but got {list(grad_output.shape)}")
+
+
+def max_pool2d_output_shape(op, input, kernel_size, stride, padding, dilation, ceil_mode):
+    """shapes.h's max_pool2d_geometry: the checks, then (N, C, out_h, out_w)."""
+    _batched_image(op, "input", input)
+    _positive(op, "kernel_size", kernel_size)
+    _positive(op, "stride", stride)
+    _non_negative(op, "padding", padding)
+    _positive(op, "dilation", dilation)
+    torch._check_value(2 * padding[0] <= kernel_size[0] and 2 * padding[1] <= kernel_size[1],
+                       lambda: f"{op}: expected padding to be at most half of kernel_size, but got "
+                               f"padding={list(padding)} and kernel_size={list(kernel_size)}")
+    h, w = input.shape[2], input.shape[3]
+    out = [window_output_size(size, kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
+           for i, size in enumerate((h, w))]
+    torch._check_value(out[0] > 0 and out[1] > 0,
+                       lambda: f"{op}: the (dilated) kernel ({dilated_extent(kernel_size[0], dilation[0])}, "
+                               f"{dilated_extent(kernel_size[1], dilation[1])}) is larger than the padded input "
+                               f"({h + 2 * padding[0]}, {w + 2 * padding[1]}); the output would be empty")
+    return (input.shape[0], input.shape[1], out[0], out[1])
+
+
+def conv2d_memory_format(input, weight):
+    """torch's rule for a convolution's output and gradients: channels_last if the input or the
+    weight is channels_last — except float64 on CUDA, which cuDNN computes contiguous."""
+    channels_last = torch.channels_last
+    if input.device.type == "cuda" and input.dtype == torch.float64:
+        return torch.contiguous_format
+    if suggest_memory_format(input) == channels_last or suggest_memory_format(weight) == channels_last:
+        return channels_last
+    return torch.contiguous_format
+
+
+def _empty(like, shape, memory_format, dtype=None):
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format)
+
+
+@torch.library.register_fake("torchcnn::conv2d")
+def _conv2d_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    shape = conv2d_output_shape("conv2d", input, weight, bias, stride, padding, dilation, groups)
+    return _empty(input, shape, conv2d_memory_format(input, weight))
+
+
+def _conv2d_gradient_fake(op, grad_output, input, weight, stride, padding, dilation, groups):
+    _grad_output(op, grad_output, input,
+                 conv2d_output_shape(op, input, weight, None, stride, padding, dilation, groups))
+    return conv2d_memory_format(input, weight)
+
+
+@torch.library.register_fake("torchcnn::conv2d_backward_input")
+def _conv2d_backward_input_fake(grad_output, input, weight, stride, padding, dilation, groups):
+    memory_format = _conv2d_gradient_fake("conv2d_backward_input", grad_output, input, weight, stride, padding,
+                                          dilation, groups)
+    return _empty(input, input.shape, memory_format)
+
+
+@torch.library.register_fake("torchcnn::conv2d_backward_weight")
+def _conv2d_backward_weight_fake(grad_output, input, weight, stride, padding, dilation, groups):
+    memory_format = _conv2d_gradient_fake("conv2d_backward_weight", grad_output, input, weight, stride, padding,
+                                          dilation, groups)
+    return _empty(weight, weight.shape, memory_format)
+
+
+@torch.library.register_fake("torchcnn::max_pool2d_with_indices")
+def _max_pool2d_fake(input, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    shape = max_pool2d_output_shape("max_pool2d_with_indices", input, kernel_size, stride, padding, dilation,
+                                    ceil_mode)
+    memory_format = suggest_memory_format(input)
+    return _empty(input, shape, memory_format), _empty(input, shape, memory_format, dtype=torch.long)
+
+
+@torch.library.register_fake("torchcnn::max_pool2d_backward")
+def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    op = "max_pool2d_backward"
+    shape = max_pool2d_output_shape(op, input, kernel_size, stride, padding, dilation, ceil_mode)
+    _grad_output(op, grad_output, input, shape)
+    torch._check_value(indices.device == input.device, lambda: f"{op}: expected indices to be on the same device as "
+                                                               f"input ({input.device}) but got {indices.device}")
+    torch._check_type(indices.dtype == torch.long, lambda: f"{op}: expected indices to be int64 but got "
+                                                           f"{indices.dtype}")
+    torch._check_value(tuple(indices.shape) == tuple(shape),
+                       lambda: f"{op}: expected indices of shape {list(shape)} but got {list(indices.shape)}")
+    return _empty(input, input.shape, suggest_memory_format(input))
