@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import describe, setup  # noqa: E402  (imports torchcnn before torch.utils.benchmark)
 from torch.utils import benchmark  # noqa: E402
 
-from torchcnn.models import MnistNet, loss_function  # noqa: E402
+from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
 
 
 def step_ms(backend: str, batch: int, device: str, min_run_time: float) -> float:

@@ -154,7 +154,7 @@ else
 fi
 
 stage "train.py --device cuda --epochs 1"
-if "$PYTHON" -c "import sys; from torchcnn import mnist; sys.exit(0 if mnist.find_files(mnist.default_data_dir()) else 1)"; then
+if "$PYTHON" -c "import sys; from torchcnn.mnist import data; sys.exit(0 if data.find_files(data.default_data_dir()) else 1)"; then
   if "$PYTHON" train.py --device cuda --epochs 1 --no-download --quiet --out "$OUT_DIR/train_run" \
       2>&1 | tee "$OUT_DIR/train.log"; then
     note "train.py cuda" "$("$PYTHON" -c "
