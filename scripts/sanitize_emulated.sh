@@ -22,7 +22,7 @@ cxxrt="$("${CXX:-c++}" -print-file-name=libstdc++.so)"
 
 # The extension itself is compiled (if it is not yet) outside the sanitizer: nvcc does not run
 # under a preloaded ASan runtime.
-"$PYTHON" -c "import torchcnn"
+"$PYTHON" -c "import torchcnn; torchcnn.load()"
 
 export TORCHCNN_EMULATION_SANITIZE=1
 # Python and torch keep memory until exit, by design: leaks are not what this run looks for.
@@ -31,5 +31,5 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 LD_PRELOAD="$asan $cxxrt" "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys -k emulated \
   tests/test_conv2d.py tests/test_max_pool2d.py tests/test_errors.py tests/test_layers.py tests/test_emulation.py \
   tests/test_memory_format.py tests/test_higher_order.py tests/test_func.py tests/test_autocast.py \
-  tests/test_properties.py \
+  tests/test_properties.py tests/test_ops.py \
   "$@"

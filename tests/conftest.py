@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torchcnn  # noqa: E402,F401  (builds/loads the extension once, before any test runs)
+import torchcnn  # noqa: E402,F401
 import torchcnn.testing  # noqa: E402
 
 # Every op test runs on the CPU kernels, on the CUDA kernels when a GPU is present, and on the

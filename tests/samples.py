@@ -1,5 +1,10 @@
-"""Sample arguments for each op, shared by the correctness, gradient, opcheck and compile tests
-(in the manner of torch's OpInfo sample_inputs)."""
+"""Sample arguments for each op, shared by the correctness, gradient, opcheck, fake-kernel and
+compile tests (in the manner of torch's OpInfo sample_inputs and extension-cpp's).
+
+A :class:`Sample` describes one call by shapes and keyword arguments; ``sample.inputs(device,
+dtype)`` makes its tensors. ``SAMPLE_INPUTS[op](device, dtype)`` yields every sample of
+``torch.ops.torchcnn.<op>`` (the three gradient ops included) as ready op arguments.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
+
+from torchcnn._ops.schemas import conv2d_output_shape
 
 
 @dataclass
@@ -18,6 +25,36 @@ class Sample:
 
     def __repr__(self):
         return f"{self.shape}-{self.weight_shape}-{self.kwargs}-bias={self.bias}"
+
+    @property
+    def op_compatible(self) -> bool:
+        """Whether the op takes this call as it is: batched, and no padding='same' (which the
+        functional layer resolves, with an extra pad for an even kernel)."""
+        return len(self.shape) == 4 and self.kwargs.get("padding") != "same"
+
+    def inputs(self, device, dtype, requires_grad=False) -> tuple:
+        """The sample's tensors: (input, weight, bias) for a conv, (input,) for a pool."""
+        if self.weight_shape is None:
+            return (torch.randn(self.shape, dtype=dtype, device=device, requires_grad=requires_grad),)
+        return make_conv(self, device, dtype, requires_grad)
+
+    def conv2d_params(self) -> list:
+        """stride, padding, dilation, groups as the op takes them."""
+        k = self.kwargs
+        padding = k.get("padding", 0)
+        return [_pair(k.get("stride", 1)), [0, 0] if padding == "valid" else _pair(padding),
+                _pair(k.get("dilation", 1)), k.get("groups", 1)]
+
+    def max_pool2d_params(self) -> list:
+        """kernel_size, stride, padding, dilation, ceil_mode as the op takes them."""
+        k = self.kwargs
+        kernel = _pair(k["kernel_size"])
+        return [kernel, kernel if k.get("stride") is None else _pair(k["stride"]), _pair(k.get("padding", 0)),
+                _pair(k.get("dilation", 1)), k.get("ceil_mode", False)]
+
+
+def _pair(v) -> list:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 def conv2d_samples(full: bool = True) -> list[Sample]:
@@ -76,3 +113,58 @@ def make_conv(sample: Sample, device, dtype, requires_grad=False):
     b = torch.randn(sample.weight_shape[0], dtype=dtype, device=device, requires_grad=requires_grad) \
         if sample.bias else None
     return x, w, b
+
+
+# --------------------------------------------------------------------------------------------
+# Ready op arguments: each op's sample_inputs(device, dtype) yields the argument tuples of
+# torch.ops.torchcnn.<op> for every op-compatible sample. The gradient ops take a random
+# grad_output of the forward's output shape (and the forward's indices for the pool).
+
+
+def conv2d_sample_inputs(device, dtype, requires_grad=False, full=False):
+    for sample in conv2d_samples(full):
+        if sample.op_compatible:
+            yield (*sample.inputs(device, dtype, requires_grad), *sample.conv2d_params())
+
+
+def _conv2d_gradient_sample_inputs(device, dtype, requires_grad, full):
+    for sample in conv2d_samples(full):
+        if sample.op_compatible:
+            x, w, _ = sample.inputs(device, dtype, requires_grad)
+            params = sample.conv2d_params()
+            shape = conv2d_output_shape("conv2d", x, w, None, *params)
+            grad_output = torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
+            yield (grad_output, x, w, *params)
+
+
+def conv2d_backward_input_sample_inputs(device, dtype, requires_grad=False, full=False):
+    yield from _conv2d_gradient_sample_inputs(device, dtype, requires_grad, full)
+
+
+def conv2d_backward_weight_sample_inputs(device, dtype, requires_grad=False, full=False):
+    yield from _conv2d_gradient_sample_inputs(device, dtype, requires_grad, full)
+
+
+def max_pool2d_with_indices_sample_inputs(device, dtype, requires_grad=False, full=False):
+    for sample in max_pool2d_samples(full):
+        if sample.op_compatible:
+            yield (*sample.inputs(device, dtype, requires_grad), *sample.max_pool2d_params())
+
+
+def max_pool2d_backward_sample_inputs(device, dtype, requires_grad=False, full=False):
+    for sample in max_pool2d_samples(full):
+        if sample.op_compatible:
+            (x,) = sample.inputs(device, dtype)
+            params = sample.max_pool2d_params()
+            output, indices = torch.ops.torchcnn.max_pool2d_with_indices(x, *params)
+            grad_output = torch.randn_like(output).requires_grad_(requires_grad)
+            yield (grad_output, x, indices, *params)
+
+
+SAMPLE_INPUTS = {
+    "conv2d": conv2d_sample_inputs,
+    "conv2d_backward_input": conv2d_backward_input_sample_inputs,
+    "conv2d_backward_weight": conv2d_backward_weight_sample_inputs,
+    "max_pool2d_with_indices": max_pool2d_with_indices_sample_inputs,
+    "max_pool2d_backward": max_pool2d_backward_sample_inputs,
+}

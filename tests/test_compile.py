@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import torchcnn
-from samples import conv2d_samples, make_conv, max_pool2d_samples
-from torchcnn.functional import _pair
+from samples import SAMPLE_INPUTS
 
 # Tracing and the fake kernels, not the kernels: the emulated CUDA kernels add nothing here.
 pytestmark = pytest.mark.no_emulation
@@ -15,43 +14,15 @@ def _needs_expecttest():
     pytest.importorskip("expecttest", reason="torch.library.opcheck imports expecttest (pip install expecttest)")
 
 
-def _conv_args(sample, device):
-    x, w, b = make_conv(sample, device, torch.float64, requires_grad=True)
-    k = sample.kwargs
-    padding = k.get("padding", 0)
-    padding = (0, 0) if padding in ("valid", "same") else _pair("padding", "t", padding)
-    return x, w, b, list(_pair("stride", "t", k.get("stride", 1))), list(padding), \
-        list(_pair("dilation", "t", k.get("dilation", 1))), k.get("groups", 1)
-
-
-def _batched(samples):
-    return [s for s in samples if len(s.shape) == 4 and s.shape[0] > 0 and s.kwargs.get("padding") != "same"]
-
-
-@pytest.mark.parametrize("sample", _batched(conv2d_samples(full=False)), ids=repr)
-def test_opcheck_conv2d(sample, device):
+@pytest.mark.parametrize("op", SAMPLE_INPUTS)
+def test_opcheck(op, device):
+    """Schema, fake kernel, autograd registration and AOT dispatch of each op over its samples
+    (the gradient ops are differentiable too)."""
     _needs_expecttest()
-    x, w, b, *params = _conv_args(sample, device)
-    torch.library.opcheck(torch.ops.torchcnn.conv2d.default, (x, w, b, *params))
-    y = torch.ops.torchcnn.conv2d(x, w, b, *params).detach()
-    go = torch.randn_like(y).requires_grad_()  # the backward ops are differentiable too
-    torch.library.opcheck(torch.ops.torchcnn.conv2d_backward_input.default, (go, x, w, *params))
-    torch.library.opcheck(torch.ops.torchcnn.conv2d_backward_weight.default, (go, x, w, *params))
-
-
-@pytest.mark.parametrize("sample", _batched(max_pool2d_samples(full=False)), ids=repr)
-def test_opcheck_max_pool2d(sample, device):
-    _needs_expecttest()
-    k = sample.kwargs
-    kernel = list(_pair("k", "t", k["kernel_size"]))
-    stride = kernel if k.get("stride") is None else list(_pair("s", "t", k["stride"]))
-    params = (kernel, stride, list(_pair("p", "t", k.get("padding", 0))), list(_pair("d", "t", k.get("dilation", 1))),
-              k.get("ceil_mode", False))
-    x = torch.randn(sample.shape, dtype=torch.float64, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.torchcnn.max_pool2d_with_indices.default, (x, *params))
-    out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x.detach(), *params)
-    torch.library.opcheck(torch.ops.torchcnn.max_pool2d_backward.default,
-                          (torch.randn_like(out).requires_grad_(), x.detach(), idx, *params))
+    for args in SAMPLE_INPUTS[op](device, torch.float64, requires_grad=True):
+        if args[0].shape[0] == 0 or (op == "max_pool2d_backward" and args[1].shape[0] == 0):
+            continue  # opcheck's gradient checks need an element
+        torch.library.opcheck(getattr(torch.ops.torchcnn, op).default, args)
 
 
 def _mnist_model(nn):

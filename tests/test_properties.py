@@ -117,3 +117,52 @@ def test_max_pool2d_agrees_with_torch(device, data):
     (g,) = torch.autograd.grad(y, x, grad)
     torch.testing.assert_close(g, _pool_gradient(x.detach(), expected.detach(), expected_idx, grad),
                                msg=lambda m: f"{case}: gradient: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# The fake kernels (torch.compile's shapes) against the compiled kernels: the same output shapes
+# and strides, or the same error. csrc/shapes.h and torchcnn/_ops/schemas.py state the same rules
+# twice (C++ for the kernels, SymInt-friendly Python for tracing); these hold them together.
+
+
+def _error_kind(error):
+    """An error's type and message up to the value it reports (C++ and Python spell dtypes
+    differently: Float / torch.float32)."""
+    return type(error), str(error).split(" but got ")[0].split("\n")[0]
+
+
+def _fake_agrees(call, tensors, case):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = _outcome(lambda: call(*tensors))
+    mode = FakeTensorMode()
+    fakes = [None if t is None else mode.from_tensor(t) for t in tensors]
+    with mode:
+        fake = _outcome(lambda: call(*fakes))
+    assert (real[1] is None) == (fake[1] is None), f"{case}: kernel {real[1]!r}, fake {fake[1]!r}"
+    if real[1] is not None:
+        assert _error_kind(fake[1]) == _error_kind(real[1]), f"{case}: kernel {real[1]!r}, fake {fake[1]!r}"
+        return
+    for r, f in zip(torch.utils._pytree.tree_leaves(real[0]), torch.utils._pytree.tree_leaves(fake[0])):
+        assert (f.shape, f.dtype) == (r.shape, r.dtype), case
+        # Strides of a dimension of size 0 or 1 mean nothing; torch compares the others.
+        same, i = torch._prims_common.check_significant_strides(r, f, only_cuda=False)
+        assert same, f"{case}: strides {r.stride()} (kernel), {f.stride()} (fake), dimension {i}"
+
+
+@pytest.mark.no_emulation
+@SETTINGS
+@given(data=st.data())
+def test_conv2d_fake_kernel_agrees_with_the_kernel(device, data):
+    x, w, b, kwargs = data.draw(conv2d_cases(device))
+    case = f"input {tuple(x.shape)}, weight {tuple(w.shape)}, bias {b is not None}, {kwargs}"
+    _fake_agrees(lambda x, w, b: F.conv2d(x, w, b, **kwargs), (x, w, b), case)
+
+
+@pytest.mark.no_emulation
+@SETTINGS
+@given(data=st.data())
+def test_max_pool2d_fake_kernel_agrees_with_the_kernel(device, data):
+    x, kwargs = data.draw(max_pool2d_cases(device))
+    case = f"input {tuple(x.shape)}, {kwargs}"
+    _fake_agrees(lambda x: F.max_pool2d(x, **kwargs, return_indices=True), (x,), case)

@@ -225,7 +225,7 @@ def _conv2d_backward_weight_fake(grad_output, input, weight, stride, padding, di
 
 @torch.library.register_fake("torchcnn::max_pool2d_with_indices")
 def _max_pool2d_fake(input, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
-    shape = max_pool2d_output_shape("max_pool2d_with_indices", input, kernel_size, stride, padding, dilation,
+    shape = max_pool2d_output_shape("max_pool2d", input, kernel_size, stride, padding, dilation,
                                     ceil_mode)
     memory_format = suggest_memory_format(input)
     return _empty(input, shape, memory_format), _empty(input, shape, memory_format, dtype=torch.long)
