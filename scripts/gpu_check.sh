@@ -82,7 +82,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c "import torc
 export TORCH_EXTENSIONS_DIR="$OUT_DIR/torch_extensions"
 export TORCHCNN_JIT=1
 start=$SECONDS
-if "$PYTHON" -c "import torchcnn, sys; print('CUDA kernels:', torchcnn.WITH_CUDA); sys.exit(0 if torchcnn.WITH_CUDA else 1)" \
+if "$PYTHON" -c "import torchcnn, sys; ext = torchcnn.load(); print('CUDA kernels:', ext.with_cuda); sys.exit(0 if ext.with_cuda else 1)" \
     2>&1 | tee "$OUT_DIR/build.log"; then
   note "build" "ok, arch $TORCH_CUDA_ARCH_LIST, $((SECONDS - start)) s"
 else

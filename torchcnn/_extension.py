@@ -86,14 +86,16 @@ def reporting_progress(what: str, stream=None, every: float = 30.0):
 
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
+    outcome = {"message": None}  # the caller may say what happened instead
     try:
-        yield
+        yield outcome
     finally:
         done.set()
         ticker.join()
         if tty:
             print(file=stream)
-    print(f"torchcnn: compiled in {time.monotonic() - started:.0f} s", file=stream, flush=True)
+    message = outcome["message"] or f"compiled in {time.monotonic() - started:.0f} s"
+    print(f"torchcnn: {message}", file=stream, flush=True)
 
 
 def _load_jit() -> bool:
@@ -108,9 +110,11 @@ def _load_jit() -> bool:
     name = "torchcnn_C_cuda" if cfg.with_cuda else "torchcnn_C_cpu"
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     what = ("the CPU and CUDA kernels" if cfg.with_cuda else f"the CPU kernels only ({cfg.reason})")
+    library = os.path.join(build_dir, f"{name}.so")
+    before = os.path.getmtime(library) if os.path.exists(library) else None
     progress = (reporting_progress(f"{what} once into {build_dir}")
-                if needs_compile(build_dir, cfg.sources, name) else contextlib.nullcontext())
-    with progress:
+                if needs_compile(build_dir, cfg.sources, name) else contextlib.nullcontext({}))
+    with progress as outcome:
         cpp_extension.load(
             name=name,
             sources=cfg.sources,
@@ -122,6 +126,11 @@ def _load_jit() -> bool:
             is_python_module=False,
             verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1",
         )
+        if before is not None and os.path.getmtime(library) == before:
+            # A changed file that this build does not compile (csrc/cuda in a CPU build): ninja had
+            # nothing to do. Mark the library current so that the next start does not say it again.
+            os.utime(library)
+            outcome["message"] = "nothing needed recompiling"
     return cfg.with_cuda
 
 
