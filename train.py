@@ -251,7 +251,7 @@ def main(argv=None) -> int:
                 state.load_state_dict(saved, args.resume)
             except checkpoint.CheckpointError as e:
                 fail(str(e))
-            state.recipe["epochs"] = args.epochs
+            state.recipe.update(epochs=args.epochs, world_size=world_size)  # --epochs may have changed
             say(f"resuming {args.resume}: epoch {state.epoch + 1}, step {state.step}")
             for note in notes:
                 say(note)
