@@ -313,9 +313,10 @@ def main(argv=None) -> int:
                 if improved:
                     checkpoint.save(state.state_dict(), out / "best.pt")
         stopped, last = state.epoch < args.epochs, state.history[-1] if state.history else None
+        progressed = (state.epoch, state.step) != started_at
 
         # The outputs of the finished epochs: metrics.json, the pictures, the summary.
-        if is_main and last:
+        if is_main and last and (progressed or not stopped):
             checkpoint.write_json({
                 "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
                 "epochs": args.epochs, "stopped": {"signal": stop.name, "epoch": state.epoch + 1,
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
                     plots.filters(net.features[0].weight, out / "filters.png")
                     plots.mistakes(mnist.test_images, mnist.test_labels, predictions, out / "mistakes.png")
         if stopped:
-            if (state.epoch, state.step) == started_at:
+            if not progressed:
                 say(f"{stop.name} before the first step: nothing saved" +
                     (f"; {args.resume} is as it was" if args.resume else ""))
             else:

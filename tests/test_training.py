@@ -148,17 +148,7 @@ def test_a_stop_between_epochs_keeps_last_pt(tmp_path, monkeypatch, capsys):
     assert metrics(tmp_path)["stopped"] == {"signal": "SIGINT", "epoch": 2, "step": 0}
 
 
-@needs_mnist
-def test_a_stop_in_the_first_epoch_leaves_interrupted_pt_alone(tmp_path, monkeypatch, capsys):
-    stop_on(monkeypatch, "__call__", 3)
-    assert run_train([*TINY, "--out", tmp_path / "run"]) == 143
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["interrupted.pt"]
-    assert f"saved {tmp_path / 'run' / 'interrupted.pt'}" in capsys.readouterr().out
-    assert checkpoint.load(tmp_path / "run" / "interrupted.pt")["step"] == 3
-
-
-@needs_mnist
-def test_a_stop_before_the_first_step_leaves_no_folder(tmp_path, monkeypatch, capsys):
+def sigterm_while_loading(monkeypatch):
     load = data.load
 
     def load_and_get_sigterm(*args, **kwargs):  # the signal arrives while the data is being read
@@ -166,9 +156,32 @@ def test_a_stop_before_the_first_step_leaves_no_folder(tmp_path, monkeypatch, ca
         return load(*args, **kwargs)
 
     monkeypatch.setattr(data, "load", load_and_get_sigterm)
+
+
+@needs_mnist
+def test_a_stop_before_the_first_step_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    sigterm_while_loading(monkeypatch)
     assert run_train([*TINY, "--out", tmp_path / "run"]) == 143
     assert "SIGTERM before the first step: nothing saved" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+@needs_mnist
+def test_a_stop_in_the_first_epoch_leaves_interrupted_pt_alone(tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        stop_on(m, "__call__", 3)
+        assert run_train([*TINY, "--out", tmp_path]) == 143
+    assert [p.name for p in tmp_path.iterdir()] == ["interrupted.pt"]
+    assert f"saved {tmp_path / 'interrupted.pt'}" in capsys.readouterr().out
+    saved = (tmp_path / "interrupted.pt").read_bytes()
+    assert checkpoint.load(tmp_path / "interrupted.pt")["step"] == 3
+
+    sigterm_while_loading(monkeypatch)  # resumed, and stopped again before a step
+    assert run_train(["--resume", tmp_path / "interrupted.pt"]) == 143
+    printed = capsys.readouterr().out
+    assert f"SIGTERM before the first step: nothing saved; {tmp_path / 'interrupted.pt'} is as it was" in printed
+    assert [p.name for p in tmp_path.iterdir()] == ["interrupted.pt"]
+    assert (tmp_path / "interrupted.pt").read_bytes() == saved
 
 
 @needs_mnist
