@@ -85,7 +85,9 @@ def test_the_choices_are_the_packages():
     assert train.BACKENDS == model.BACKENDS and set(train.DEFAULT_LR) == set(engine.OPTIMIZERS)
 
 
-def test_help_and_argument_errors_need_no_torch_and_build_nothing(tmp_path):
+def test_help_argument_and_data_errors_build_nothing(tmp_path):
+    """--help and argument errors answer without torch; missing data is found before the first op
+    (which builds the extension) in a process whose extensions folder is empty."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
     (tmp_path / "extensions").mkdir()
     shown = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
@@ -103,6 +105,9 @@ train.parse_args(["--epochs", "3"])
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchcnn", "numpy")))
 """], capture_output=True, text=True, env=env)
     assert imported.stdout.strip() == "[]", imported.stderr
+    no_data = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", str(tmp_path / "nowhere"),
+                              "--no-download", "--device", "cpu"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert no_data.returncode == 2 and "MNIST not found" in no_data.stderr, no_data.stderr  # data before a build
     assert list((tmp_path / "extensions").iterdir()) == []
 
 
