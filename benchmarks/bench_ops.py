@@ -20,8 +20,11 @@ import torch
 import torch.nn.functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout works without installing
-import torchcnn.functional as CF  # noqa: E402  (before torch.utils.benchmark, which logs a CUDA warning)
-from torch.utils import benchmark  # noqa: E402  (after torchcnn, which imports it quietly)
+import torchcnn  # noqa: E402
+import torchcnn.functional as CF  # noqa: E402
+
+torchcnn.load()  # the kernels, compiled now if need be (not inside a timing); imports cpp_extension quietly
+from torch.utils import benchmark  # noqa: E402  (after torchcnn.load(): it would log a CUDA warning)
 
 
 def cases(batch: int):
