@@ -20,27 +20,28 @@ _build = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _build  # dataclasses look their module up while the file executes
 _spec.loader.exec_module(_build)
 
-if os.environ.get("TORCHCNN_JIT") == "1":
-    print("torchcnn: TORCHCNN_JIT=1, nothing compiled now: the kernels are built on first use")
-    setup()
-    sys.exit(0)
 
-cfg = _build.config()
-_build.prepare_environment(cfg)
-print(f"torchcnn: building with{'' if cfg.with_cuda else 'out'} CUDA ({cfg.reason})")
+def extensions():
+    """torchcnn._C, or nothing with TORCHCNN_JIT=1."""
+    if os.environ.get("TORCHCNN_JIT") == "1":
+        print("torchcnn: TORCHCNN_JIT=1, nothing compiled now: the kernels are built on first use")
+        return [], {}
+    cfg = _build.config()
+    _build.prepare_environment(cfg)
+    print(f"torchcnn: building with{'' if cfg.with_cuda else 'out'} CUDA ({cfg.reason})")
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-Extension = CUDAExtension if cfg.with_cuda else CppExtension
-extension = Extension(
-    name="torchcnn._C",
-    sources=[os.path.relpath(s, _build.ROOT) for s in cfg.sources],
-    include_dirs=[_build.CSRC] + cfg.include_dirs,
-    extra_compile_args={"cxx": cfg.cxx_flags, "nvcc": cfg.nvcc_flags},
-    extra_link_args=["-fopenmp"],
-)
+    Extension = CUDAExtension if cfg.with_cuda else CppExtension
+    extension = Extension(
+        name="torchcnn._C",
+        sources=[os.path.relpath(s, _build.ROOT) for s in cfg.sources],
+        include_dirs=[_build.CSRC] + cfg.include_dirs,
+        extra_compile_args={"cxx": cfg.cxx_flags, "nvcc": cfg.nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
-setup(
-    ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -100,9 +100,12 @@ inline void check_non_negative(const char* op, const char* name, at::IntArrayRef
   TORCH_CHECK_VALUE(v[0] >= 0 && v[1] >= 0, op, ": expected ", name, " to be non-negative but got ", v);
 }
 
+// The kernels' dtypes (float8 types are floating too, but no kernel takes them).
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
-                   " to have a floating-point dtype but got ", t.scalar_type());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+                   op, ": expected ", name, " to have a floating-point dtype (float16, bfloat16, float32 or "
+                   "float64) but got ", dtype);
 }
 
 inline void check_batched_image(const char* op, const char* name, const at::Tensor& t) {

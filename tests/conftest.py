@@ -42,6 +42,7 @@ def cuda_ops(request):
     """The op namespace of the CUDA kernels the test runs: torchcnn's, or the emulated library's."""
     if request.node.callspec.params["device"] == "emulated":
         return torchcnn.testing.emulated_cuda_ops()
+    torchcnn.load()  # the CUDA kernels' private ops (_cuda_set_chunk_budget) come with them
     return torch.ops.torchcnn
 
 

@@ -1,5 +1,8 @@
-"""The build: toolkit discovery, CUDA on/off, building on first use, and both ways of loading."""
+"""The build: toolkit discovery, CUDA on/off, building on first use, and which prebuilt library is
+loaded. (Loading a prebuilt torchcnn._C end to end is .ci/run's step after `pip install -e .`.)"""
 
+import importlib.machinery
+import importlib.util
 import io
 import os
 import shutil
@@ -118,3 +121,27 @@ def test_cuda_kernels_are_compiled_in():
     assert torchcnn.load().with_cuda
     for name in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchcnn::{name}", "CUDA"), name
+
+
+def _pretend_prebuilt(monkeypatch, path):
+    spec = importlib.machinery.ModuleSpec("torchcnn._C", None, origin=str(path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "torchcnn._C" else real(name, *a))
+
+
+def test_a_prebuilt_library_of_the_old_layout_is_refused_by_name(tmp_path, monkeypatch):
+    """torchcnn 0.1.0's _C defined the op schemas itself: loaded beside ours it would fail half-way."""
+    old = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    old.write_bytes(b"\x7fELF..." + _extension._OLD_LAYOUT_MARK + b"...")
+    _pretend_prebuilt(monkeypatch, old)
+    with pytest.raises(ImportError, match=f"{old} was built by an older torchcnn .* delete it"):
+        _extension._prebuilt()
+
+
+def test_a_prebuilt_library_older_than_the_sources_is_named(tmp_path, monkeypatch):
+    stale = tmp_path / "_C.so"
+    stale.write_bytes(b"\x7fELF")
+    os.utime(stale, (0, 0))
+    _pretend_prebuilt(monkeypatch, stale)
+    with pytest.warns(UserWarning, match="older than the sources .* TORCHCNN_JIT=1"):
+        assert _extension._prebuilt() == str(stale)

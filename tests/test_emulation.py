@@ -16,12 +16,9 @@ CUDA_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 OPS = ["conv2d", "conv2d_backward_input", "conv2d_backward_weight", "max_pool2d_with_indices", "max_pool2d_backward"]
 
 
-def test_emulated_ops_have_torchcnn_schemas():
-    emulated = torchcnn.testing.emulated_cuda_ops()
+def test_emulated_library_registers_a_kernel_for_every_op():
+    torchcnn.testing.emulated_cuda_ops()
     for name in OPS:
-        ours = str(getattr(torch.ops.torchcnn, name).default._schema)
-        theirs = str(getattr(emulated, name).default._schema)
-        assert theirs == ours.replace("torchcnn::", "torchcnn_emulated::"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchcnn_emulated::{name}", "CPU"), name
 
 

@@ -1,5 +1,5 @@
 """torch.compile and torch.export of models built from torchcnn layers, in-place ReLU included
-(every torchvision ResNet has it), with torch.library.opcheck for every op."""
+(every torchvision ResNet has it). torch.library.opcheck of every op is in test_compile.py."""
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as TF
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
-import torchcnn
 import torchcnn.functional as F
 from models import ResNetBlock, SmallCNN, twins
 
@@ -119,9 +118,9 @@ def test_raw_ops_take_dual_tensors(device):
     included: the tangents are the Functions' jvp."""
     x, w = _t(1, 2, 5, 5, device=device), _t(3, 2, 3, 3, device=device)
     g, tx = torch.randn(1, 3, 3, 3, dtype=x.dtype, device=device), torch.randn_like(x)
-    expected = jvp(lambda t: F.conv2d(t, w), (x,), (tx,))
-    params = torchcnn._ops.Conv2dParams((1, 1), (0, 0), (1, 1), 1)
-    expected_weight_grad = jvp(lambda t: torchcnn._ops.Conv2dBackwardWeightFunction.apply(g, t, w, params), (x,), (tx,))
+    expected = jvp(lambda t: TF.conv2d(t, w), (x,), (tx,))
+    expected_weight_grad = jvp(lambda t: torch.ops.aten.convolution_backward(
+        g, t, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1], (x,), (tx,))
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x, tx)
         y = torch.autograd.forward_ad.unpack_dual(torch.ops.torchcnn.conv2d(dual, w))

@@ -32,15 +32,6 @@ def test_max_pool2d_gradgradcheck(sample, device):
     assert torch.autograd.gradgradcheck(lambda t: F.max_pool2d(t, **sample.kwargs), (x,))
 
 
-def test_raw_ops_are_twice_differentiable(device):
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
-    params = ([1, 1], [1, 1], [1, 1], 1)
-    assert torch.autograd.gradgradcheck(lambda a, b: torch.ops.torchcnn.conv2d(a, b, None, *params), (x, w))
-    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
-    assert torch.autograd.gradgradcheck(lambda a: torch.ops.torchcnn.max_pool2d_with_indices(a, *pool)[0], (x,))
-
-
 def test_third_order_gradients_match_torch(device):
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)

@@ -1,5 +1,6 @@
 """Memory formats: outputs and gradients come back in the format torch gives them (channels_last
-in, channels_last out), on every backend; the fake kernels say the same to torch.compile."""
+in, channels_last out), on every backend. (The fake kernels' memory formats are held to the
+kernels' in test_properties.py and by opcheck in test_compile.py.)"""
 
 import itertools
 

@@ -126,9 +126,8 @@ def test_max_pool2d_agrees_with_torch(device, data):
 
 
 def _error_kind(error):
-    """An error's type and message up to the value it reports (C++ and Python spell dtypes
-    differently: Float / torch.float32)."""
-    return type(error), str(error).split(" but got ")[0].split("\n")[0]
+    """An error's type and message (the first line: the C++ ones go on with a C++ stack trace)."""
+    return type(error), str(error).split("\n")[0]
 
 
 def _fake_agrees(call, tensors, case):
@@ -166,3 +165,55 @@ def test_max_pool2d_fake_kernel_agrees_with_the_kernel(device, data):
     x, kwargs = data.draw(max_pool2d_cases(device))
     case = f"input {tuple(x.shape)}, {kwargs}"
     _fake_agrees(lambda x: F.max_pool2d(x, **kwargs, return_indices=True), (x,), case)
+
+
+def _op_args(kwargs):
+    """conv2d's keyword arguments as the op takes them; None for padding='same' (functional only)."""
+    if kwargs["padding"] == "same":
+        return None
+    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
+    padding = [0, 0] if kwargs["padding"] == "valid" else pair(kwargs["padding"])
+    return [pair(kwargs["stride"]), padding, pair(kwargs["dilation"]), kwargs["groups"]]
+
+
+def _perturbed(data, t, device):
+    """A gradient like t, or now and then one of the wrong shape, dtype or device."""
+    wrong = data.draw(st.sampled_from(["none", "none", "none", "shape", "dtype"]))
+    if wrong == "shape":
+        return torch.randn(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=device)
+    return torch.randn(t.shape, dtype=torch.float32 if wrong == "dtype" else t.dtype, device=device)
+
+
+@pytest.mark.no_emulation
+@SETTINGS
+@given(data=st.data())
+def test_conv2d_gradient_fake_kernels_agree_with_the_kernels(device, data):
+    x, w, _, kwargs = data.draw(conv2d_cases(device))
+    params = _op_args(kwargs)
+    if x.dim() != 4 or params is None:
+        return
+    y, error = _outcome(lambda: torch.ops.torchcnn.conv2d(x, w, None, *params))
+    grad = _perturbed(data, y if error is None else torch.empty(1, 1, 1, 1, dtype=x.dtype), device)
+    case = f"input {tuple(x.shape)}, weight {tuple(w.shape)}, grad_output {tuple(grad.shape)} {grad.dtype}, {kwargs}"
+    for op in (torch.ops.torchcnn.conv2d_backward_input, torch.ops.torchcnn.conv2d_backward_weight):
+        _fake_agrees(lambda g, x, w: op(g, x, w, *params), (grad, x, w), f"{op}: {case}")
+
+
+@pytest.mark.no_emulation
+@SETTINGS
+@given(data=st.data())
+def test_max_pool2d_gradient_fake_kernel_agrees_with_the_kernel(device, data):
+    x, kwargs = data.draw(max_pool2d_cases(device))
+    if x.dim() != 4:
+        return
+    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
+    kernel = pair(kwargs["kernel_size"])
+    params = [kernel, kernel if kwargs["stride"] is None else pair(kwargs["stride"]), pair(kwargs["padding"]),
+              pair(kwargs["dilation"]), kwargs["ceil_mode"]]
+    outcome, error = _outcome(lambda: torch.ops.torchcnn.max_pool2d_with_indices(x, *params))
+    y, indices = outcome if error is None else (torch.empty(1, 1, 1, 1, dtype=x.dtype), torch.zeros(1, 1, 1, 1).long())
+    grad = _perturbed(data, y, device)
+    if data.draw(st.sampled_from([False, False, False, True])):
+        indices = indices.int()
+    case = f"input {tuple(x.shape)}, grad_output {tuple(grad.shape)} {grad.dtype}, indices {indices.dtype}, {kwargs}"
+    _fake_agrees(lambda g, x, i: torch.ops.torchcnn.max_pool2d_backward(g, x, i, *params), (grad, x, indices), case)

@@ -42,6 +42,8 @@ class BuildConfig:
     cuda_home: str | None = None
     include_dirs: list[str] = field(default_factory=list)
     reason: str = ""
+    # TORCH_CUDA_ARCH_LIST unless set: None lets torch build for the GPUs of this machine only.
+    arch_list: str | None = DEFAULT_CUDA_ARCH_LIST
 
     cxx_flags: list[str] = field(default_factory=lambda: list(CXX_FLAGS))
     nvcc_flags: list[str] = field(default_factory=lambda: list(NVCC_FLAGS))
@@ -162,7 +164,10 @@ def config(torch_module=None, *, just_in_time: bool = False) -> BuildConfig:
                                "set CUDA_HOME to the toolkit's folder")
         return BuildConfig(sources(False), False, reason="no CUDA toolkit found (set CUDA_HOME)")
     includes = extra_cuda_include_dirs(cuda_home)
-    return BuildConfig(sources(True), True, cuda_home, includes, reason=f"CUDA toolkit at {cuda_home}")
+    # Just in time on a machine with a GPU, its own architecture is all that can run.
+    arch_list = None if just_in_time and torch_module.cuda.is_available() else DEFAULT_CUDA_ARCH_LIST
+    return BuildConfig(sources(True), True, cuda_home, includes, reason=f"CUDA toolkit at {cuda_home}",
+                       arch_list=arch_list)
 
 
 def prepare_environment(cfg: BuildConfig) -> None:
@@ -170,6 +175,7 @@ def prepare_environment(cfg: BuildConfig) -> None:
     if not cfg.with_cuda:
         return
     os.environ["CUDA_HOME"] = cfg.cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    if cfg.arch_list is not None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cfg.arch_list)
     if "torch.utils.cpp_extension" in sys.modules:
         sys.modules["torch.utils.cpp_extension"].CUDA_HOME = cfg.cuda_home

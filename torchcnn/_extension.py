@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import os
 import sys
 import threading
 import time
+import warnings
 
 import torch
 
@@ -32,15 +34,22 @@ from . import _build
 
 @dataclasses.dataclass(frozen=True)
 class Extension:
-    """What :func:`load` loaded: ``origin`` is ``"prebuilt"`` (torchcnn._C) or ``"jit"``."""
+    """What :func:`load` loaded: ``origin`` is ``"prebuilt"`` (torchcnn._C) or ``"jit"``;
+    ``reason`` says why the CUDA kernels are missing, when they are."""
 
     origin: str
     with_cuda: bool
+    reason: str = ""
 
 
 _lock = threading.RLock()
 _loaded: Extension | None = None
-_on_load: list = []  # callbacks run once the kernels are registered
+_failure: BaseException | None = None  # a load that failed fails again, rather than recompile every call
+_on_load: list = []  # callbacks run with the Extension once the kernels are registered
+
+# The op schemas that a library built by torchcnn 0.1.0 defines itself (now torchcnn/_ops/schemas.py
+# does): such a torchcnn/_C*.so cannot be loaded beside them.
+_OLD_LAYOUT_MARK = b"conv2d(Tensor input, Tensor weight"
 
 
 def _import_cpp_extension():
@@ -98,7 +107,8 @@ def reporting_progress(what: str, stream=None, every: float = 30.0):
     print(f"torchcnn: {message}", file=stream, flush=True)
 
 
-def _load_jit() -> bool:
+def _load_jit() -> str:
+    """Build (if need be) and load the kernels; returns why the CUDA kernels are left out, if they are."""
     if not os.path.isdir(_build.CSRC):
         raise ImportError(
             "torchcnn: the compiled extension torchcnn._C is missing and there are no C++ sources to "
@@ -131,29 +141,56 @@ def _load_jit() -> bool:
             # nothing to do. Mark the library current so that the next start does not say it again.
             os.utime(library)
             outcome["message"] = "nothing needed recompiling"
-    return cfg.with_cuda
+    return "" if cfg.with_cuda else cfg.reason
+
+
+def _prebuilt() -> str | None:
+    """The path of an ahead-of-time build torchcnn._C, after checking it belongs to these sources."""
+    spec = importlib.util.find_spec("torchcnn._C")
+    if spec is None or not spec.origin:
+        return None
+    with open(spec.origin, "rb") as f:
+        if _OLD_LAYOUT_MARK in f.read():
+            raise ImportError(f"torchcnn: {spec.origin} was built by an older torchcnn and cannot be loaded with "
+                              "this one: delete it, then rebuild (pip install --no-build-isolation -e .) or let "
+                              "torchcnn compile its kernels on first use")
+    if os.path.isdir(_build.CSRC):
+        newest = max(os.path.getmtime(os.path.join(root, f)) for root, _, files in os.walk(_build.CSRC) for f in files)
+        if os.path.getmtime(spec.origin) < newest:
+            warnings.warn(f"torchcnn: the prebuilt {spec.origin} is older than the sources in {_build.CSRC}; it runs "
+                          "the kernels it was built from. Rebuild (pip install --no-build-isolation -e .), or set "
+                          "TORCHCNN_JIT=1 to compile the sources on first use", stacklevel=3)
+    return spec.origin
 
 
 def load() -> Extension:
-    """Register the compiled kernels of torch.ops.torchcnn (building them first if need be), once."""
-    global _loaded
+    """Register the compiled kernels of torch.ops.torchcnn (building them first if need be), once.
+
+    The first op call does this by itself. Call it yourself to choose the moment: before timing,
+    or before several threads make their first calls (registering kernels while other threads
+    dispatch the same ops is not safe)."""
+    global _loaded, _failure
     with _lock:
         if _loaded is not None:
             return _loaded
-        origin = None
-        if os.environ.get("TORCHCNN_JIT") != "1":
-            try:
+        if _failure is not None:
+            raise _failure
+        try:
+            reason = ""
+            if os.environ.get("TORCHCNN_JIT") != "1" and _prebuilt() is not None:
                 importlib.import_module("torchcnn._C")
                 origin = "prebuilt"
-            except ImportError:
-                pass
-        if origin is None:
-            _load_jit()
-            origin = "jit"
+                reason = "the prebuilt torchcnn._C was compiled without them"
+            else:
+                reason = _load_jit()
+                origin = "jit"
+        except Exception as e:  # not KeyboardInterrupt: an interrupted build may be started again
+            _failure = e
+            raise
         with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("torchcnn::conv2d", "CUDA")
-        _loaded = Extension(origin, with_cuda)
+        _loaded = Extension(origin, with_cuda, "" if with_cuda else reason)
         for callback in _on_load:
-            callback()
+            callback(_loaded)
         return _loaded
 
 

@@ -13,8 +13,8 @@ computation as the op.
 
 One exception to the single route: torch.func's differentiating transforms (grad, jvp, jacrev,
 ...) can take a Function only where it is applied from Python, not from inside a dispatcher
-kernel, so under them :mod:`torchcnn.functional` applies the Function itself (:func:`call`). The
-formulas are the same either way.
+kernel, so while any torch.func transform is active :mod:`torchcnn.functional` applies the
+Function itself (:func:`call`). The formulas are the same either way.
 """
 
 from __future__ import annotations

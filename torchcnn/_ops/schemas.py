@@ -3,8 +3,9 @@ memory formats for tracing), whose shape rules and checks are csrc/shapes.h's.
 
 The schemas are defined here rather than in C++ so that the ops exist as soon as ``torchcnn`` is
 imported: ``torch.compile``, ``torch.export`` and fake tensors need no compiled code, and nothing is
-compiled until a kernel is first needed (:func:`install_loader`). The compiled libraries only
-register kernels for these ops: csrc/cpu and csrc/cuda for ``torchcnn``, and the emulated CUDA test
+compiled until a kernel is first needed (:func:`install_loader`). The compiled libraries register
+kernels for these ops (and define one private op of their own, ``_cuda_set_chunk_budget``, a test
+knob of the CUDA kernels): csrc/cpu and csrc/cuda for ``torchcnn``, and the emulated CUDA test
 library (:mod:`torchcnn.testing`) for the same schemas in ``torchcnn_emulated``.
 """
 
@@ -65,12 +66,30 @@ def install_loader() -> None:
             return _op.redispatch(keyset.remove(select), *args)
 
         _LOADER.impl(name, load_then_run, "BackendSelect", with_keyset=True)
-    _extension._on_load.append(_LOADER._destroy)
+    _extension._on_load.append(_loaded)
+
+
+_MISSING = torch.library.Library(NAMESPACE, "IMPL")
+
+
+def _loaded(extension) -> None:
+    """Once the kernels are in: the trigger goes, and if the CUDA kernels were left out, CUDA
+    tensors get an error that says why, instead of the dispatcher's "could not run"."""
+    _LOADER._destroy()
+    if extension.with_cuda:
+        return
+    for name in SCHEMAS:
+        def missing(*args, _name=name):
+            raise NotImplementedError(
+                f"torch.ops.torchcnn.{_name}: this torchcnn has no CUDA kernels ({extension.reason}). "
+                "Build them: TORCHCNN_CUDA=1 for the just-in-time build, or pip install --no-build-isolation -e . "
+                "with a CUDA toolkit")
+        _MISSING.impl(name, missing, "CUDA")
 
 
 # --------------------------------------------------------------------------------------------
-# Fake kernels: csrc/shapes.h's output sizes and the checks that bound them, written for SymInts,
-# with the same messages. Arguments left at their schema defaults may be left out of the call,
+# Fake kernels: csrc/shapes.h's checks and output sizes, written for SymInts, with the same
+# messages (tests/test_properties.py holds the two together). Arguments left at their schema defaults may be left out of the call,
 # hence the defaults here.
 
 
@@ -87,6 +106,17 @@ def window_output_size(size, kernel, stride, pad, dilation, ceil_mode=False):
     if ceil_mode and (out - 1) * stride >= size + pad:
         out = out - 1
     return out
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _c10(dtype) -> str:
+    """A dtype as the C++ messages print it (c10's ScalarType names: Float, Long, ...)."""
+    names = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
+             torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+             torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _pair(op, name, value):
@@ -112,15 +142,16 @@ def _batched_image(op, name, t):
     torch._check_value(t.shape[1] > 0 and t.shape[2] > 0 and t.shape[3] > 0,
                        lambda: f"{op}: expected {name} to have non-zero channels, height and width but got shape "
                                f"{list(t.shape)}")
-    torch._check_type(t.is_floating_point(),
-                      lambda: f"{op}: expected {name} to have a floating-point dtype but got {t.dtype}")
+    torch._check_type(t.dtype in KERNEL_DTYPES,
+                      lambda: f"{op}: expected {name} to have a floating-point dtype (float16, bfloat16, float32 or "
+                              f"float64) but got {_c10(t.dtype)}")
 
 
 def _like(op, name, t, input):
     torch._check_value(t.device == input.device, lambda: f"{op}: expected {name} to be on the same device as input "
                                                          f"({input.device}) but got {t.device}")
     torch._check_type(t.dtype == input.dtype, lambda: f"{op}: expected {name} to have the same dtype as input "
-                                                      f"({input.dtype}) but got {t.dtype}")
+                                                      f"({_c10(input.dtype)}) but got {_c10(t.dtype)}")
 
 
 def conv2d_output_shape(op, input, weight, bias, stride, padding, dilation, groups):
@@ -239,7 +270,7 @@ def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, 
     torch._check_value(indices.device == input.device, lambda: f"{op}: expected indices to be on the same device as "
                                                                f"input ({input.device}) but got {indices.device}")
     torch._check_type(indices.dtype == torch.long, lambda: f"{op}: expected indices to be int64 but got "
-                                                           f"{indices.dtype}")
+                                                           f"{_c10(indices.dtype)}")
     torch._check_value(tuple(indices.shape) == tuple(shape),
                        lambda: f"{op}: expected indices of shape {list(shape)} but got {list(indices.shape)}")
     return _empty(input, input.shape, suggest_memory_format(input))
