@@ -1,4 +1,5 @@
-"""torch.library.opcheck for every op, and torch.compile(fullgraph=True) of a torchcnn model."""
+"""torch.library.opcheck and torch.compile(fullgraph=True) of every op over its samples, and of
+torchcnn models."""
 
 import pytest
 import torch
@@ -23,6 +24,25 @@ def test_opcheck(op, device):
         if args[0].shape[0] == 0 or (op == "max_pool2d_backward" and args[1].shape[0] == 0):
             continue  # opcheck's gradient checks need an element
         torch.library.opcheck(getattr(torch.ops.torchcnn, op).default, args)
+
+
+@pytest.mark.parametrize("op", SAMPLE_INPUTS)
+def test_compiled_op_matches_eager(op, device):
+    """Each op under torch.compile(fullgraph=True), over the first of its samples: values and
+    gradients as in eager mode (the fake kernel shapes the graph, the Autograd kernel its backward)."""
+    function = getattr(torch.ops.torchcnn, op)
+    for args in list(SAMPLE_INPUTS[op](device, torch.float64, requires_grad=True))[:4]:
+        torch._dynamo.reset()  # a fresh graph per sample: recompilations past the cache limit would run eagerly
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad and a.numel()]
+        compiled = torch.compile(lambda *a: function(*a), fullgraph=True, backend="aot_eager")
+        out, expected = compiled(*args), function(*args)
+        out, expected = (out[0], expected[0]) if isinstance(out, tuple) else (out, expected)
+        torch.testing.assert_close(out, expected)
+        if leaves:
+            grad = torch.randn_like(expected)
+            torch.testing.assert_close(torch.autograd.grad(out, leaves, grad, allow_unused=True, materialize_grads=True),
+                                       torch.autograd.grad(expected, leaves, grad, allow_unused=True,
+                                                           materialize_grads=True))
 
 
 def _mnist_model(nn):
