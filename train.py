@@ -51,8 +51,13 @@ def number(kind, rule: str, ok):
     return parse
 
 
+# engine.DEVICE_PATTERN, written here too so that --device is checked before torch is imported
+# (test_cli holds the two to be equal); engine.parse_device then checks that the device exists.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
 def device_arg(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+    if not re.fullmatch(DEVICE_PATTERN, text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
     return text
 
@@ -158,9 +163,62 @@ def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> list[
                              f"onecycle learning rate was laid out for {planned} epochs (start a new run)")
         if args.epochs < finished:
             raise ValueError(f"argument --epochs: the checkpoint has finished {finished} epochs already")
+        if args.epochs == finished and saved.get("step"):
+            raise ValueError(f"argument --epochs: {args.epochs} would drop the {saved['step']} steps of epoch "
+                             f"{finished + 1} that the checkpoint holds; give --epochs {finished + 1} or more")
         notes.append(f"--epochs {args.epochs}: the run {'extends to' if args.epochs > planned else 'ends at'} "
                      f"epoch {args.epochs} instead of {planned}")
     return notes
+
+
+def output_folder(args: argparse.Namespace, saved: dict | None) -> tuple[Path, str | None, bool]:
+    """Where the run's outputs go, why they cannot go there (None when they can), and whether the
+    folder was made for this run; decided by rank 0 alone.
+
+    No run replaces another's files. A new run's --out must hold no run (checkpoint.RUN_FILES); the
+    default, runs/<date>_<time>, is made at once, with -2, -3, ... for runs started in the same
+    second. A resumed run goes on in its checkpoint's folder, unless --out names another that holds
+    no run, and not where a last.pt or interrupted.pt is further along than the checkpoint resumed.
+    """
+    from torchcnn.mnist import checkpoint
+
+    if not (args.out or args.resume):
+        try:
+            name = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            return checkpoint.new_folder(Path("runs") / name), None, True
+        except OSError as e:
+            return Path("runs"), f"cannot create the output folder ({e.strerror or e})", False
+    out = Path(args.out or Path(args.resume).parent)
+    problem = checkpoint.unwritable(out)
+    if problem:
+        return out, problem, False
+    if not (args.resume and out.resolve() == Path(args.resume).resolve().parent):
+        held = checkpoint.saved_run(out)
+        if held:
+            return out, (f"it holds a run already ({', '.join(held)}), which this one would replace: choose "
+                         "another folder" + ("" if args.resume else ", or continue that run with --resume")), False
+        return out, None, False
+
+    def progress(c):
+        return f"epoch {c['epoch'] + 1} at step {c['step']}" if c["step"] else f"after epoch {c['epoch']}"
+
+    for name in ("last.pt", "interrupted.pt"):
+        path = out / name
+        if not path.is_file() or path.samefile(args.resume):
+            continue
+        try:
+            there = checkpoint.load(path)
+        except checkpoint.CheckpointError as e:
+            return out, f"{e}; resume into another folder with --out", False
+        if (there["epoch"], there["step"]) > (saved["epoch"], saved["step"]):
+            return out, (f"its {name} is further along ({progress(there)}) than {args.resume} ({progress(saved)}), "
+                         "and resuming here would replace it: resume into another folder with --out"), False
+    return out, None, False
+
+
+def names(items) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def fail(message: str, code: int = 2):
@@ -195,12 +253,18 @@ def main(argv=None) -> int:
         if args.resume or args.eval:
             try:
                 saved = checkpoint.load(args.resume or args.eval)
+                if args.resume:
+                    checkpoint.require_training_state(saved, args.resume)
             except checkpoint.CheckpointError as e:
                 fail(str(e))
         if args.resume:
-            if saved["recipe"].get("world_size", world_size) != world_size:
-                fail(f"{args.resume} was trained by {saved['recipe']['world_size']} processes; resume it "
-                     f"with as many (torchrun --nproc_per_node={saved['recipe']['world_size']})")
+            trained_by = saved["recipe"].get("world_size")
+            if trained_by is None:
+                say(f"{args.resume} does not record how many processes trained it (format 1); assuming "
+                    f"{world_size}, as in this run")
+            elif trained_by != world_size:
+                fail(f"{args.resume} was trained by {trained_by} process{'es' if trained_by > 1 else ''}; "
+                     f"resume it with as many (torchrun --nproc_per_node={trained_by})")
             try:
                 notes = resume_args(args, given, saved)
             except ValueError as e:
@@ -215,20 +279,22 @@ def main(argv=None) -> int:
         except (data.MNISTNotFoundError, data.MNISTCorruptError) as e:
             fail(str(e))
         mnist = mnist.limit(args.limit_train, args.limit_test).to(device)
+        if not args.eval and mnist.train_images.shape[0] < world_size:
+            fail(f"argument --limit-train: {mnist.train_images.shape[0]} training images cannot be shared "
+                 f"among {world_size} processes (each needs one at least)")
         test_batches = data.Batches(mnist.test_images, mnist.test_labels, args.test_batch_size,
                                     rank=rank, world_size=world_size)
 
         # Model and loss. The same seed gives the same weights on either backend.
         torch.manual_seed(args.seed)
-        net = (MnistNet.from_config(args.backend, saved["model_config"]) if saved
-               else MnistNet(args.backend, dropout=args.dropout)).to(device)
+        try:
+            net = (checkpoint.load_model(saved, args.resume or args.eval, backend=args.backend) if saved
+                   else MnistNet(args.backend, dropout=args.dropout)).to(device)
+        except checkpoint.CheckpointError as e:
+            fail(str(e))
         loss_fn = loss_function(args.backend)
 
         if args.eval:
-            try:
-                checkpoint.load_model_state(net, saved, args.eval)
-            except checkpoint.CheckpointError as e:
-                fail(str(e))
             started = time.perf_counter()
             test = engine.evaluate(net, loss_fn, test_batches)
             say(f"{args.eval}: test accuracy {100 * test.accuracy:.2f}% ({test.correct.item()}/{test.count}), "
@@ -256,10 +322,10 @@ def main(argv=None) -> int:
             for note in notes:
                 say(note)
 
-        # Where the outputs go (the folder is made when the first file is written).
-        out = Path(args.out or (Path(args.resume).parent if args.resume else
-                                Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")))
-        problem = checkpoint.unwritable(out) if is_main else None
+        # Where the outputs go: rank 0 decides, every rank abides (a folder given is made when the
+        # first file is written; the default one at once, and removed if nothing is written).
+        out, problem, made = output_folder(args, saved) if is_main else (None, None, False)
+        out, problem = engine.from_rank0((out, problem))
         if problem:
             fail(f"--out {out}: {problem}")
         where = str(device) if world_size == 1 else f"{world_size} processes on {device.type}"
@@ -267,6 +333,20 @@ def main(argv=None) -> int:
             f"data {mnist.source} | {mnist.train_images.shape[0]} train / {mnist.test_images.shape[0]} test "
             f"images | output {out}", flush=True)
         show_progress = is_main and not args.quiet and sys.stderr.isatty()
+
+        def write_metrics(stopped: bool):
+            last = state.history[-1]
+            checkpoint.write_json({
+                "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+                "epochs": args.epochs, "stopped": {"signal": stop.name, "epoch": state.epoch + 1,
+                                                   "step": state.step} if stopped else None,
+                "history": state.history, "train_seconds": state.train_seconds,
+                "images_per_second": sum(r["train_images"] for r in state.history) / max(state.train_seconds, 1e-9),
+                "device": str(device), "device_name": engine.device_name(device), "backend": args.backend,
+                "world_size": world_size, "seed": args.seed, "torch": str(torch.__version__),
+                "torchcnn": torchcnn.__version__, "args": vars(args),
+                "argv": ["train.py", *(sys.argv[1:] if argv is None else map(str, argv))],
+            }, out / "metrics.json")
 
         # The loop: train an epoch, evaluate, save. A stop request ends the epoch after the step
         # in progress and saves interrupted.pt, from which --resume goes on at the next step.
@@ -287,6 +367,7 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - started
             state.train_seconds += train_seconds
+            state.epoch_train_seconds += train_seconds  # kept across a stop in the middle of the epoch
             session_train += train_seconds
             if state.step < len(batches):
                 resume_from = out / "interrupted.pt"
@@ -295,41 +376,38 @@ def main(argv=None) -> int:
                 say(f"\n{stop.name} in epoch {state.epoch + 1} at step {state.step}/{len(batches)}: "
                     f"saved {resume_from}")
                 break
+            epoch_lr = optimizer.param_groups[0]["lr"]  # the epoch's (under onecycle: after its last step)
             schedule.step_epoch()
             train = state.totals.all_reduced()
             test = engine.evaluate(net, loss_fn, test_batches)
-            seconds = time.perf_counter() - started
+            epoch_train_seconds = state.epoch_train_seconds
+            seconds = epoch_train_seconds + time.perf_counter() - started - train_seconds
             state.end_epoch({"epoch": state.epoch + 1, "train_loss": train.mean_loss,
                              "train_accuracy": train.accuracy, "test_loss": test.mean_loss,
-                             "test_accuracy": test.accuracy, "seconds": seconds, "train_seconds": train_seconds,
-                             "train_images": train.count, "lr": optimizer.param_groups[0]["lr"]})
+                             "test_accuracy": test.accuracy, "seconds": seconds,
+                             "train_seconds": epoch_train_seconds, "train_images": train.count, "lr": epoch_lr})
             say(f"epoch {state.epoch:>2}/{args.epochs}  train loss {train.mean_loss:.4f} "
                 f"acc {100 * train.accuracy:.2f}%  test loss {test.mean_loss:.4f} acc {100 * test.accuracy:.2f}%  "
-                f"{seconds:.1f} s  (training {train.count / train_seconds:,.0f} img/s)", flush=True)
+                f"{seconds:.1f} s  (training {train.count / epoch_train_seconds:,.0f} img/s)", flush=True)
             resume_from, improved = out / "last.pt", test.accuracy > state.best_accuracy
             state.best_accuracy = max(state.best_accuracy, test.accuracy)
             if is_main:
                 checkpoint.save(state.state_dict(), out / "last.pt")
                 if improved:
                     checkpoint.save(state.state_dict(), out / "best.pt")
+                write_metrics(stopped=False)
+                checkpoint.remove_superseded(out / "interrupted.pt", state.epoch)
         stopped, last = state.epoch < args.epochs, state.history[-1] if state.history else None
         progressed = (state.epoch, state.step) != started_at
 
         # The outputs of the finished epochs: metrics.json, the pictures, the summary.
+        written = []
         if is_main and last and (progressed or not stopped):
-            checkpoint.write_json({
-                "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
-                "epochs": args.epochs, "stopped": {"signal": stop.name, "epoch": state.epoch + 1,
-                                                   "step": state.step} if stopped else None,
-                "history": state.history, "train_seconds": state.train_seconds,
-                "images_per_second": sum(r["train_images"] for r in state.history) / max(state.train_seconds, 1e-9),
-                "device": str(device), "device_name": engine.device_name(device), "backend": args.backend,
-                "world_size": world_size, "seed": args.seed, "torch": str(torch.__version__),
-                "torchcnn": torchcnn.__version__, "args": vars(args),
-                "argv": ["train.py", *(sys.argv[1:] if argv is None else map(str, argv))],
-            }, out / "metrics.json")
+            write_metrics(stopped)
+            written.append("metrics.json")
             if not args.no_plots:
                 plots.curves(state.history, out / "curves.png")
+                written.append("curves.png")
                 whole = not state.step  # stopped mid-epoch: draw the model of the last whole epoch, if here
                 if not whole and (out / "last.pt").is_file():
                     finished = checkpoint.load(out / "last.pt")
@@ -342,16 +420,19 @@ def main(argv=None) -> int:
                     plots.confusion(engine.confusion_matrix(mnist.test_labels, predictions), out / "confusion.png")
                     plots.filters(net.features[0].weight, out / "filters.png")
                     plots.mistakes(mnist.test_images, mnist.test_labels, predictions, out / "mistakes.png")
+                    written += ["confusion.png", "filters.png", "mistakes.png"]
         if stopped:
             if not progressed:
+                if made:  # the folder made for this run, still empty
+                    out.rmdir()
                 say(f"{stop.name} before the first step: nothing saved" +
                     (f"; {args.resume} is as it was" if args.resume else ""))
             else:
                 if not state.step:
                     say(f"{stop.name} after epoch {state.epoch}: {resume_from} holds it")
-                if last:
-                    say(f"metrics.json{'' if args.no_plots else ' and the pictures'} of epochs 1-{state.epoch} "
-                        f"are in {out}")
+                if written:
+                    say(f"{names(written)} of epochs 1-{state.epoch} {'is' if len(written) == 1 else 'are'} "
+                        f"in {out}")
                 say(f"continue with: python train.py --resume {resume_from}")
             return stop.exit_code
         session = time.perf_counter() - session_start

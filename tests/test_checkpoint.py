@@ -1,13 +1,15 @@
 """torchcnn.mnist.checkpoint: what a checkpoint holds (TrainingState), atomic writes, clear errors
-for files that are not checkpoints, and the checkpoints of torchcnn 0.1.0 (format version 1)."""
+for files that are not checkpoints, and checkpoints of format 1 (a real one, fixtures/format1_last.pt)."""
 
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from mnist_support import ROOT, TINY, needs_mnist, run_train
+from mnist_support import ROOT, needs_mnist, run_train
 
 from torchcnn.mnist import checkpoint, data, engine
 from torchcnn.mnist.checkpoint import CheckpointError, TrainingState
@@ -158,40 +160,72 @@ def test_a_pickled_object_is_refused_without_torchs_unsafe_advice(tmp_path):
     assert "weights_only" not in message and "arbitrary code" not in message
 
 
-def as_version_1(saved: dict, **args) -> dict:
-    """A checkpoint as torchcnn 0.1.0 wrote it: every argument under "args", the backend among them."""
-    old = {k: v for k, v in saved.items() if k not in ("backend", "recipe")}
-    recipe = {k: v for k, v in saved["recipe"].items() if k != "world_size"}
-    v1_args = {"device": "cpu", "backend": saved["backend"], "data_dir": "./data", "no_download": True,
-               "test_batch_size": 1000, "out": None, "resume": None, "eval": None, "no_plots": True,
-               "quiet": True, **recipe, **args}
-    return {**old, "version": 1, "args": v1_args, "torchcnn": "0.1.0"}
+# The last.pt of a format-1 run (one epoch of two, Adam, one-cycle, 640 images, a small model),
+# written with that format's layout by fixtures/make_format1.py.
+FORMAT_1 = Path(__file__).parent / "fixtures" / "format1_last.pt"
 
 
-def test_version_1_checkpoints_are_read_in_the_current_form(tmp_path):
-    state = make_state(0, backend="torch")
-    state.end_epoch({"epoch": 1, "test_accuracy": 0.9})
-    old = as_version_1({"format": checkpoint.FORMAT, **state.state_dict()}, lr=None, optimizer="adam")
-    torch.save(old, tmp_path / "v1.pt")
-    loaded = checkpoint.load(tmp_path / "v1.pt")
-    assert loaded["version"] == 2 and loaded["backend"] == "torch" and "args" not in loaded
-    assert loaded["recipe"]["lr"] == 5e-3  # 0.1.0's default for adam, when --lr was not given
-    assert loaded["recipe"]["epochs"] == 2 and "device" not in loaded["recipe"]
+def test_format_1_checkpoints_are_read_in_the_current_form():
+    raw = torch.load(FORMAT_1, weights_only=True)
+    assert raw["version"] == 1 and "args" in raw and "backend" not in raw and "recipe" not in raw
+    loaded = checkpoint.load(FORMAT_1)
+    assert loaded["version"] == 2 and loaded["backend"] == "torchcnn" and "args" not in loaded
+    recipe = loaded["recipe"]
+    assert recipe["lr"] == 5e-3  # format 1's --lr None: the default for adam
+    assert (recipe["epochs"], recipe["batch_size"], recipe["limit_train"]) == (2, 32, 640)
+    assert not {"device", "out", "resume", "data_dir"} & recipe.keys()
+    assert recipe["world_size"] == 1  # the one-cycle schedule's 40 steps: 2 epochs of 20, one process alone
     model = checkpoint.load_model(loaded)
-    assert model.backend == "torch" and model.config == state.model.config
-    restored = make_state(1)
+    assert model.backend == "torchcnn" and model.config == {"channels": [4, 8], "hidden": 16, "dropout": 0.25}
+    torch.manual_seed(0)
+    small = MnistNet("torch", channels=(4, 8), hidden=16)
+    optimizer = engine.make_optimizer("adam", small.parameters(), lr=5e-3)
+    schedule = engine.make_schedule("onecycle", optimizer, lr=5e-3, epochs=2, steps_per_epoch=20)
+    restored = TrainingState(small, optimizer, schedule, torch.Generator(), recipe={})
     restored.load_state_dict(loaded)
-    assert restored.epoch == 1 and restored.history == [{"epoch": 1, "test_accuracy": 0.9}]
+    assert restored.epoch == 1 and restored.step == 0 and restored.history == raw["history"]
+    assert restored.recipe == recipe and schedule.scheduler.last_epoch == 20
+
+
+def test_format_1_process_count_is_inferred_where_one_count_fits():
+    recipe = {"epochs": 2, "batch_size": 32, "limit_train": 640}
+    infer = checkpoint._v1_world_size
+    assert infer({"scheduler": {"total_steps": 40}}, recipe) == 1  # 20 steps per epoch: 640 images / 1
+    assert infer({"scheduler": {"total_steps": 20}}, recipe) == 2  # 10: 320 images per process
+    assert infer({"scheduler": {"total_steps": 8}}, recipe) is None  # 4: 5 processes (128 each) or 6 (106)
+    adam = {"state": {0: {"step": torch.tensor(60.0)}, 1: {"step": torch.tensor(60.0)}}}
+    assert infer({"scheduler": {"step_size": 1}, "optimizer": adam, "epoch": 3, "step": 0}, recipe) == 1
+    sgd = {"state": {}}  # plain SGD under a step schedule keeps no count of steps
+    assert infer({"scheduler": {"step_size": 1}, "optimizer": sgd, "epoch": 3, "step": 0}, recipe) is None
 
 
 @needs_mnist
-def test_a_run_saved_by_version_1_resumes(tmp_path, capsys):
-    assert run_train([*TINY, "--epochs", 1, "--schedule", "step", "--no-plots", "--out", tmp_path]) == 0
-    saved = checkpoint.load(tmp_path / "last.pt")
-    torch.save(as_version_1({"format": checkpoint.FORMAT, **saved}, epochs=2), tmp_path / "v1.pt")
-    capsys.readouterr()
-    assert run_train(["--resume", tmp_path / "v1.pt", "--no-plots"]) == 0
+def test_a_run_saved_in_format_1_resumes(tmp_path, monkeypatch, capsys):
+    shutil.copy(FORMAT_1, tmp_path / "last.pt")
+    # Where the count cannot be inferred, this run's is assumed, and said so.
+    monkeypatch.setattr(checkpoint, "_v1_world_size", lambda saved, recipe: None)
+    assert run_train(["--resume", tmp_path / "last.pt", "--no-plots"]) == 0
     printed = capsys.readouterr().out
+    assert (f"{tmp_path / 'last.pt'} does not record how many processes trained it (format 1); assuming 1, "
+            "as in this run") in printed
     assert "resuming" in printed and "epoch  2/2" in printed
     resumed = checkpoint.load(tmp_path / "last.pt")
-    assert resumed["epoch"] == 2 and resumed["recipe"]["epochs"] == 2 and resumed["backend"] == "torchcnn"
+    assert resumed["version"] == 2 and resumed["epoch"] == 2 and resumed["backend"] == "torchcnn"
+    assert resumed["recipe"]["epochs"] == 2 and resumed["recipe"]["world_size"] == 1
+    assert resumed["model_config"] == {"channels": [4, 8], "hidden": 16, "dropout": 0.25}
+
+
+def test_a_new_folder_is_never_shared(tmp_path):
+    assert checkpoint.new_folder(tmp_path / "runs" / "t") == tmp_path / "runs" / "t"
+    assert checkpoint.new_folder(tmp_path / "runs" / "t") == tmp_path / "runs" / "t-2"
+    assert checkpoint.new_folder(tmp_path / "runs" / "t") == tmp_path / "runs" / "t-3"
+
+
+def test_a_stale_interrupted_pt_is_removed_once_superseded(tmp_path):
+    state = make_state(0)
+    state.step = 3
+    checkpoint.save(state.state_dict(), tmp_path / "interrupted.pt")  # in epoch 1
+    checkpoint.remove_superseded(tmp_path / "interrupted.pt", 0)
+    assert (tmp_path / "interrupted.pt").is_file()  # not behind a last.pt of no epochs
+    checkpoint.remove_superseded(tmp_path / "interrupted.pt", 1)
+    assert not (tmp_path / "interrupted.pt").exists()  # behind a last.pt of epoch 1

@@ -2,7 +2,9 @@
 --resume honours and which it refuses, --eval's, and errors without tracebacks; --help and argument
 errors answer without torch or a build."""
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 from mnist_support import ROOT, help_blocks, needs_mnist, run_train, short_run
 
 import train
-from torchcnn.mnist import engine, model
+from torchcnn.mnist import checkpoint, engine, model
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +85,21 @@ def test_help_shows_every_default_once(capsys):
 def test_the_choices_are_the_packages():
     assert train.OPTIMIZERS == engine.OPTIMIZERS and train.SCHEDULES == engine.SCHEDULES
     assert train.BACKENDS == model.BACKENDS and set(train.DEFAULT_LR) == set(engine.OPTIMIZERS)
+    assert train.DEVICE_PATTERN == engine.DEVICE_PATTERN  # --device, checked before torch and after
+
+
+@pytest.mark.parametrize("text", ["cpu:0", "CPU", "cuda:-1", "cuda:x", "meta", "cuda:0:1", ""])
+def test_the_package_refuses_the_devices_the_command_line_does(text, capsys):
+    assert error_of(["--device", text], capsys).endswith(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+    with pytest.raises(ValueError, match="is not a device"):
+        engine.parse_device(text)
 
 
 def test_help_argument_and_data_errors_build_nothing(tmp_path):
     """--help and argument errors answer without torch; missing data is found before the first op
     (which builds the extension) in a process whose extensions folder is empty."""
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    # TORCHCNN_JIT=1: a build would go to the empty folder, even where a prebuilt torchcnn._C exists.
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "TORCHCNN_JIT": "1"}
     (tmp_path / "extensions").mkdir()
     shown = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
                            env=env, cwd=tmp_path)
@@ -164,6 +175,10 @@ def test_resume_honours_epochs_where_the_schedule_allows():
     assert args.epochs == 3 and notes == ["--epochs 3: the run ends at epoch 3 instead of 4"]
     with pytest.raises(ValueError, match="^argument --epochs: the checkpoint has finished 2 epochs already"):
         resume("--epochs", "1")
+    args, given = train.parse_args(["--resume", "run/interrupted.pt", "--epochs", "2"])
+    with pytest.raises(ValueError, match="^argument --epochs: 2 would drop the 7 steps of epoch 3 that the "
+                                         "checkpoint holds; give --epochs 3 or more"):
+        train.resume_args(args, given, {**SAVED, "step": 7})
     with pytest.raises(ValueError, match="^argument --epochs: 6 contradicts the checkpoint's 4: its onecycle "
                                          "learning rate was laid out for 4 epochs"):
         resume("--epochs", "6", schedule="onecycle")
@@ -226,3 +241,78 @@ def test_an_output_folder_that_cannot_be_made_is_named(tmp_path, capsys):
         run_train(["--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--out", blocker / "run"])
     assert exit_info.value.code == 2
     assert f"--out {blocker / 'run'}: cannot create the output folder" in capsys.readouterr().err
+
+
+@needs_mnist
+def test_a_new_run_never_replaces_a_saved_one(trained, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in trained.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--out", trained])
+    assert exit_info.value.code == 2
+    assert (f"train.py: error: --out {trained}: it holds a run already (last.pt, best.pt, metrics.json), which "
+            "this one would replace: choose another folder, or continue that run with --resume") in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in trained.iterdir()} == before
+
+
+@needs_mnist
+def test_resuming_an_earlier_checkpoint_never_replaces_a_later_one(trained, tmp_path, capsys):
+    """best.pt of epoch 1 beside a last.pt of epoch 2: resuming best.pt there would rewind last.pt."""
+    shutil.copy(trained / "last.pt", tmp_path / "best.pt")
+    later = checkpoint.load(trained / "last.pt")
+    checkpoint.save({**later, "epoch": 2}, tmp_path / "last.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--resume", tmp_path / "best.pt"])
+    assert exit_info.value.code == 2
+    assert (f"train.py: error: --out {tmp_path}: its last.pt is further along (after epoch 2) than "
+            f"{tmp_path / 'best.pt'} (after epoch 1), and resuming here would replace it: resume into another "
+            "folder with --out") in capsys.readouterr().err
+    # Into another folder it goes on (here with nothing left to train: it writes the outputs).
+    assert run_train(["--resume", tmp_path / "best.pt", "--out", tmp_path / "branch", "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "branch").iterdir()) == ["metrics.json"]
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 2
+
+
+@needs_mnist
+def test_a_checkpoint_of_weights_alone_is_evaluated_not_resumed(trained, tmp_path, capsys):
+    net = checkpoint.load_model(checkpoint.load(trained / "last.pt"))
+    weights = tmp_path / "weights.pt"
+    checkpoint.save({"backend": "torchcnn", "model": net.state_dict()}, weights)  # no model_config either
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--resume", weights])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"train.py: error: {weights} holds weights but no training state (recipe, optimizer, scheduler, "
+            "epoch, step, data_rng, rng, history missing): it can be evaluated, not resumed") in err
+    assert "Traceback" not in err
+    assert run_train(["--eval", weights, "--limit-test", 100]) == 0
+    assert f"{weights}: test accuracy" in capsys.readouterr().out
+
+
+def as_processes(monkeypatch, world_size):
+    """train.main believes it is one of ``world_size`` processes (rank 0; no process group)."""
+    @contextlib.contextmanager
+    def process_group(device):
+        yield 0, world_size, device
+
+    monkeypatch.setattr(engine, "process_group", process_group)
+
+
+@needs_mnist
+def test_resume_with_another_process_count_is_refused(trained, monkeypatch, capsys):
+    as_processes(monkeypatch, 2)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--resume", trained / "last.pt"])
+    assert exit_info.value.code == 2
+    assert (f"train.py: error: {trained / 'last.pt'} was trained by 1 process; resume it with as many "
+            "(torchrun --nproc_per_node=1)") in capsys.readouterr().err
+
+
+@needs_mnist
+def test_fewer_training_images_than_processes_are_refused(tmp_path, monkeypatch, capsys):
+    as_processes(monkeypatch, 4)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(["--limit-train", 3, "--out", tmp_path / "run"])
+    assert exit_info.value.code == 2
+    assert ("train.py: error: argument --limit-train: 3 training images cannot be shared among 4 processes "
+            "(each needs one at least)") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -114,6 +114,8 @@ def test_resume_after_a_stop_equals_a_run_never_stopped(tmp_path, monkeypatch, c
     printed = capsys.readouterr().out
     cut = tmp_path / "cut"
     assert f"SIGTERM in epoch 2 at step 7/20: saved {cut / 'interrupted.pt'}" in printed
+    assert (f"metrics.json, curves.png, confusion.png, filters.png and mistakes.png of epochs 1-1 are in {cut}"
+            in printed)
     assert f"continue with: python train.py --resume {cut / 'interrupted.pt'}" in printed
     assert "| cpu |" in printed.splitlines()[0]
     stopped = metrics(cut)
@@ -122,11 +124,15 @@ def test_resume_after_a_stop_equals_a_run_never_stopped(tmp_path, monkeypatch, c
     for name in ("curves.png", "confusion.png", "filters.png", "mistakes.png", "last.pt", "best.pt"):
         assert (cut / name).is_file(), name
 
+    partial = checkpoint.load(cut / "interrupted.pt")["epoch_train_seconds"]
+    assert partial > 0
     assert run_train(["--resume", cut / "interrupted.pt", "--no-plots"]) == 0
     printed = capsys.readouterr().out
     assert "resuming" in printed and "s of it in this session" in printed
+    assert not (cut / "interrupted.pt").exists()  # last.pt of epoch 2 supersedes it
     straight = checkpoint.load(tmp_path / "straight" / "last.pt")
     resumed = checkpoint.load(cut / "last.pt")
+    assert resumed["history"][1]["train_seconds"] > partial  # epoch 2's training time, both sessions
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
 
@@ -134,6 +140,7 @@ def test_resume_after_a_stop_equals_a_run_never_stopped(tmp_path, monkeypatch, c
         return [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")} for row in history]
 
     assert without_times(straight["history"]) == without_times(resumed["history"])
+    assert [row["lr"] for row in straight["history"]] == pytest.approx([5e-3, 5e-3 * 0.7])  # each epoch's own
     assert metrics(cut)["test_accuracy"] == metrics(tmp_path / "straight")["test_accuracy"]
     assert metrics(cut)["stopped"] is None
 
@@ -141,7 +148,15 @@ def test_resume_after_a_stop_equals_a_run_never_stopped(tmp_path, monkeypatch, c
 @needs_mnist
 def test_a_stop_between_epochs_keeps_last_pt(tmp_path, monkeypatch, capsys):
     stop_on(monkeypatch, "agreed", 2, signal.SIGINT)  # asked before epoch 2
+    seen, agreed = [], engine.StopRequest.agreed
+
+    def look(self):  # metrics.json is there after every epoch, before any stop or end
+        seen.append(metrics(tmp_path)["history"] if (tmp_path / "metrics.json").is_file() else None)
+        return agreed(self)
+
+    monkeypatch.setattr(engine.StopRequest, "agreed", look)
     assert run_train([*TINY, "--no-plots", "--out", tmp_path]) == 130
+    assert seen[0] is None and [row["epoch"] for row in seen[1]] == [1]
     printed = capsys.readouterr().out
     assert f"SIGINT after epoch 1: {tmp_path / 'last.pt'} holds it" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "metrics.json"]
@@ -164,6 +179,33 @@ def test_a_stop_before_the_first_step_leaves_no_folder(tmp_path, monkeypatch, ca
     assert run_train([*TINY, "--out", tmp_path / "run"]) == 143
     assert "SIGTERM before the first step: nothing saved" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+@needs_mnist
+def test_a_stop_before_the_first_step_leaves_no_default_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    sigterm_while_loading(monkeypatch)
+    assert run_train(TINY) == 143
+    assert "SIGTERM before the first step: nothing saved" in capsys.readouterr().out
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+@needs_mnist
+def test_signal_handlers_are_restored_when_main_returns(tmp_path, capsys):
+    def mine(signum, frame):
+        pass
+
+    previous = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert run_train(["--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--no-plots",
+                          "--out", tmp_path / "run"]) == 0
+        assert all(signal.getsignal(s) is mine for s in previous)
+        with pytest.raises(SystemExit):  # an error inside the run: missing data
+            run_train(["--epochs", 1, "--out", tmp_path / "other"], data_dir=tmp_path / "nowhere")
+        assert all(signal.getsignal(s) is mine for s in previous)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @needs_mnist

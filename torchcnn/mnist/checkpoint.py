@@ -1,7 +1,8 @@
 """What a training checkpoint holds, defined once (``TrainingState``); files that survive a kill at
-any moment (written to a temporary file beside the target, flushed, then renamed over it); and
-loading, with a clear error for anything that is not a checkpoint and with the checkpoints of
-format version 1 (torchcnn 0.1.0) upgraded as they are read."""
+any moment (written to a temporary file beside the target, flushed, then renamed over it); the
+files that make a run (``RUN_FILES``); and loading, with a clear error for anything that is not a
+checkpoint and with checkpoints of format 1 (written before the application moved into
+torchcnn.mnist) upgraded as they are read."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ FORMAT_VERSION = 2  # 2: the backend and the recipe are fields of their own (1 k
 _V1_RECIPE = ("epochs", "batch_size", "optimizer", "lr", "schedule", "step_size", "gamma",
               "weight_decay", "dropout", "shift", "seed", "limit_train", "limit_test")
 _V1_DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
+_V1_TRAIN_IMAGES = 60000  # MNIST's training set, which --limit-train None meant
 
 
 class CheckpointError(ValueError):
@@ -51,6 +53,7 @@ class TrainingState:
     totals: Totals | None = None  # the current epoch's running sums
     history: list[dict] = field(default_factory=list)  # one row per finished epoch
     train_seconds: float = 0.0
+    epoch_train_seconds: float = 0.0  # the current epoch's training time so far, across stops
     best_accuracy: float = -1.0
     epoch_rng: torch.Tensor | None = None  # data_rng's state when the current epoch began
 
@@ -59,7 +62,7 @@ class TrainingState:
 
     def end_epoch(self, row: dict) -> None:
         self.history.append(row)
-        self.epoch, self.step, self.totals = self.epoch + 1, 0, None
+        self.epoch, self.step, self.totals, self.epoch_train_seconds = self.epoch + 1, 0, None, 0.0
 
     @property
     def device(self) -> torch.device:
@@ -77,20 +80,17 @@ class TrainingState:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "history": self.history, "train_seconds": self.train_seconds,
+            "epoch_train_seconds": self.epoch_train_seconds if mid_epoch else 0.0,
             "best_accuracy": self.best_accuracy,
             "torch": str(torch.__version__), "torchcnn": __version__,
         }
 
     def load_state_dict(self, state: dict, path="checkpoint") -> None:
-        missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "data_rng", "rng", "history")
-                   if k not in state]
-        if missing:
-            raise CheckpointError(f"{path} holds weights but no training state ({', '.join(missing)} "
-                                  "missing): it can be evaluated, not resumed")
+        require_training_state(state, path)
         load_model_state(self.model, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
-        self.recipe = dict(state.get("recipe", self.recipe))
+        self.recipe = dict(state["recipe"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.totals = Totals.from_state_dict(state["totals"], self.device) if state.get("totals") else None
         self.data_rng.set_state(state["data_rng"])
@@ -100,7 +100,17 @@ class TrainingState:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.history = list(state["history"])
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.epoch_train_seconds = state.get("epoch_train_seconds", 0.0) if self.step else 0.0
         self.best_accuracy = state.get("best_accuracy", -1.0)
+
+
+def require_training_state(checkpoint: dict, path="checkpoint") -> None:
+    """A CheckpointError unless ``checkpoint`` holds what resuming needs, not only weights."""
+    missing = [k for k in ("recipe", "optimizer", "scheduler", "epoch", "step", "data_rng", "rng", "history")
+               if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} holds weights but no training state ({', '.join(missing)} "
+                              "missing): it can be evaluated, not resumed")
 
 
 def _replace_atomically(path, write) -> None:
@@ -138,10 +148,48 @@ def unwritable(folder) -> str | None:
     return None
 
 
+RUN_FILES = ("last.pt", "interrupted.pt", "best.pt", "metrics.json")  # a folder with one holds a run
+
+
+def saved_run(folder) -> list[str]:
+    """The files of a run (RUN_FILES) that ``folder`` holds."""
+    return [name for name in RUN_FILES if (Path(folder) / name).exists()]
+
+
+def new_folder(path) -> Path:
+    """Make the folder ``path``, or ``path-2``, ``path-3``, ... when it exists: atomically (mkdir
+    fails when another process made it first), so that no two runs share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        folder = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path} and 9,998 variants of its name exist")
+
+
 def save(state: dict, path) -> None:
     """``torch.save`` a state dict (``TrainingState.state_dict()``) to ``path`` atomically: the
     previous file stays whole until the new one is."""
     _replace_atomically(path, lambda f: torch.save({"format": FORMAT, "version": FORMAT_VERSION, **state}, f))
+
+
+def remove_superseded(path, epochs: int) -> None:
+    """Remove the interrupted.pt ``path`` once a last.pt of ``epochs`` finished epochs has been
+    written beside it and it is behind that (resuming it would rewind the run); an unreadable one
+    is left alone."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        behind = load(path)["epoch"] < epochs
+    except CheckpointError:
+        return
+    if behind:
+        path.unlink(missing_ok=True)
 
 
 def write_json(data, path) -> None:
@@ -149,11 +197,36 @@ def write_json(data, path) -> None:
     _replace_atomically(path, lambda f: f.write(text.encode()))
 
 
+def _v1_world_size(checkpoint: dict, recipe: dict) -> int | None:
+    """The process count of a format-1 run, which did not record it, where the steps per epoch it
+    implies (from the one-cycle schedule's length, or from the optimizer's step count) fit one count
+    alone; None when they do not."""
+    if not {"batch_size", "epochs"} <= recipe.keys():
+        return None
+    images = min(recipe.get("limit_train") or _V1_TRAIN_IMAGES, _V1_TRAIN_IMAGES)
+    scheduler = checkpoint.get("scheduler") or {}
+    steps_per_epoch = None
+    if "total_steps" in scheduler:  # OneCycleLR: epochs × steps per epoch
+        steps_per_epoch = scheduler["total_steps"] / recipe["epochs"]
+    elif checkpoint.get("epoch"):  # Adam and Adadelta count the steps taken: epoch × steps per epoch + step
+        counts = {int(s["step"]) for s in (checkpoint.get("optimizer") or {}).get("state", {}).values()
+                  if "step" in s}
+        if len(counts) == 1:
+            steps_per_epoch = (counts.pop() - checkpoint.get("step", 0)) / checkpoint["epoch"]
+    if steps_per_epoch is None:
+        return None
+    fits = [w for w in range(1, images + 1) if -(-(images // w) // recipe["batch_size"]) == steps_per_epoch]
+    return fits[0] if len(fits) == 1 else None
+
+
 def _upgrade_from_v1(checkpoint: dict) -> dict:
     args = checkpoint.pop("args", None) or {}
     recipe = {k: args[k] for k in _V1_RECIPE if k in args}
     if recipe.get("lr", 0) is None:
         recipe["lr"] = _V1_DEFAULT_LR[recipe["optimizer"]]
+    world_size = _v1_world_size(checkpoint, recipe)
+    if world_size is not None:
+        recipe["world_size"] = world_size
     return {**checkpoint, "version": 2, "backend": args.get("backend", "torchcnn"), "recipe": recipe}
 
 
@@ -202,8 +275,9 @@ def load_model_state(model: torch.nn.Module, checkpoint: dict, path="checkpoint"
         raise CheckpointError(f"{path} holds weights of another architecture: {e}") from e
 
 
-def load_model(checkpoint: dict, path="checkpoint") -> MnistNet:
-    """The model a checkpoint (as ``load`` returns it) holds, with its weights, on the CPU."""
-    model = MnistNet.from_config(checkpoint["backend"], checkpoint.get("model_config") or {})
+def load_model(checkpoint: dict, path="checkpoint", backend: str | None = None) -> MnistNet:
+    """The model a checkpoint (as ``load`` returns it) holds, with its weights, on the CPU: from the
+    checkpoint's backend, or ``backend`` (their weights are interchangeable)."""
+    model = MnistNet.from_config(backend or checkpoint["backend"], checkpoint.get("model_config") or {})
     load_model_state(model, checkpoint, path)
     return model

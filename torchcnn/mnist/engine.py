@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -19,22 +20,24 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adadelta")
 SCHEDULES = ("onecycle", "step", "none")
 
 
+# What --device accepts. train.py checks the same pattern before it imports torch (test_cli holds
+# the two to be equal).
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
 def parse_device(text: str) -> torch.device:
     """A ``--device`` argument (``auto``: cuda if available, else cpu) as a torch.device, or a
     ValueError that says what is wrong with it."""
+    if not re.fullmatch(DEVICE_PATTERN, text):
+        raise ValueError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(text)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{text!r}: CUDA is not available here")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"{text!r}: only cpu and cuda devices are supported")
     return device
 
 
@@ -53,6 +56,16 @@ def device_name(device: torch.device) -> str:
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def from_rank0(value):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself in one process.
+    A collective when distributed: every rank calls it at the same point."""
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextlib.contextmanager
