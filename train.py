@@ -15,6 +15,7 @@ checked before torch is imported, the data before torchcnn's first op (which bui
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import re
@@ -216,6 +217,13 @@ def output_folder(args: argparse.Namespace, saved: dict | None) -> tuple[Path, s
     return out, None, False
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove the folder made for this run if nothing was written to it (a stop before the first
+    step, or an error)."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def names(items) -> str:
     items = list(items)
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
@@ -243,8 +251,9 @@ def main(argv=None) -> int:
         fail(f"argument --device: {e}")
 
     # Ctrl-C and SIGTERM from here on ask the loop to stop and save; the process group is torn
-    # down however this block is left.
-    with engine.StopRequest() as stop, engine.process_group(device) as (rank, world_size, device):
+    # down, and a folder made for this run removed if it is still empty, however this block is left.
+    with engine.StopRequest() as stop, engine.process_group(device) as (rank, world_size, device), \
+            contextlib.ExitStack() as on_exit:
         is_main = rank == 0
         say = print if is_main else (lambda *a, **k: None)
 
@@ -325,6 +334,8 @@ def main(argv=None) -> int:
         # Where the outputs go: rank 0 decides, every rank abides (a folder given is made when the
         # first file is written; the default one at once, and removed if nothing is written).
         out, problem, made = output_folder(args, saved) if is_main else (None, None, False)
+        if made:
+            on_exit.callback(remove_if_empty, out)
         out, problem = engine.from_rank0((out, problem))
         if problem:
             fail(f"--out {out}: {problem}")
@@ -423,8 +434,6 @@ def main(argv=None) -> int:
                     written += ["confusion.png", "filters.png", "mistakes.png"]
         if stopped:
             if not progressed:
-                if made:  # the folder made for this run, still empty
-                    out.rmdir()
                 say(f"{stop.name} before the first step: nothing saved" +
                     (f"; {args.resume} is as it was" if args.resume else ""))
             else:

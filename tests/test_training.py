@@ -191,6 +191,19 @@ def test_a_stop_before_the_first_step_leaves_no_default_folder(tmp_path, monkeyp
 
 
 @needs_mnist
+def test_an_error_before_anything_is_written_leaves_no_default_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(engine, "train_epoch", broken)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        run_train(TINY)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+@needs_mnist
 def test_signal_handlers_are_restored_when_main_returns(tmp_path, capsys):
     def mine(signum, frame):
         pass
