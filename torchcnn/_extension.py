@@ -65,14 +65,40 @@ def _import_cpp_extension():
     return cpp_extension
 
 
-def needs_compile(build_dir: str, sources: list[str], name: str) -> bool:
-    """Whether the library `name` in `build_dir` is missing or older than a source or header."""
-    library = os.path.join(build_dir, f"{name}.so")
+def _newest_in_csrc() -> float:
+    """The modification time of the newest file under csrc/ (sources and headers)."""
+    return max(os.path.getmtime(os.path.join(root, f)) for root, _, files in os.walk(_build.CSRC) for f in files)
+
+
+def _needs_compile(library: str, sources: list[str]) -> bool:
+    """Whether `library` is missing or older than a source (outside csrc/ too) or anything in csrc/."""
     if not os.path.exists(library):
         return True
-    headers = [os.path.join(root, f) for root, _, files in os.walk(_build.CSRC) for f in files]
-    newest = max(os.path.getmtime(f) for f in sources + headers)
-    return os.path.getmtime(library) < newest
+    return os.path.getmtime(library) < max([_newest_in_csrc()] + [os.path.getmtime(s) for s in sources])
+
+
+def build_directory(name: str) -> str:
+    """Where the just-in-time library `name` is built, in torch's extensions cache."""
+    return _import_cpp_extension()._get_build_directory(name, verbose=False)
+
+
+def build_and_load(name: str, sources: list[str], what: str, **options) -> None:
+    """Compile the library `name` from `sources` with torch.utils.cpp_extension.load (ninja, cached
+    by name) if need be, reporting progress, and load it; `options` are load()'s build options."""
+    cpp_extension = _import_cpp_extension()
+    build_dir = build_directory(name)
+    library = os.path.join(build_dir, f"{name}.so")
+    before = os.path.getmtime(library) if os.path.exists(library) else None
+    progress = (reporting_progress(f"{what} once into {build_dir}") if _needs_compile(library, sources)
+                else contextlib.nullcontext({}))
+    with progress as outcome:
+        cpp_extension.load(name=name, sources=sources, is_python_module=False,
+                           verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1", **options)
+        if before is not None and os.path.getmtime(library) == before:
+            # A changed file that this library does not compile (csrc/cuda in a CPU build): ninja had
+            # nothing to do. Mark the library current so that the next start does not say it again.
+            os.utime(library)
+            outcome["message"] = "nothing needed recompiling"
 
 
 @contextlib.contextmanager
@@ -116,31 +142,16 @@ def _load_jit() -> str:
         )
     cfg = _build.config(just_in_time=True)
     _build.prepare_environment(cfg)
-    cpp_extension = _import_cpp_extension()
-    name = "torchcnn_C_cuda" if cfg.with_cuda else "torchcnn_C_cpu"
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    what = ("the CPU and CUDA kernels" if cfg.with_cuda else f"the CPU kernels only ({cfg.reason})")
-    library = os.path.join(build_dir, f"{name}.so")
-    before = os.path.getmtime(library) if os.path.exists(library) else None
-    progress = (reporting_progress(f"{what} once into {build_dir}")
-                if needs_compile(build_dir, cfg.sources, name) else contextlib.nullcontext({}))
-    with progress as outcome:
-        cpp_extension.load(
-            name=name,
-            sources=cfg.sources,
-            extra_cflags=cfg.cxx_flags,
-            extra_cuda_cflags=cfg.nvcc_flags,
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[_build.CSRC] + cfg.include_dirs,
-            with_cuda=cfg.with_cuda,
-            is_python_module=False,
-            verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1",
-        )
-        if before is not None and os.path.getmtime(library) == before:
-            # A changed file that this build does not compile (csrc/cuda in a CPU build): ninja had
-            # nothing to do. Mark the library current so that the next start does not say it again.
-            os.utime(library)
-            outcome["message"] = "nothing needed recompiling"
+    build_and_load(
+        "torchcnn_C_cuda" if cfg.with_cuda else "torchcnn_C_cpu",
+        cfg.sources,
+        "the CPU and CUDA kernels" if cfg.with_cuda else f"the CPU kernels only ({cfg.reason})",
+        extra_cflags=cfg.cxx_flags,
+        extra_cuda_cflags=cfg.nvcc_flags,
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[_build.CSRC] + cfg.include_dirs,
+        with_cuda=cfg.with_cuda,
+    )
     return "" if cfg.with_cuda else cfg.reason
 
 
@@ -155,8 +166,7 @@ def _prebuilt() -> str | None:
                               "this one: delete it, then rebuild (pip install --no-build-isolation -e .) or let "
                               "torchcnn compile its kernels on first use")
     if os.path.isdir(_build.CSRC):
-        newest = max(os.path.getmtime(os.path.join(root, f)) for root, _, files in os.walk(_build.CSRC) for f in files)
-        if os.path.getmtime(spec.origin) < newest:
+        if os.path.getmtime(spec.origin) < _newest_in_csrc():
             warnings.warn(f"torchcnn: the prebuilt {spec.origin} is older than the sources in {_build.CSRC}; it runs "
                           "the kernels it was built from. Rebuild (pip install --no-build-isolation -e .), or set "
                           "TORCHCNN_JIT=1 to compile the sources on first use", stacklevel=3)
@@ -176,7 +186,6 @@ def load() -> Extension:
         if _failure is not None:
             raise _failure
         try:
-            reason = ""
             if os.environ.get("TORCHCNN_JIT") != "1" and _prebuilt() is not None:
                 importlib.import_module("torchcnn._C")
                 origin = "prebuilt"

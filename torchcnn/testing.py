@@ -66,29 +66,21 @@ def emulated_cuda_ops(sanitize: bool | None = None):
         raise RuntimeError("emulated_cuda_ops: needs a source checkout (csrc/ was not found)")
 
     name = "torchcnn_emulated_cuda" + ("_sanitized" if sanitize else "")
-    cpp_extension = _extension._import_cpp_extension()
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    sources = _build.emulated_sources(os.path.join(build_dir, "src"))
-    flags = _build.EMULATION_FLAGS + (_build.SANITIZER_FLAGS if sanitize else [])
-    what = f"the emulated CUDA kernels (csrc/cuda as C++{', sanitized' if sanitize else ''}) once into {build_dir}"
-    progress = (_extension.reporting_progress(what) if _extension.needs_compile(build_dir, sources, name)
-                else contextlib.nullcontext())
+    sources = _build.emulated_sources(os.path.join(_extension.build_directory(name), "src"))
     # The compiler must not run with this process's preloaded sanitizer runtime.
     preload = os.environ.pop("LD_PRELOAD", None)
     if "definitions" not in _loaded:  # the ops' schemas: the library registers only kernels
         _loaded["definitions"] = schemas.define(NAMESPACE)
     try:
-        with progress:
-            cpp_extension.load(
-                name=name,
-                sources=sources,
-                extra_cflags=flags,
-                extra_ldflags=_build.SANITIZER_FLAGS[:1] if sanitize else [],
-                extra_include_paths=[_build.CSRC],
-                with_cuda=False,
-                is_python_module=False,
-                verbose=os.environ.get("TORCHCNN_VERBOSE_BUILD") == "1",
-            )
+        _extension.build_and_load(
+            name,
+            sources,
+            f"the emulated CUDA kernels (csrc/cuda as C++{', sanitized' if sanitize else ''})",
+            extra_cflags=_build.EMULATION_FLAGS + (_build.SANITIZER_FLAGS if sanitize else []),
+            extra_ldflags=_build.SANITIZER_FLAGS[:1] if sanitize else [],
+            extra_include_paths=[_build.CSRC],
+            with_cuda=False,
+        )
     finally:
         if preload is not None:
             os.environ["LD_PRELOAD"] = preload
