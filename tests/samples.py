@@ -39,22 +39,32 @@ class Sample:
         return make_conv(self, device, dtype, requires_grad)
 
     def conv2d_params(self) -> list:
-        """stride, padding, dilation, groups as the op takes them."""
-        k = self.kwargs
-        padding = k.get("padding", 0)
-        return [_pair(k.get("stride", 1)), [0, 0] if padding == "valid" else _pair(padding),
-                _pair(k.get("dilation", 1)), k.get("groups", 1)]
+        return conv2d_op_params(self.kwargs)
 
     def max_pool2d_params(self) -> list:
-        """kernel_size, stride, padding, dilation, ceil_mode as the op takes them."""
-        k = self.kwargs
-        kernel = _pair(k["kernel_size"])
-        return [kernel, kernel if k.get("stride") is None else _pair(k["stride"]), _pair(k.get("padding", 0)),
-                _pair(k.get("dilation", 1)), k.get("ceil_mode", False)]
+        return max_pool2d_op_params(self.kwargs)
 
 
 def _pair(v) -> list:
     return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def conv2d_op_params(kwargs) -> list | None:
+    """torch.nn.functional.conv2d's keyword arguments as the op takes them (stride, padding,
+    dilation, groups); None for padding='same', which only the functional layer resolves."""
+    padding = kwargs.get("padding", 0)
+    if padding == "same":
+        return None
+    return [_pair(kwargs.get("stride", 1)), [0, 0] if padding == "valid" else _pair(padding),
+            _pair(kwargs.get("dilation", 1)), kwargs.get("groups", 1)]
+
+
+def max_pool2d_op_params(kwargs) -> list:
+    """torch.nn.functional.max_pool2d's keyword arguments as the op takes them (kernel_size,
+    stride, padding, dilation, ceil_mode)."""
+    kernel = _pair(kwargs["kernel_size"])
+    return [kernel, kernel if kwargs.get("stride") is None else _pair(kwargs["stride"]),
+            _pair(kwargs.get("padding", 0)), _pair(kwargs.get("dilation", 1)), kwargs.get("ceil_mode", False)]
 
 
 def conv2d_samples(full: bool = True) -> list[Sample]:

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import torchcnn.functional as F  # noqa: E402
+from samples import conv2d_op_params, max_pool2d_op_params  # noqa: E402
 
 EXAMPLES = int(os.environ.get("TORCHCNN_HYPOTHESIS_EXAMPLES", "150"))
 SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -167,15 +168,6 @@ def test_max_pool2d_fake_kernel_agrees_with_the_kernel(device, data):
     _fake_agrees(lambda x: F.max_pool2d(x, **kwargs, return_indices=True), (x,), case)
 
 
-def _op_args(kwargs):
-    """conv2d's keyword arguments as the op takes them; None for padding='same' (functional only)."""
-    if kwargs["padding"] == "same":
-        return None
-    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
-    padding = [0, 0] if kwargs["padding"] == "valid" else pair(kwargs["padding"])
-    return [pair(kwargs["stride"]), padding, pair(kwargs["dilation"]), kwargs["groups"]]
-
-
 def _perturbed(data, t, device):
     """A gradient like t, or now and then one of the wrong shape, dtype or device."""
     wrong = data.draw(st.sampled_from(["none", "none", "none", "shape", "dtype"]))
@@ -189,7 +181,7 @@ def _perturbed(data, t, device):
 @given(data=st.data())
 def test_conv2d_gradient_fake_kernels_agree_with_the_kernels(device, data):
     x, w, _, kwargs = data.draw(conv2d_cases(device))
-    params = _op_args(kwargs)
+    params = conv2d_op_params(kwargs)
     if x.dim() != 4 or params is None:
         return
     y, error = _outcome(lambda: torch.ops.torchcnn.conv2d(x, w, None, *params))
@@ -206,10 +198,7 @@ def test_max_pool2d_gradient_fake_kernel_agrees_with_the_kernel(device, data):
     x, kwargs = data.draw(max_pool2d_cases(device))
     if x.dim() != 4:
         return
-    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
-    kernel = pair(kwargs["kernel_size"])
-    params = [kernel, kernel if kwargs["stride"] is None else pair(kwargs["stride"]), pair(kwargs["padding"]),
-              pair(kwargs["dilation"]), kwargs["ceil_mode"]]
+    params = max_pool2d_op_params(kwargs)
     outcome, error = _outcome(lambda: torch.ops.torchcnn.max_pool2d_with_indices(x, *params))
     y, indices = outcome if error is None else (torch.empty(1, 1, 1, 1, dtype=x.dtype), torch.zeros(1, 1, 1, 1).long())
     grad = _perturbed(data, y, device)
