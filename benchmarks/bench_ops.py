@@ -83,16 +83,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def setup(description: str) -> argparse.Namespace:
-    """The options every benchmark here takes, parsed and applied (threads, TF32)."""
+def setup(description: str, batch_sizes: bool = True, more_arguments=None) -> argparse.Namespace:
+    """The options every benchmark here takes, parsed and applied (threads, TF32);
+    ``more_arguments(parser)`` adds a benchmark's own."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    if batch_sizes:
+        parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--tf32", action="store_true",
                         help="let cuDNN and cuBLAS use TF32 for float32 (default: off for both, a like-for-like comparison)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    if more_arguments:
+        more_arguments(parser)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")

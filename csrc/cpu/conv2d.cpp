@@ -1,263 +1,226 @@
-// conv2d on the CPU: im2col feeding BLAS GEMMs (at::mm, MKL/OpenBLAS), images in parallel.
+// conv2d on the CPU: the ops' kernels, and the rule that picks an algorithm for each shape.
 //
-// For one image, im2col lays the receptive field of every output pixel out as a column:
-//   cols[(c, p, q), (i, j)] = X[c, i·s + p·d − pad, j·s + q·d − pad]   (0 outside the image)
-// so the design notes' sum Y_k[i, j] = Σ_c Σ_p Σ_q X_c[…] · W_k,c[p, q] + b_k becomes, per group,
-//   Y = W (M/g × C/g·KH·KW) · cols (C/g·KH·KW × OH·OW) + b.
-// The gradients are the two other products of the same three matrices:
-//   ∂L/∂cols = Wᵀ · ∂L/∂Y, scattered back by col2im;   ∂L/∂W = Σ_n ∂L/∂Y · colsᵀ.
-// Reduced-precision inputs are computed in float32 and rounded once at the end.
-#include <ATen/Parallel.h>
+// The algorithms (conv2d_algorithms.h) compute in float or double on contiguous NCHW tensors;
+// here the arguments are checked (shapes.h), reduced-precision inputs are computed in float32 and
+// rounded once at the end, and results go back in torch's memory format.
 #include <torch/all.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
+#include <atomic>
+#include <optional>
+#include <string>
 
-#include "../shapes.h"
+#include "conv2d_algorithms.h"
 
-namespace torchcnn {
+namespace torchcnn::cpu {
 namespace {
 
-// Output columns ow whose tap ow·stride + offset falls inside [0, width): [lo, hi).
-inline std::pair<int64_t, int64_t> valid_range(int64_t offset, int64_t stride, int64_t width, int64_t out) {
-  const int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
-  const int64_t hi = width - offset <= 0 ? 0 : (width - offset + stride - 1) / stride;
-  const int64_t clamped_hi = std::min(hi, out);
-  return {std::min(lo, clamped_hi), clamped_hi};
+// The rule, in one place. Thresholds measured on the development VM (docs/BENCHMARKS.md):
+// - one input channel per group (depthwise, or a one-channel image): the direct kernel — a GEMM
+//   would contract over KH·KW = 9 values only;
+// - 3×3, stride 1, undilated, ungrouped, with at least 8 channels in and out: Winograd F(2×2, 3×3)
+//   (2.25× fewer multiplications; its transforms cost more than they save on fewer channels);
+// - anything else: im2col + GEMM, with as many images' columns per product as give it about
+//   kGemmColumns columns (planes at least that large get one product per image), within
+//   kColumnBytes of column buffer.
+constexpr int64_t kWinogradMinChannels = 8;
+constexpr int64_t kGemmColumns = 1024;
+constexpr int64_t kColumnBytes = int64_t{32} << 20;
+
+bool depthwise_applies(const Conv2dGeometry& g) {
+  return g.in_channels_per_group() == 1;
 }
 
-// One image (C, H, W) → cols (C·KH·KW, OH·OW). Rows are written whole, zeros included, so the
-// buffer can be reused between images without clearing.
-template <typename T>
-void im2col(const T* x, const Conv2dGeometry& g, T* cols) {
-  const int64_t ow_n = g.out_width;
+bool winograd_applies(const Conv2dGeometry& g) {
+  return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 &&
+      g.dilation_w == 1 && g.groups == 1 && g.pad_h <= 2 && g.pad_w <= 2;
+}
+
+int64_t gemm_images_per_product(const Conv2dGeometry& g, int64_t element_size, bool batched) {
+  if (!batched) {
+    return 1;
+  }
   const int64_t plane = g.out_plane();
-  for (int64_t c = 0; c < g.channels; ++c) {
-    const T* xc = x + c * g.in_plane();
-    for (int64_t p = 0; p < g.kernel_h; ++p) {
-      for (int64_t q = 0; q < g.kernel_w; ++q) {
-        T* row = cols + ((c * g.kernel_h + p) * g.kernel_w + q) * plane;
-        const int64_t w_off = q * g.dilation_w - g.pad_w;
-        const auto [lo, hi] = valid_range(w_off, g.stride_w, g.width, ow_n);
-        for (int64_t oh = 0; oh < g.out_height; ++oh) {
-          T* dst = row + oh * ow_n;
-          const int64_t ih = oh * g.stride_h - g.pad_h + p * g.dilation_h;
-          if (ih < 0 || ih >= g.height) {
-            std::fill(dst, dst + ow_n, T(0));
-            continue;
-          }
-          std::fill(dst, dst + lo, T(0));
-          const T* src = xc + ih * g.width + w_off;
-          if (g.stride_w == 1) {
-            std::memcpy(dst + lo, src + lo, sizeof(T) * (hi - lo));
-          } else {
-            for (int64_t ow = lo; ow < hi; ++ow) {
-              dst[ow] = src[ow * g.stride_w];
-            }
-          }
-          std::fill(dst + hi, dst + ow_n, T(0));
-        }
-      }
-    }
+  const int64_t column_bytes = g.channels * g.kernel_h * g.kernel_w * plane * element_size;
+  const int64_t wanted = std::max<int64_t>(2, (kGemmColumns + plane - 1) / plane);
+  const int64_t fit = std::max<int64_t>(1, kColumnBytes / std::max<int64_t>(column_bytes, 1));
+  return std::max<int64_t>(1, std::min({wanted, fit, g.batch}));
+}
+
+// The strategies by name, as the private ops below report and accept them.
+enum class Strategy { kGemmPerImage, kGemmBatched, kWinograd, kDepthwise };
+constexpr const char* kStrategyNames[] = {"gemm_per_image", "gemm_batched", "winograd", "depthwise"};
+
+// A strategy the tests force where it applies (-1: none).
+std::atomic<int> forced_strategy{-1};
+
+bool applies(Strategy s, const Conv2dGeometry& g) {
+  switch (s) {
+    case Strategy::kWinograd:
+      return winograd_applies(g);
+    case Strategy::kDepthwise:
+      return depthwise_applies(g);
+    default:
+      return true;
   }
 }
 
-// The adjoint of im2col: every column entry is added back onto the pixel it was read from.
-// dx must be zeroed by the caller. Sequential within an image, hence deterministic.
-template <typename T>
-void col2im(const T* cols, const Conv2dGeometry& g, T* dx) {
-  const int64_t ow_n = g.out_width;
-  const int64_t plane = g.out_plane();
-  for (int64_t c = 0; c < g.channels; ++c) {
-    T* dxc = dx + c * g.in_plane();
-    for (int64_t p = 0; p < g.kernel_h; ++p) {
-      for (int64_t q = 0; q < g.kernel_w; ++q) {
-        const T* row = cols + ((c * g.kernel_h + p) * g.kernel_w + q) * plane;
-        const int64_t w_off = q * g.dilation_w - g.pad_w;
-        const auto [lo, hi] = valid_range(w_off, g.stride_w, g.width, ow_n);
-        for (int64_t oh = 0; oh < g.out_height; ++oh) {
-          const int64_t ih = oh * g.stride_h - g.pad_h + p * g.dilation_h;
-          if (ih < 0 || ih >= g.height) {
-            continue;
-          }
-          const T* src = row + oh * ow_n;
-          T* dst = dxc + ih * g.width + w_off;
-          for (int64_t ow = lo; ow < hi; ++ow) {
-            dst[ow * g.stride_w] += src[ow];
-          }
-        }
-      }
-    }
+Strategy choose(const Conv2dGeometry& g) {
+  const int forced = forced_strategy.load();
+  if (forced >= 0 && applies(static_cast<Strategy>(forced), g)) {
+    return static_cast<Strategy>(forced);
   }
+  if (depthwise_applies(g)) {
+    return Strategy::kDepthwise;
+  }
+  if (winograd_applies(g) && g.channels >= kWinogradMinChannels && g.out_channels >= kWinogradMinChannels) {
+    return Strategy::kWinograd;
+  }
+  return g.out_plane() >= kGemmColumns ? Strategy::kGemmPerImage : Strategy::kGemmBatched;
 }
 
-// out[k, l] += b[k] over an (M, OH·OW) output, while it is still in cache after its GEMM.
-template <typename T>
-void add_bias(T* out, const T* bias, int64_t channels, int64_t plane) {
-  for (int64_t k = 0; k < channels; ++k) {
-    T* row = out + k * plane;
-    const T b = bias[k];
-    for (int64_t l = 0; l < plane; ++l) {
-      row[l] += b;
-    }
-  }
+// The GEMM's images per product when the strategy has none of its own (∂L/∂W under Winograd).
+int64_t images_per_product(Strategy s, const Conv2dGeometry& g, int64_t element_size) {
+  const bool batched = s == Strategy::kGemmBatched ||
+      (s != Strategy::kGemmPerImage && g.out_plane() < kGemmColumns);
+  return gemm_images_per_product(g, element_size, batched);
 }
 
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
 
-// Images [begin, end) of the batch, split into at most one chunk per thread. The split depends
-// only on the batch size and the thread count, so reductions over chunks are reproducible.
-// The body runs ATen ops on worker threads, which do not inherit the caller's dispatch state:
-// the guard keeps autograd out of them (this is a kernel, below autograd).
-int64_t image_chunks(int64_t batch) {
-  return std::max<int64_t>(1, std::min<int64_t>(batch, at::get_num_threads()));
+at::Tensor to_float(const at::Tensor& t) {
+  return t.defined() ? t.to(at::kFloat) : t;
 }
 
-template <typename F>
-void for_each_image_chunk(int64_t batch, F&& body) {
-  const int64_t chunks = image_chunks(batch);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t c = c0; c < c1; ++c) {
-      body(c, batch * c / chunks, batch * (c + 1) / chunks);
-    }
-  });
-}
-
-// The im2col matrix of image n: a view of the input itself for pointwise convs, else `buffer`
-// filled by im2col.
-at::Tensor image_columns(const at::Tensor& input, int64_t n, const Conv2dGeometry& g, at::Tensor& buffer) {
-  if (g.is_pointwise()) {
-    return input[n].view({g.channels, g.out_plane()});
-  }
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::im2col", [&] {
-    im2col<scalar_t>(input.const_data_ptr<scalar_t>() + n * g.channels * g.in_plane(), g,
-                     buffer.mutable_data_ptr<scalar_t>());
-  });
-  return buffer;
-}
-
-at::Tensor column_buffer(const at::Tensor& like, const Conv2dGeometry& g) {
-  if (g.is_pointwise()) {
-    return at::Tensor();
-  }
-  return at::empty({g.channels * g.kernel_h * g.kernel_w, g.out_plane()}, like.options());
-}
-
-at::Tensor conv2d_cpu(
-    const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const auto g = conv2d_geometry("conv2d", input_, weight_, bias_, stride, padding, dilation, groups);
-  if (is_reduced(input_)) {
-    std::optional<at::Tensor> bias32;
-    if (bias_.has_value() && bias_->defined()) {
-      bias32 = bias_->to(at::kFloat);
-    }
-    return conv2d_cpu(input_.to(at::kFloat), weight_.to(at::kFloat), bias32, stride, padding, dilation, groups)
-        .to(input_.scalar_type());
-  }
+// The kernels proper: checked arguments, float or double, any layout in; NCHW out.
+at::Tensor forward(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& bias_,
+                   const Conv2dGeometry& g) {
   const auto input = input_.contiguous();
-  const auto weight = weight_.contiguous().view({g.out_channels, g.group_kernel_size()});
-  const bool has_bias = bias_.has_value() && bias_->defined();
+  const auto weight = weight_.contiguous();
+  const auto bias = bias_.defined() ? bias_.contiguous() : bias_;
   auto output = at::empty(g.output_sizes(), input.options());
   if (g.batch == 0) {
-    return output.contiguous(conv2d_memory_format(input_, weight_));
+    return output;
   }
-  const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
-  const auto bias = has_bias ? bias_->contiguous() : at::Tensor();
+  const auto s = choose(g);
+  switch (s) {
+    case Strategy::kDepthwise:
+      depthwise_forward(input, weight, bias, g, output);
+      break;
+    case Strategy::kWinograd:
+      winograd_forward(input, weight, bias, g, output);
+      break;
+    default:
+      gemm_forward(input, weight, bias, g, images_per_product(s, g, input.element_size()), output);
+  }
+  return output;
+}
 
-  for_each_image_chunk(g.batch, [&](int64_t, int64_t begin, int64_t end) {
-    auto buffer = column_buffer(input, g);
-    for (int64_t n = begin; n < end; ++n) {
-      const auto cols = image_columns(input, n, g, buffer);
-      auto out_n = output[n].view({g.out_channels, g.out_plane()});
-      for (int64_t k = 0; k < g.groups; ++k) {
-        auto out_g = out_n.narrow(0, k * mg, mg);
-        at::mm_out(out_g, weight.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg));
-      }
-      if (has_bias) {
-        AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "torchcnn::conv2d_bias", [&] {
-          add_bias<scalar_t>(out_n.mutable_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
-                             g.out_channels, g.out_plane());
-        });
-      }
-    }
-  });
-  return output.contiguous(conv2d_memory_format(input_, weight_));
+at::Tensor backward_input(const at::Tensor& grad_output_, const at::Tensor& weight_, const Conv2dGeometry& g) {
+  const auto grad_output = grad_output_.contiguous();
+  const auto weight = weight_.contiguous();
+  const auto s = choose(g);
+  // Winograd writes every pixel; the others add into a zeroed gradient.
+  auto grad_input = s == Strategy::kWinograd
+      ? at::empty({g.batch, g.channels, g.height, g.width}, grad_output.options())
+      : at::zeros({g.batch, g.channels, g.height, g.width}, grad_output.options());
+  if (g.batch == 0) {
+    return grad_input;
+  }
+  switch (s) {
+    case Strategy::kDepthwise:
+      depthwise_backward_input(grad_output, weight, g, grad_input);
+      break;
+    case Strategy::kWinograd:
+      winograd_backward_input(grad_output, weight, g, grad_input);
+      break;
+    default:
+      gemm_backward_input(grad_output, weight, g, images_per_product(s, g, grad_output.element_size()), grad_input);
+  }
+  return grad_input;
+}
+
+at::Tensor backward_weight(const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight,
+                           const Conv2dGeometry& g) {
+  const auto grad_output = grad_output_.contiguous();
+  const auto input = input_.contiguous();
+  auto grad_weight = at::empty(weight.sizes(), input.options());
+  if (g.batch == 0) {
+    return grad_weight.zero_();
+  }
+  const auto s = choose(g);
+  if (s == Strategy::kDepthwise) {
+    depthwise_backward_weight(grad_output, input, g, grad_weight);
+  } else {
+    gemm_backward_weight(grad_output, input, g, images_per_product(s, g, input.element_size()), grad_weight);
+  }
+  return grad_weight;
+}
+
+// The ops' CPU kernels.
+
+at::Tensor conv2d_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto g = conv2d_geometry("conv2d", input, weight, bias_, stride, padding, dilation, groups);
+  const auto bias = bias_.has_value() ? *bias_ : at::Tensor();
+  const auto format = conv2d_memory_format(input, weight);
+  if (is_reduced(input)) {
+    return forward(to_float(input), to_float(weight), to_float(bias), g).to(input.scalar_type(), false, false, format);
+  }
+  return forward(input, weight, bias, g).contiguous(format);
 }
 
 at::Tensor conv2d_backward_input_cpu(
-    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "conv2d_backward_input";
-  const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
-  if (is_reduced(input_)) {
-    return conv2d_backward_input_cpu(grad_output_.to(at::kFloat), input_.to(at::kFloat), weight_.to(at::kFloat),
-                                     stride, padding, dilation, groups)
-        .to(input_.scalar_type());
+  const auto g = conv2d_backward_geometry("conv2d_backward_input", grad_output, input, weight, stride, padding,
+                                          dilation, groups);
+  const auto format = conv2d_memory_format(input, weight);
+  if (is_reduced(input)) {
+    return backward_input(to_float(grad_output), to_float(weight), g).to(input.scalar_type(), false, false, format);
   }
-  const auto grad_output = grad_output_.contiguous();
-  const auto weight = weight_.contiguous().view({g.out_channels, g.group_kernel_size()});
-  auto grad_input = at::zeros({g.batch, g.channels, g.height, g.width}, input_.options());
-  if (g.batch == 0) {
-    return grad_input.contiguous(conv2d_memory_format(input_, weight_));
-  }
-  const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
-
-  for_each_image_chunk(g.batch, [&](int64_t, int64_t begin, int64_t end) {
-    auto buffer = column_buffer(grad_input, g);
-    for (int64_t n = begin; n < end; ++n) {
-      const auto go_n = grad_output[n].view({g.out_channels, g.out_plane()});
-      // Pointwise: ∂L/∂X is Wᵀ · ∂L/∂Y itself; otherwise the columns go through col2im.
-      auto cols = g.is_pointwise() ? grad_input[n].view({g.channels, g.out_plane()}) : buffer;
-      for (int64_t k = 0; k < g.groups; ++k) {
-        auto cols_g = cols.narrow(0, k * kg, kg);
-        at::mm_out(cols_g, weight.narrow(0, k * mg, mg).t(), go_n.narrow(0, k * mg, mg));
-      }
-      if (!g.is_pointwise()) {
-        AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "torchcnn::col2im", [&] {
-          col2im<scalar_t>(buffer.const_data_ptr<scalar_t>(), g,
-                           grad_input.mutable_data_ptr<scalar_t>() + n * g.channels * g.in_plane());
-        });
-      }
-    }
-  });
-  return grad_input.contiguous(conv2d_memory_format(input_, weight_));
+  return backward_input(grad_output, weight, g).contiguous(format);
 }
 
 at::Tensor conv2d_backward_weight_cpu(
-    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "conv2d_backward_weight";
-  const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
-  if (is_reduced(input_)) {
-    return conv2d_backward_weight_cpu(grad_output_.to(at::kFloat), input_.to(at::kFloat), weight_.to(at::kFloat),
-                                      stride, padding, dilation, groups)
-        .to(input_.scalar_type());
+  const auto g = conv2d_backward_geometry("conv2d_backward_weight", grad_output, input, weight, stride, padding,
+                                          dilation, groups);
+  const auto format = conv2d_memory_format(input, weight);
+  if (is_reduced(input)) {
+    return backward_weight(to_float(grad_output), to_float(input), weight, g)
+        .to(input.scalar_type(), false, false, format);
   }
-  const auto grad_output = grad_output_.contiguous();
-  const auto input = input_.contiguous();
-  const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
-  // One partial sum per chunk of images, added up in chunk order: no races, same result every run.
-  auto partial = at::zeros({image_chunks(g.batch), g.out_channels, kg}, input.options());
-  if (g.batch > 0) {
-    for_each_image_chunk(g.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
-      auto buffer = column_buffer(input, g);
-      auto acc = partial[chunk];
-      for (int64_t n = begin; n < end; ++n) {
-        const auto cols = image_columns(input, n, g, buffer);
-        const auto go_n = grad_output[n].view({g.out_channels, g.out_plane()});
-        for (int64_t k = 0; k < g.groups; ++k) {
-          auto acc_g = acc.narrow(0, k * mg, mg);
-          acc_g.addmm_(go_n.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg).t());
-        }
-      }
-    });
+  return backward_weight(grad_output, input, weight, g).contiguous(format);
+}
+
+// Private ops for tests and benchmarks (outside the op contract, torchcnn/_ops/schemas.py).
+
+// The strategy the CPU kernels take for a conv2d of these sizes (arguments checked as conv2d's).
+std::string strategy_for(at::IntArrayRef input_size, at::IntArrayRef weight_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(at::kMeta);
+  const auto g = conv2d_geometry("_cpu_conv2d_strategy", at::empty(input_size, options),
+                                 at::empty(weight_size, options), std::nullopt, stride, padding, dilation, groups);
+  return kStrategyNames[static_cast<int>(choose(g))];
+}
+
+// Makes the kernels take `name` wherever it applies ("" for the rule again); returns the previous.
+std::string force_strategy(const std::string& name) {
+  int wanted = -1;
+  if (!name.empty()) {
+    const auto* found = std::find(std::begin(kStrategyNames), std::end(kStrategyNames), name);
+    TORCH_CHECK_VALUE(found != std::end(kStrategyNames), "_cpu_conv2d_force_strategy: expected name to be one of "
+                      "gemm_per_image, gemm_batched, winograd, depthwise or '' but got '", name, "'");
+    wanted = static_cast<int>(found - std::begin(kStrategyNames));
   }
-  return partial.sum(0).view(weight_.sizes()).contiguous(conv2d_memory_format(input_, weight_));
+  const int previous = forced_strategy.exchange(wanted);
+  return previous < 0 ? "" : kStrategyNames[previous];
 }
 
 }  // namespace
@@ -268,4 +231,10 @@ TORCH_LIBRARY_IMPL(torchcnn, CPU, m) {
   m.impl("conv2d_backward_weight", &conv2d_backward_weight_cpu);
 }
 
-}  // namespace torchcnn
+TORCH_LIBRARY_FRAGMENT(torchcnn, m) {
+  m.def("_cpu_conv2d_strategy(int[] input_size, int[] weight_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> str", &strategy_for);
+  m.def("_cpu_conv2d_force_strategy(str name) -> str", &force_strategy);
+}
+
+}  // namespace torchcnn::cpu

@@ -1,0 +1,80 @@
+// The CPU convolution algorithms, and the rule that picks one for a shape (conv2d.cpp).
+//
+// Every algorithm computes the same three results — Y = X ⋆ W + b, ∂L/∂X and ∂L/∂W — on
+// contiguous NCHW float or double tensors, into outputs the caller allocates (∂L/∂X zeroed):
+//   gemm        im2col + BLAS GEMMs, several images' columns side by side in one product where the
+//               planes are small (conv2d_gemm.cpp);
+//   winograd    F(2×2, 3×3) for 3×3, stride-1 convolutions: 16 GEMMs over transformed tiles
+//               instead of 36 multiplications per output pair (conv2d_winograd.cpp);
+//   depthwise   a direct, vectorised kernel for one input channel per group (conv2d_depthwise.cpp).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "../shapes.h"
+
+namespace torchcnn::cpu {
+
+enum class Conv2dAlgorithm { kGemm, kWinograd, kDepthwise };
+
+// How the rule's choice is carried out: the algorithm and, for GEMMs, how many images' columns
+// go into one product (1: one product per image).
+struct Conv2dPlan {
+  Conv2dAlgorithm algorithm;
+  int64_t images_per_product = 1;
+};
+
+// Output columns ow whose tap ow·stride + offset falls inside [0, width): [lo, hi).
+inline std::pair<int64_t, int64_t> valid_range(int64_t offset, int64_t stride, int64_t width, int64_t out) {
+  const int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  const int64_t hi = width - offset <= 0 ? 0 : (width - offset + stride - 1) / stride;
+  const int64_t clamped_hi = std::min(hi, out);
+  return {std::min(lo, clamped_hi), clamped_hi};
+}
+
+// Calls body(chunk, begin, end) for contiguous ranges of [0, count), at most one per thread, in
+// parallel. The split depends only on the count and the thread count, so a reduction over chunks
+// is reproducible. Bodies run ATen ops on worker threads, which do not inherit the caller's
+// dispatch state: the guard keeps autograd out of them (this runs inside a kernel).
+inline int64_t parallel_chunks(int64_t count) {
+  return std::max<int64_t>(1, std::min<int64_t>(count, at::get_num_threads()));
+}
+
+template <typename F>
+void for_each_chunk(int64_t count, F&& body) {
+  const int64_t chunks = parallel_chunks(count);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t c = c0; c < c1; ++c) {
+      body(c, count * c / chunks, count * (c + 1) / chunks);
+    }
+  });
+}
+
+// conv2d_gemm.cpp
+void gemm_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                  const Conv2dGeometry& g, int64_t images_per_product, at::Tensor& output);
+void gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
+                         int64_t images_per_product, at::Tensor& grad_input);
+void gemm_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
+                          int64_t images_per_product, at::Tensor& grad_weight);
+
+// conv2d_winograd.cpp (3×3, stride 1, dilation 1, groups 1, padding ≤ 2)
+void winograd_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                      const Conv2dGeometry& g, at::Tensor& output);
+void winograd_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
+                             at::Tensor& grad_input);
+
+// conv2d_depthwise.cpp (one input channel per group)
+void depthwise_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                       const Conv2dGeometry& g, at::Tensor& output);
+void depthwise_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
+                              at::Tensor& grad_input);
+void depthwise_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
+                               at::Tensor& grad_weight);
+
+}  // namespace torchcnn::cpu
