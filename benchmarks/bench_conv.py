@@ -28,7 +28,7 @@ from torch.utils import benchmark  # noqa: E402
 
 import torchcnn  # noqa: E402
 import torchcnn.functional as CF  # noqa: E402
-from torchcnn._ops import cpu_conv2d_strategy  # noqa: E402
+from torchcnn.testing import cpu_conv2d_strategy  # noqa: E402
 
 
 def conv_cases():

@@ -67,6 +67,18 @@ def max_pool2d_op_params(kwargs) -> list:
             _pair(kwargs.get("padding", 0)), _pair(kwargs.get("dilation", 1)), kwargs.get("ceil_mode", False)]
 
 
+# A sample for each of the CPU conv2d's algorithms (csrc/cpu/conv2d.cpp's rule), with the one the
+# rule is meant to pick for it.
+CPU_STRATEGY_SAMPLES = [
+    (Sample((3, 16, 4, 4), {"stride": 2, "padding": 1}, (24, 16, 3, 3)), "gemm_batched"),  # a 2×2 output plane
+    (Sample((3, 16, 7, 7), {"stride": 2}, (24, 16, 1, 1), bias=False), "gemm_batched"),  # 1×1 stride-2 downsample
+    (Sample((1, 2, 33, 33), {"padding": 1}, (3, 2, 3, 3)), "gemm_per_image"),  # a plane of ≥ 1,024 pixels
+    (Sample((2, 16, 9, 10), {"padding": 1, "groups": 16}, (32, 1, 3, 3)), "depthwise"),  # multiplier 2
+    (Sample((2, 16, 11, 9), {"padding": 1}, (24, 16, 3, 3)), "winograd"),  # odd output: partial tiles
+    (Sample((2, 8, 6, 7), {"padding": 2}, (8, 8, 3, 3)), "winograd"),  # padding 2: ∂X with no padding
+]
+
+
 def conv2d_samples(full: bool = True) -> list[Sample]:
     """Odd/non-square sizes, non-square kernels, stride/padding/dilation/groups combinations,
     batch 1, 1×1 kernels, kernel equal to the input, 'same'/'valid', unbatched input."""
@@ -86,6 +98,7 @@ def conv2d_samples(full: bool = True) -> list[Sample]:
         Sample((0, 3, 5, 5), {}, (2, 3, 3, 3)),  # empty batch
     ]
     if full:
+        out += [sample for sample, _ in CPU_STRATEGY_SAMPLES]
         for (k, s, p, d, g) in itertools.product([(1, 2), (3, 3), (2, 4)], [1, (2, 3)], [0, (1, 2)], [1, 2], [1, 2]):
             h, w = 9, 11
             if d * (k[0] - 1) + 1 > h + 2 * (p if isinstance(p, int) else p[0]):

@@ -111,3 +111,35 @@ def emulated_cuda(sanitize: bool | None = None):
     mode = _ToEmulated(emulated_cuda_ops(sanitize))
     with mode:
         yield mode.calls
+
+
+CPU_CONV2D_STRATEGIES = ("gemm_per_image", "gemm_batched", "winograd", "depthwise")
+
+
+def cpu_conv2d_strategy(input, weight, stride=1, padding=0, dilation=1, groups: int = 1) -> str:
+    """The algorithm torchcnn's CPU conv2d takes for a convolution of these tensors' shapes — one of
+    :data:`CPU_CONV2D_STRATEGIES`, picked by the rule in ``csrc/cpu/conv2d.cpp`` (or forced by
+    :func:`forced_cpu_conv2d_strategy`). ``input`` and ``weight`` may be tensors or sizes;
+    ``padding`` is an int or a pair."""
+    from .functional import _pair
+
+    _extension.load()
+    fn = "cpu_conv2d_strategy"
+    sizes = [list(t.shape) if isinstance(t, torch.Tensor) else list(t) for t in (input, weight)]
+    pairs = [list(_pair(name, fn, v)) for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation))]
+    return torch.ops.torchcnn._cpu_conv2d_strategy(*sizes, *pairs, groups)
+
+
+@contextlib.contextmanager
+def forced_cpu_conv2d_strategy(name: str):
+    """Makes torchcnn's CPU conv2d kernels take algorithm ``name`` wherever it applies (the rule
+    decides the rest), for the tests to hold every algorithm to the same samples. Process-wide:
+    not for use while other threads run convolutions."""
+    if name not in CPU_CONV2D_STRATEGIES:
+        raise ValueError(f"forced_cpu_conv2d_strategy: expected name to be one of {CPU_CONV2D_STRATEGIES} but got {name!r}")
+    _extension.load()
+    previous = torch.ops.torchcnn._cpu_conv2d_force_strategy(name)
+    try:
+        yield
+    finally:
+        torch.ops.torchcnn._cpu_conv2d_force_strategy(previous)

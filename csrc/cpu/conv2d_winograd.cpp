@@ -11,8 +11,8 @@
 // position ξ of the 4×4 transformed tile, the channel sum is a matrix product:
 //   M[ξ] (K × tiles) = U[ξ] (K × C) · V[ξ] (C × tiles),   U = G W Gᵀ,   V = Bᵀ d B,
 // 16 GEMMs with 16·K·C multiply-adds per tile where im2col needs 36·K·C for its four pixels: 2.25×
-// fewer. Threads take contiguous ranges of tiles (across images), in blocks small enough for the
-// transformed tiles to stay in cache between the transforms and the GEMMs.
+// fewer. Threads take contiguous ranges of images, in blocks small enough for the transformed tiles
+// to stay in cache between the transforms and the GEMMs.
 //
 // ∂L/∂X is itself a 3×3, stride-1 convolution: of ∂L/∂Y, padded by 2 − pad, with the filters
 // flipped and their channels swapped, W'[c, k, p, q] = W[k, c, 2 − p, 2 − q]. ∂L/∂W stays with the
@@ -50,101 +50,169 @@ void transform_filters(const T* w, int64_t out_channels, int64_t channels, T* u)
   }
 }
 
-// Where the tiles of one image lie: tiles_h × tiles_w tiles, tile (ty, tx) reads the patch whose
-// top-left input pixel is (2·ty − pad_h, 2·tx − pad_w).
+// Where the tiles of one image lie: tiles_h × tiles_w tiles; tile (ty, tx) reads the 4×4 patch
+// whose top-left input pixel is (2·ty − pad_h, 2·tx − pad_w) and writes the 2×2 output pixels
+// from (2·ty, 2·tx) (those inside the output).
 struct Tiling {
   int64_t channels, height, width, pad_h, pad_w;  // input (one image)
   int64_t out_channels, out_height, out_width;
   int64_t tiles_h, tiles_w;
 
   int64_t per_image() const { return tiles_h * tiles_w; }
+  // The padded plane the tiles read: every patch inside it, zeros around the image.
+  int64_t padded_h() const { return kTile * tiles_h + 2; }
+  int64_t padded_w() const { return kTile * tiles_w + 2; }
 };
 
-// V[ξ][c][t − t0] = (Bᵀ d B)[ξ] for the tiles t of [t0, t1) (numbered across images) of input x.
+// The transforms of one plane's tiles, written as loops over the tiles of a row so that the
+// compiler vectorises them across tiles; compiled for AVX-512 and for baseline x86-64, the CPU
+// picks at load time (target_clones).
+#define TORCHCNN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+
+// V[ξ][t] (ξ ≥ 0 rows `step` apart) = (Bᵀ d_t B)[ξ] for the tiles t = ty·tiles_w + tx of a padded
+// plane with rows `wp` apart.
 template <typename T>
-void transform_inputs(const T* x, const Tiling& s, int64_t t0, int64_t t1, T* v) {
-  const int64_t ld = t1 - t0, plane = s.height * s.width;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / s.per_image(), ty = (t % s.per_image()) / s.tiles_w, tx = t % s.tiles_w;
-    const int64_t y0 = ty * kTile - s.pad_h, x0 = tx * kTile - s.pad_w;
-    const bool inside = y0 >= 0 && x0 >= 0 && y0 + kPatch <= s.height && x0 + kPatch <= s.width;
-    T* vt = v + (t - t0);
-    for (int64_t c = 0; c < s.channels; ++c) {
-      T d[4][4];
-      const T* xc = x + (n * s.channels + c) * plane;
-      if (inside) {
-        const T* patch = xc + y0 * s.width + x0;
-        for (int i = 0; i < 4; ++i) {
-          for (int j = 0; j < 4; ++j) {
-            d[i][j] = patch[i * s.width + j];
-          }
-        }
-      } else {
-        for (int64_t i = 0; i < 4; ++i) {
-          for (int64_t j = 0; j < 4; ++j) {
-            const int64_t h = y0 + i, w = x0 + j;
-            d[i][j] = h >= 0 && h < s.height && w >= 0 && w < s.width ? xc[h * s.width + w] : T(0);
-          }
-        }
-      }
-      T r[4][4];  // Bᵀ · d
+[[gnu::always_inline]] inline void input_tiles(const T* __restrict padded, int64_t wp, int64_t tiles_h,
+                                               int64_t tiles_w, T* __restrict v, int64_t step) {
+  for (int64_t ty = 0; ty < tiles_h; ++ty) {
+    const T* r0 = padded + kTile * ty * wp;
+    const T* r1 = r0 + wp;
+    const T* r2 = r1 + wp;
+    const T* r3 = r2 + wp;
+    T* out = v + ty * tiles_w;
+    for (int64_t tx = 0; tx < tiles_w; ++tx) {
+      const int64_t x = kTile * tx;
+      T r[4][4];  // Bᵀ · d, column by column
       for (int j = 0; j < 4; ++j) {
-        r[0][j] = d[0][j] - d[2][j];
-        r[1][j] = d[1][j] + d[2][j];
-        r[2][j] = d[2][j] - d[1][j];
-        r[3][j] = d[1][j] - d[3][j];
+        r[0][j] = r0[x + j] - r2[x + j];
+        r[1][j] = r1[x + j] + r2[x + j];
+        r[2][j] = r2[x + j] - r1[x + j];
+        r[3][j] = r1[x + j] - r3[x + j];
       }
-      T* out = vt + c * ld;
-      const int64_t step = s.channels * ld;
       for (int i = 0; i < 4; ++i) {  // (Bᵀ · d) · B
-        out[(4 * i + 0) * step] = r[i][0] - r[i][2];
-        out[(4 * i + 1) * step] = r[i][1] + r[i][2];
-        out[(4 * i + 2) * step] = r[i][2] - r[i][1];
-        out[(4 * i + 3) * step] = r[i][1] - r[i][3];
+        out[(4 * i + 0) * step + tx] = r[i][0] - r[i][2];
+        out[(4 * i + 1) * step + tx] = r[i][1] + r[i][2];
+        out[(4 * i + 2) * step + tx] = r[i][2] - r[i][1];
+        out[(4 * i + 3) * step + tx] = r[i][1] - r[i][3];
       }
     }
   }
 }
 
-// Y tile = Aᵀ M A (+ b) for the tiles [t0, t1), from M[ξ][k][t − t0]; tiles on the bottom or right
-// edge of an odd-sized output write only their pixels inside it.
+// The 2·tiles_h × 2·tiles_w output plane `o` = Aᵀ M_t A + b for the tiles t of one plane, M[ξ][t]
+// rows `step` apart.
 template <typename T>
-void transform_outputs(const T* m, const T* bias, const Tiling& s, int64_t t0, int64_t t1, T* y) {
-  const int64_t ld = t1 - t0, plane = s.out_height * s.out_width, step = s.out_channels * ld;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / s.per_image(), ty = (t % s.per_image()) / s.tiles_w, tx = t % s.tiles_w;
-    const int64_t oy = ty * kTile, ox = tx * kTile;
-    const int64_t rows = std::min<int64_t>(kTile, s.out_height - oy), cols = std::min<int64_t>(kTile, s.out_width - ox);
-    T* yn = y + n * s.out_channels * plane + oy * s.out_width + ox;
-    for (int64_t k = 0; k < s.out_channels; ++k) {
-      const T* mk = m + k * ld + (t - t0);
+[[gnu::always_inline]] inline void output_tiles(const T* __restrict m, int64_t step, T bias, int64_t tiles_h,
+                                                int64_t tiles_w, T* __restrict o) {
+  const int64_t ow = kTile * tiles_w;
+  for (int64_t ty = 0; ty < tiles_h; ++ty) {
+    const T* mt = m + ty * tiles_w;
+    T* o0 = o + kTile * ty * ow;
+    T* o1 = o0 + ow;
+    for (int64_t tx = 0; tx < tiles_w; ++tx) {
       T a[2][4];  // Aᵀ · M
       for (int j = 0; j < 4; ++j) {
-        const T m0 = mk[j * step], m1 = mk[(4 + j) * step], m2 = mk[(8 + j) * step], m3 = mk[(12 + j) * step];
+        const T m0 = mt[j * step + tx], m1 = mt[(4 + j) * step + tx];
+        const T m2 = mt[(8 + j) * step + tx], m3 = mt[(12 + j) * step + tx];
         a[0][j] = m0 + m1 + m2;
         a[1][j] = m1 - m2 - m3;
       }
-      const T add = bias ? bias[k] : T(0);
-      T out[2][2];  // (Aᵀ · M) · A
-      for (int i = 0; i < 2; ++i) {
-        out[i][0] = a[i][0] + a[i][1] + a[i][2] + add;
-        out[i][1] = a[i][1] - a[i][2] - a[i][3] + add;
-      }
-      T* yk = yn + k * plane;
-      for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = 0; j < cols; ++j) {
-          yk[i * s.out_width + j] = out[i][j];
+      o0[2 * tx] = a[0][0] + a[0][1] + a[0][2] + bias;  // (Aᵀ · M) · A
+      o0[2 * tx + 1] = a[0][1] - a[0][2] - a[0][3] + bias;
+      o1[2 * tx] = a[1][0] + a[1][1] + a[1][2] + bias;
+      o1[2 * tx + 1] = a[1][1] - a[1][2] - a[1][3] + bias;
+    }
+  }
+}
+
+TORCHCNN_VECTOR_CLONES void input_tiles_f(const float* padded, int64_t wp, int64_t th, int64_t tw, float* v,
+                                          int64_t step) {
+  input_tiles(padded, wp, th, tw, v, step);
+}
+TORCHCNN_VECTOR_CLONES void input_tiles_d(const double* padded, int64_t wp, int64_t th, int64_t tw, double* v,
+                                          int64_t step) {
+  input_tiles(padded, wp, th, tw, v, step);
+}
+TORCHCNN_VECTOR_CLONES void output_tiles_f(const float* m, int64_t step, float bias, int64_t th, int64_t tw,
+                                           float* o) {
+  output_tiles(m, step, bias, th, tw, o);
+}
+TORCHCNN_VECTOR_CLONES void output_tiles_d(const double* m, int64_t step, double bias, int64_t th, int64_t tw,
+                                           double* o) {
+  output_tiles(m, step, bias, th, tw, o);
+}
+inline void input_tiles_any(const float* p, int64_t wp, int64_t th, int64_t tw, float* v, int64_t step) {
+  input_tiles_f(p, wp, th, tw, v, step);
+}
+inline void input_tiles_any(const double* p, int64_t wp, int64_t th, int64_t tw, double* v, int64_t step) {
+  input_tiles_d(p, wp, th, tw, v, step);
+}
+inline void output_tiles_any(const float* m, int64_t step, float b, int64_t th, int64_t tw, float* o) {
+  output_tiles_f(m, step, b, th, tw, o);
+}
+inline void output_tiles_any(const double* m, int64_t step, double b, int64_t th, int64_t tw, double* o) {
+  output_tiles_d(m, step, b, th, tw, o);
+}
+
+// Copies image plane x (height × width) into `padded` (padded_h × padded_w) at (pad_h, pad_w),
+// zeros elsewhere.
+template <typename T>
+void pad_plane(const T* x, const Tiling& s, T* padded) {
+  const int64_t hp = s.padded_h(), wp = s.padded_w();
+  const int64_t rows = std::min(s.height, hp - s.pad_h), cols = std::min(s.width, wp - s.pad_w);
+  std::fill(padded, padded + s.pad_h * wp, T(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = padded + (s.pad_h + i) * wp;
+    std::fill(row, row + s.pad_w, T(0));
+    std::copy(x + i * s.width, x + i * s.width + cols, row + s.pad_w);
+    std::fill(row + s.pad_w + cols, row + wp, T(0));
+  }
+  std::fill(padded + (s.pad_h + rows) * wp, padded + hp * wp, T(0));
+}
+
+// V[c][ξ][t] for the tiles of images [n0, n1), t counted from image n0's first tile. (Channel-major:
+// the 16 rows one channel's transform writes lie together; ξ-major, they would be C·tiles apart,
+// often a multiple of 4 KiB, and evict one another from cache.)
+template <typename T>
+void transform_inputs(const T* x, const Tiling& s, int64_t n0, int64_t n1, T* padded, T* v) {
+  const int64_t ld = (n1 - n0) * s.per_image(), plane = s.height * s.width;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t c = 0; c < s.channels; ++c) {
+      pad_plane(x + (n * s.channels + c) * plane, s, padded);
+      input_tiles_any(padded, s.padded_w(), s.tiles_h, s.tiles_w, v + c * kPoints * ld + (n - n0) * s.per_image(),
+                      ld);
+    }
+  }
+}
+
+// Y[n, k] for images [n0, n1) from M[ξ][k][t].
+template <typename T>
+void transform_outputs(const T* m, const T* bias, const Tiling& s, int64_t n0, int64_t n1, T* scratch, T* y) {
+  const int64_t ld = (n1 - n0) * s.per_image(), plane = s.out_height * s.out_width;
+  const int64_t sw = kTile * s.tiles_w;
+  const bool exact = s.out_width == sw && s.out_height == kTile * s.tiles_h;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t k = 0; k < s.out_channels; ++k) {
+      T* yk = y + (n * s.out_channels + k) * plane;
+      T* o = exact ? yk : scratch;
+      output_tiles_any(m + k * ld + (n - n0) * s.per_image(), s.out_channels * ld, bias ? bias[k] : T(0),
+                       s.tiles_h, s.tiles_w, o);
+      if (!exact) {  // the plane's odd last row or column falls outside the output
+        for (int64_t i = 0; i < s.out_height; ++i) {
+          std::copy(scratch + i * sw, scratch + i * sw + s.out_width, yk + i * s.out_width);
         }
       }
     }
   }
 }
 
-// Tiles per block: the block's transformed inputs and products, 16·(C + K) values a tile, within
-// about 1 MiB (this machine's L2 per core), at least 16 tiles so the GEMMs stay wide.
-int64_t block_tiles(const Tiling& s, int64_t element_size) {
-  const int64_t per_tile = kPoints * (s.channels + s.out_channels) * element_size;
-  return std::max<int64_t>(16, (int64_t{1} << 20) / per_tile);
+// Images per block: enough for about 64 tiles, so that the GEMMs are wide enough to run at speed,
+// and no more than keep the block's transformed inputs and products, 16·(C + K) values a tile,
+// within about 2 MiB (this machine's L2 per core); at least one image.
+int64_t block_images(const Tiling& s, int64_t element_size) {
+  const int64_t per_image = kPoints * (s.channels + s.out_channels) * s.per_image() * element_size;
+  const int64_t wide = (64 + s.per_image() - 1) / s.per_image();
+  return std::max<int64_t>(1, std::min(wide, (int64_t{2} << 20) / per_image));
 }
 
 // Y (N, K, OH, OW) = X (N, C, H, W) ⋆ W (K, C, 3, 3) + b with padding (pad_h, pad_w).
@@ -154,29 +222,31 @@ void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tenso
            output.size(1), output.size(2), output.size(3), 0, 0};
   s.tiles_h = (s.out_height + kTile - 1) / kTile;
   s.tiles_w = (s.out_width + kTile - 1) / kTile;
-  const int64_t batch = input.size(0), tiles = batch * s.per_image();
   auto u = at::empty({kPoints, s.out_channels, s.channels}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_filters", [&] {
     transform_filters<scalar_t>(weight.const_data_ptr<scalar_t>(), s.out_channels, s.channels,
                                 u.mutable_data_ptr<scalar_t>());
   });
-  const int64_t block = block_tiles(s, input.element_size());
-  for_each_chunk(tiles, [&](int64_t, int64_t begin, int64_t end) {
-    auto v = at::empty({kPoints, s.channels, std::min(block, end - begin)}, input.options());
-    auto m = at::empty({kPoints, s.out_channels, std::min(block, end - begin)}, input.options());
-    for (int64_t t0 = begin; t0 < end; t0 += block) {
-      const int64_t t1 = std::min(end, t0 + block);
-      auto v_block = v.view(-1).narrow(0, 0, kPoints * s.channels * (t1 - t0)).view({kPoints, s.channels, t1 - t0});
-      auto m_block =
-          m.view(-1).narrow(0, 0, kPoints * s.out_channels * (t1 - t0)).view({kPoints, s.out_channels, t1 - t0});
+  const int64_t block = block_images(s, input.element_size());
+  for_each_chunk(input.size(0), [&](int64_t, int64_t begin, int64_t end) {
+    const int64_t tiles = std::min(block, end - begin) * s.per_image();
+    auto v = at::empty({s.channels, kPoints, tiles}, input.options());
+    auto m = at::empty({kPoints, s.out_channels, tiles}, input.options());
+    auto scratch = at::empty({std::max(s.padded_h() * s.padded_w(), kTile * s.tiles_h * kTile * s.tiles_w)},
+                             input.options());
+    for (int64_t n0 = begin; n0 < end; n0 += block) {
+      const int64_t n1 = std::min(end, n0 + block), t = (n1 - n0) * s.per_image();
+      auto v_block = v.view(-1).narrow(0, 0, kPoints * s.channels * t).view({s.channels, kPoints, t}).transpose(0, 1);
+      auto m_block = m.view(-1).narrow(0, 0, kPoints * s.out_channels * t).view({kPoints, s.out_channels, t});
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_inputs", [&] {
-        transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, t0, t1, v_block.mutable_data_ptr<scalar_t>());
+        transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, n0, n1,
+                                   scratch.mutable_data_ptr<scalar_t>(), v_block.mutable_data_ptr<scalar_t>());
       });
       at::bmm_out(m_block, u, v_block);
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_outputs", [&] {
         transform_outputs<scalar_t>(m_block.const_data_ptr<scalar_t>(),
-                                    bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, s, t0, t1,
-                                    output.mutable_data_ptr<scalar_t>());
+                                    bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, s, n0, n1,
+                                    scratch.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
       });
     }
   });

@@ -1,0 +1,103 @@
+"""The CPU conv2d's algorithms (csrc/cpu/conv2d.cpp): the rule picks the one intended for each
+shape, and every algorithm, forced wherever it applies, gives torch's values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import torchcnn.functional as F
+from samples import CPU_STRATEGY_SAMPLES, Sample, conv2d_samples, make_conv
+from torchcnn.testing import CPU_CONV2D_STRATEGIES, cpu_conv2d_strategy, forced_cpu_conv2d_strategy
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+def strategy_of(sample):
+    x, w, _ = make_conv(sample, "meta", torch.float32)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    padding = sample.kwargs.get("padding", 0)
+    if isinstance(padding, str):
+        return None  # 'same'/'valid' are resolved in torchcnn.functional
+    return cpu_conv2d_strategy(x, w, sample.kwargs.get("stride", 1), padding, sample.kwargs.get("dilation", 1),
+                               sample.kwargs.get("groups", 1))
+
+
+@pytest.mark.parametrize("sample,expected", CPU_STRATEGY_SAMPLES, ids=repr)
+def test_the_rule_picks_the_intended_strategy(sample, expected):
+    assert strategy_of(sample) == expected
+
+
+@pytest.mark.parametrize("shape,weight,kwargs,expected", [
+    ((64, 1, 28, 28), (32, 1, 3, 3), {}, "depthwise"),  # the MNIST model's first layer: one input channel
+    ((64, 32, 26, 26), (64, 32, 3, 3), {}, "winograd"),  # … and its second
+    ((32, 512, 4, 4), (512, 512, 3, 3), {"padding": 1}, "winograd"),  # ResNet-18's last 3×3
+    ((32, 64, 32, 32), (128, 64, 3, 3), {"stride": 2, "padding": 1}, "gemm_batched"),  # 16×16 plane
+    ((16, 3, 64, 64), (64, 3, 7, 7), {"stride": 2, "padding": 3}, "gemm_per_image"),  # ResNet stem, 32×32 plane
+    ((8, 4, 16, 16), (8, 4, 3, 3), {"padding": 1}, "gemm_batched"),  # too few channels for Winograd
+    ((8, 16, 16, 16), (16, 16, 3, 3), {"padding": 1, "dilation": 2}, "gemm_batched"),  # dilated: no Winograd
+    ((8, 16, 16, 16), (16, 8, 3, 3), {"padding": 1, "groups": 2}, "gemm_batched"),  # grouped: no Winograd
+    ((8, 16, 16, 16), (16, 16, 3, 3), {"padding": 3}, "gemm_batched"),  # padding > 2: no Winograd ∂X
+    ((8, 32, 56, 56), (32, 1, 3, 3), {"padding": 1, "groups": 32}, "depthwise"),
+])
+def test_the_rule_on_model_layers(shape, weight, kwargs, expected):
+    assert cpu_conv2d_strategy(shape, weight, kwargs.get("stride", 1), kwargs.get("padding", 0),
+                               kwargs.get("dilation", 1), kwargs.get("groups", 1)) == expected
+
+
+def _check_against_torch(sample, dtype):
+    x, w, b = make_conv(sample, "cpu", dtype, requires_grad=True)
+    ours, theirs = F.conv2d(x, w, b, **sample.kwargs), TF.conv2d(x, w, b, **sample.kwargs)
+    torch.testing.assert_close(ours, theirs, **TOL[dtype])
+    grad = torch.randn_like(theirs)
+    inputs = [t for t in (x, w, b) if t is not None]
+    for mine, expected, name in zip(torch.autograd.grad(ours, inputs, grad),
+                                    torch.autograd.grad(theirs, inputs, grad), ("input", "weight", "bias")):
+        torch.testing.assert_close(mine, expected, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("strategy", CPU_CONV2D_STRATEGIES)
+def test_every_strategy_matches_torch_on_every_sample(strategy, dtype):
+    """Each algorithm, forced wherever it applies, over the whole conv2d sample sweep."""
+    applied = 0
+    with forced_cpu_conv2d_strategy(strategy):
+        for sample in conv2d_samples(full=True):
+            applied += strategy_of(sample) == strategy
+            _check_against_torch(sample, dtype)
+    assert applied >= 3  # the sweep exercises it (the rule's own choice elsewhere)
+
+
+# Small enough for gradcheck; forcing makes each take every algorithm that applies to it.
+GRADCHECK_SAMPLES = [
+    Sample((2, 4, 5, 5), {"stride": 2, "padding": 1}, (3, 4, 3, 3)),
+    Sample((2, 4, 5, 6), {"stride": 2}, (3, 4, 1, 1), bias=False),
+    Sample((1, 3, 7, 6), {"padding": 1}, (2, 3, 3, 3)),
+    Sample((1, 2, 5, 6), {"padding": 2}, (3, 2, 3, 3)),
+    Sample((2, 3, 5, 6), {"padding": 1, "groups": 3}, (6, 1, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("strategy", CPU_CONV2D_STRATEGIES)
+@pytest.mark.parametrize("sample", GRADCHECK_SAMPLES, ids=repr)
+def test_every_strategy_passes_gradcheck(sample, strategy):
+    inputs = tuple(t for t in make_conv(sample, "cpu", torch.float64, requires_grad=True) if t is not None)
+    conv = (lambda x, w, b=None: F.conv2d(x, w, b, **sample.kwargs))
+    with forced_cpu_conv2d_strategy(strategy):
+        assert torch.autograd.gradcheck(conv, inputs)
+        assert torch.autograd.gradgradcheck(conv, inputs)
+
+
+def test_forcing_an_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="expected name to be one of"):
+        with forced_cpu_conv2d_strategy("fft"):
+            pass
+    with pytest.raises(ValueError, match="_cpu_conv2d_force_strategy: expected name"):
+        torch.ops.torchcnn._cpu_conv2d_force_strategy("fft")
+
+
+def test_forcing_is_undone_on_exit():
+    sample, intended = CPU_STRATEGY_SAMPLES[0]
+    with forced_cpu_conv2d_strategy("gemm_per_image"):
+        assert strategy_of(sample) == "gemm_per_image"
+    assert strategy_of(sample) == intended
