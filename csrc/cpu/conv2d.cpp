@@ -12,6 +12,7 @@
 #include <string>
 
 #include "conv2d_algorithms.h"
+#include "gemm.h"
 
 namespace torchcnn::cpu {
 namespace {
@@ -223,6 +224,19 @@ std::string force_strategy(const std::string& name) {
   return previous < 0 ? "" : kStrategyNames[previous];
 }
 
+// a · b by the CPU convolutions' GEMM (gemm.h), for the tests.
+at::Tensor matmul_op(const at::Tensor& a, const at::Tensor& b) {
+  const char* op = "_cpu_matmul";
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), op,
+                    ": expected matrices a (m × k) and b (k × n) but got shapes ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.is_cpu() && b.is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type() && at::isFloatingType(a.scalar_type()), op,
+                   ": expected a and b of one floating-point dtype but got ", a.scalar_type(), " and ", b.scalar_type());
+  auto c = at::empty({a.size(0), b.size(1)}, a.options());
+  matmul(c, a, b);
+  return c;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchcnn, CPU, m) {
@@ -235,6 +249,8 @@ TORCH_LIBRARY_FRAGMENT(torchcnn, m) {
   m.def("_cpu_conv2d_strategy(int[] input_size, int[] weight_size, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups) -> str", &strategy_for);
   m.def("_cpu_conv2d_force_strategy(str name) -> str", &force_strategy);
+  m.def("_cpu_set_gemm(str name) -> str", &set_gemm);
+  m.def("_cpu_matmul(Tensor a, Tensor b) -> Tensor", &matmul_op);
 }
 
 }  // namespace torchcnn::cpu

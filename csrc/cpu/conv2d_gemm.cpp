@@ -1,4 +1,4 @@
-// conv2d as im2col feeding BLAS GEMMs (at::mm: MKL or OpenBLAS), images split between threads.
+// conv2d as im2col feeding GEMMs (gemm.h), images split between threads.
 //
 // For one image, im2col lays the receptive field of every output pixel out as a column:
 //   cols[(c, p, q), (i, j)] = X[c, i·s + p·d − pad, j·s + q·d − pad]   (0 outside the image)
@@ -13,8 +13,10 @@
 #include <torch/all.h>
 
 #include <cstring>
+#include <vector>
 
 #include "conv2d_algorithms.h"
+#include "gemm.h"
 
 namespace torchcnn::cpu {
 namespace {
@@ -153,6 +155,10 @@ void gemm_forward(const at::Tensor& input, const at::Tensor& weight_, const at::
                   const Conv2dGeometry& g, int64_t images_per_product, at::Tensor& output) {
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size(), plane = g.out_plane();
   const auto weight = weight_.view({g.out_channels, kg});
+  std::vector<PackedMatrix> w;  // per group, packed once for every image
+  for (int64_t k = 0; k < g.groups; ++k) {
+    w.emplace_back(weight.narrow(0, k * mg, mg));
+  }
   for_each_chunk(g.batch, [&](int64_t, int64_t begin, int64_t end) {
     at::Tensor cols_buffer, out_buffer;
     for (int64_t n = begin; n < end; n += images_per_product) {
@@ -165,7 +171,7 @@ void gemm_forward(const at::Tensor& input, const at::Tensor& weight_, const at::
       auto out = b == 1 ? output[n].view({g.out_channels, plane}) : out_buffer.narrow(1, 0, b * plane);
       for (int64_t k = 0; k < g.groups; ++k) {
         auto out_g = out.narrow(0, k * mg, mg);
-        at::mm_out(out_g, weight.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg));
+        w[k].multiply(out_g, cols.narrow(0, k * kg, kg));
       }
       AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "torchcnn::conv2d_gemm_output", [&] {
         const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
@@ -184,6 +190,10 @@ void gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight
                          int64_t images_per_product, at::Tensor& grad_input) {
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size(), plane = g.out_plane();
   const auto weight = weight_.view({g.out_channels, kg});
+  std::vector<PackedMatrix> wt;  // Wᵀ per group, packed once for every image
+  for (int64_t k = 0; k < g.groups; ++k) {
+    wt.emplace_back(weight.narrow(0, k * mg, mg).t());
+  }
   for_each_chunk(g.batch, [&](int64_t, int64_t begin, int64_t end) {
     at::Tensor grad_buffer, cols_buffer;
     for (int64_t n = begin; n < end; n += images_per_product) {
@@ -197,7 +207,7 @@ void gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight
       auto cols = direct ? grad_input[n].view({g.channels, plane}) : cols_buffer.narrow(1, 0, b * plane);
       for (int64_t k = 0; k < g.groups; ++k) {
         auto cols_g = cols.narrow(0, k * kg, kg);
-        at::mm_out(cols_g, weight.narrow(0, k * mg, mg).t(), go.narrow(0, k * mg, mg));
+        wt[k].multiply(cols_g, go.narrow(0, k * mg, mg));
       }
       if (!direct) {
         AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "torchcnn::col2im", [&] {
@@ -226,7 +236,7 @@ void gemm_backward_weight(const at::Tensor& grad_output, const at::Tensor& input
       const auto go = grad_matrix(grad_output, n, b, g, grad_buffer);
       for (int64_t k = 0; k < g.groups; ++k) {
         auto acc_g = acc.narrow(0, k * mg, mg);
-        acc_g.addmm_(go.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg).t());
+        matmul(acc_g, go.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg).t(), /*accumulate=*/true);
       }
     }
   });

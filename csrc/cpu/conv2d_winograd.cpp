@@ -19,7 +19,11 @@
 // GEMM algorithm (conv2d.cpp).
 #include <torch/all.h>
 
+#include <optional>
+#include <vector>
+
 #include "conv2d_algorithms.h"
+#include "gemm.h"
 
 namespace torchcnn::cpu {
 namespace {
@@ -28,24 +32,30 @@ constexpr int64_t kTile = 2;    // output pixels per tile side
 constexpr int64_t kPatch = 4;   // input pixels per tile side
 constexpr int64_t kPoints = 16; // positions ξ of a transformed tile
 
-// U[ξ][k][c] = (G W_kc Gᵀ)[ξ] for weights (K, C, 3, 3).
+// U[ξ][k][c] = (G W_kc Gᵀ)[ξ] for output channels [k0, k1) of weights (K, C, 3, 3). One output
+// channel's 16 rows are built in `row` (16 × C) and copied out whole: written directly, the 16
+// rows K·C apart would evict one another from cache.
 template <typename T>
-void transform_filters(const T* w, int64_t out_channels, int64_t channels, T* u) {
-  const int64_t kc = out_channels * channels;
-  for (int64_t i = 0; i < kc; ++i) {
-    const T* g = w + 9 * i;
-    T a[4][3];  // G · g
-    for (int j = 0; j < 3; ++j) {
-      a[0][j] = g[j];
-      a[1][j] = (g[j] + g[3 + j] + g[6 + j]) / 2;
-      a[2][j] = (g[j] - g[3 + j] + g[6 + j]) / 2;
-      a[3][j] = g[6 + j];
+void transform_filters(const T* w, int64_t out_channels, int64_t channels, int64_t k0, int64_t k1, T* row, T* u) {
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const T* g = w + 9 * (k * channels + c);
+      T a[4][3];  // G · g
+      for (int j = 0; j < 3; ++j) {
+        a[0][j] = g[j];
+        a[1][j] = (g[j] + g[3 + j] + g[6 + j]) / 2;
+        a[2][j] = (g[j] - g[3 + j] + g[6 + j]) / 2;
+        a[3][j] = g[6 + j];
+      }
+      for (int r = 0; r < 4; ++r) {  // (G · g) · Gᵀ
+        row[(4 * r + 0) * channels + c] = a[r][0];
+        row[(4 * r + 1) * channels + c] = (a[r][0] + a[r][1] + a[r][2]) / 2;
+        row[(4 * r + 2) * channels + c] = (a[r][0] - a[r][1] + a[r][2]) / 2;
+        row[(4 * r + 3) * channels + c] = a[r][2];
+      }
     }
-    for (int r = 0; r < 4; ++r) {  // (G · g) · Gᵀ
-      u[(4 * r + 0) * kc + i] = a[r][0];
-      u[(4 * r + 1) * kc + i] = (a[r][0] + a[r][1] + a[r][2]) / 2;
-      u[(4 * r + 2) * kc + i] = (a[r][0] - a[r][1] + a[r][2]) / 2;
-      u[(4 * r + 3) * kc + i] = a[r][2];
+    for (int64_t xi = 0; xi < kPoints; ++xi) {
+      std::copy(row + xi * channels, row + (xi + 1) * channels, u + (xi * out_channels + k) * channels);
     }
   }
 }
@@ -208,11 +218,11 @@ void transform_outputs(const T* m, const T* bias, const Tiling& s, int64_t n0, i
 
 // Images per block: enough for about 64 tiles, so that the GEMMs are wide enough to run at speed,
 // and no more than keep the block's transformed inputs and products, 16·(C + K) values a tile,
-// within about 2 MiB (this machine's L2 per core); at least one image.
+// within about 4 MiB; at least one image.
 int64_t block_images(const Tiling& s, int64_t element_size) {
   const int64_t per_image = kPoints * (s.channels + s.out_channels) * s.per_image() * element_size;
   const int64_t wide = (64 + s.per_image() - 1) / s.per_image();
-  return std::max<int64_t>(1, std::min(wide, (int64_t{2} << 20) / per_image));
+  return std::max<int64_t>(1, std::min(wide, (int64_t{4} << 20) / per_image));
 }
 
 // Y (N, K, OH, OW) = X (N, C, H, W) ⋆ W (K, C, 3, 3) + b with padding (pad_h, pad_w).
@@ -223,9 +233,18 @@ void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tenso
   s.tiles_h = (s.out_height + kTile - 1) / kTile;
   s.tiles_w = (s.out_width + kTile - 1) / kTile;
   auto u = at::empty({kPoints, s.out_channels, s.channels}, weight.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_filters", [&] {
-    transform_filters<scalar_t>(weight.const_data_ptr<scalar_t>(), s.out_channels, s.channels,
-                                u.mutable_data_ptr<scalar_t>());
+  for_each_chunk(s.out_channels, [&](int64_t, int64_t k0, int64_t k1) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_filters", [&] {
+      std::vector<scalar_t> row(kPoints * s.channels);
+      transform_filters<scalar_t>(weight.const_data_ptr<scalar_t>(), s.out_channels, s.channels, k0, k1, row.data(),
+                                  u.mutable_data_ptr<scalar_t>());
+    });
+  });
+  std::vector<std::optional<PackedMatrix>> u_packed(kPoints);  // U[ξ], packed once for every block's product
+  for_each_chunk(kPoints, [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t xi = begin; xi < end; ++xi) {
+      u_packed[xi].emplace(u[xi]);
+    }
   });
   const int64_t block = block_images(s, input.element_size());
   for_each_chunk(input.size(0), [&](int64_t, int64_t begin, int64_t end) {
@@ -242,7 +261,10 @@ void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tenso
         transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, n0, n1,
                                    scratch.mutable_data_ptr<scalar_t>(), v_block.mutable_data_ptr<scalar_t>());
       });
-      at::bmm_out(m_block, u, v_block);
+      for (int64_t xi = 0; xi < kPoints; ++xi) {
+        auto m_xi = m_block[xi];
+        u_packed[xi]->multiply(m_xi, v_block[xi]);
+      }
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_outputs", [&] {
         transform_outputs<scalar_t>(m_block.const_data_ptr<scalar_t>(),
                                     bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, s, n0, n1,
