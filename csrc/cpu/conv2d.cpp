@@ -155,6 +155,8 @@ at::Tensor backward_weight(const at::Tensor& grad_output_, const at::Tensor& inp
   const auto s = choose(g);
   if (s == Strategy::kDepthwise) {
     depthwise_backward_weight(grad_output, input, g, grad_weight);
+  } else if (s == Strategy::kWinograd) {
+    winograd_backward_weight(grad_output, input, g, grad_weight);
   } else {
     gemm_backward_weight(grad_output, input, g, images_per_product(s, g, input.element_size()), grad_weight);
   }

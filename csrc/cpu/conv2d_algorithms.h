@@ -68,6 +68,8 @@ void winograd_forward(const at::Tensor& input, const at::Tensor& weight, const a
                       const Conv2dGeometry& g, at::Tensor& output);
 void winograd_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
                              at::Tensor& grad_input);
+void winograd_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
+                              at::Tensor& grad_weight);
 
 // conv2d_depthwise.cpp (one input channel per group)
 void depthwise_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,

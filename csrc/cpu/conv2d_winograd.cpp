@@ -19,6 +19,8 @@
 // GEMM algorithm (conv2d.cpp).
 #include <torch/all.h>
 
+#include <immintrin.h>
+
 #include <optional>
 #include <vector>
 
@@ -69,9 +71,12 @@ struct Tiling {
   int64_t tiles_h, tiles_w;
 
   int64_t per_image() const { return tiles_h * tiles_w; }
-  // The padded plane the tiles read: every patch inside it, zeros around the image.
+  // The padded plane the tiles read: every patch inside it, zeros around the image, and rows long
+  // enough for the vectorised transform's 16-tile loads.
   int64_t padded_h() const { return kTile * tiles_h + 2; }
-  int64_t padded_w() const { return kTile * tiles_w + 2; }
+  int64_t padded_w() const { return kTile * ((tiles_w + 15) / 16 * 16) + 2; }
+  // The same for a plane of ∂L/∂Y (2·tiles_h rows).
+  int64_t grad_w() const { return kTile * ((tiles_w + 15) / 16 * 16); }
 };
 
 // The transforms of one plane's tiles, written as loops over the tiles of a row so that the
@@ -151,11 +156,127 @@ TORCHCNN_VECTOR_CLONES void output_tiles_d(const double* m, int64_t step, double
                                            double* o) {
   output_tiles(m, step, bias, th, tw, o);
 }
+// input_tiles for float with AVX-512, 16 tiles of a row at a time: the even and odd columns of
+// a patch row, d_0 … d_3 for all 16 tiles, are two deinterleaved pairs of loads.
+__attribute__((target("avx512f"))) void input_tiles_avx512(const float* padded, int64_t wp, int64_t tiles_h,
+                                                            int64_t tiles_w, float* v, int64_t step) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t ty = 0; ty < tiles_h; ++ty) {
+    const float* rows = padded + kTile * ty * wp;
+    float* out = v + ty * tiles_w;
+    for (int64_t tx = 0; tx < tiles_w; tx += 16) {
+      const __mmask16 lanes = tiles_w - tx >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tiles_w - tx)) - 1);
+      __m512 d[4][4];
+      for (int i = 0; i < 4; ++i) {
+        const float* row = rows + i * wp + kTile * tx;
+        const __m512 a = _mm512_loadu_ps(row), b = _mm512_loadu_ps(row + 16);
+        const __m512 c = _mm512_loadu_ps(row + 2), e = _mm512_loadu_ps(row + 18);
+        d[i][0] = _mm512_permutex2var_ps(a, even, b);
+        d[i][1] = _mm512_permutex2var_ps(a, odd, b);
+        d[i][2] = _mm512_permutex2var_ps(c, even, e);
+        d[i][3] = _mm512_permutex2var_ps(c, odd, e);
+      }
+      __m512 r[4][4];  // Bᵀ · d
+      for (int j = 0; j < 4; ++j) {
+        r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+        r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+        r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+        r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+      }
+      for (int i = 0; i < 4; ++i) {  // (Bᵀ · d) · B
+        _mm512_mask_storeu_ps(out + (4 * i + 0) * step + tx, lanes, _mm512_sub_ps(r[i][0], r[i][2]));
+        _mm512_mask_storeu_ps(out + (4 * i + 1) * step + tx, lanes, _mm512_add_ps(r[i][1], r[i][2]));
+        _mm512_mask_storeu_ps(out + (4 * i + 2) * step + tx, lanes, _mm512_sub_ps(r[i][2], r[i][1]));
+        _mm512_mask_storeu_ps(out + (4 * i + 3) * step + tx, lanes, _mm512_sub_ps(r[i][1], r[i][3]));
+      }
+    }
+  }
+}
+
+// The adjoint of output_tiles: ∂L/∂M_t = A G_t Aᵀ for the 2×2 tiles G_t of a plane of ∂L/∂Y
+// (`g`, 2·tiles_h × 2·tiles_w, zeros outside the output), into dm[ξ·step + t].
+template <typename T>
+[[gnu::always_inline]] inline void grad_tiles(const T* __restrict g, int64_t gw, int64_t tiles_h, int64_t tiles_w,
+                                              T* __restrict dm, int64_t step) {
+  for (int64_t ty = 0; ty < tiles_h; ++ty) {
+    const T* g0 = g + kTile * ty * gw;
+    const T* g1 = g0 + gw;
+    T* out = dm + ty * tiles_w;
+    for (int64_t tx = 0; tx < tiles_w; ++tx) {
+      const T x0 = g0[2 * tx], y0 = g0[2 * tx + 1], x1 = g1[2 * tx], y1 = g1[2 * tx + 1];
+      const T h[4][2] = {{x0, y0}, {x0 + x1, y0 + y1}, {x0 - x1, y0 - y1}, {-x1, -y1}};  // A · G
+      for (int i = 0; i < 4; ++i) {  // (A · G) · Aᵀ
+        out[(4 * i + 0) * step + tx] = h[i][0];
+        out[(4 * i + 1) * step + tx] = h[i][0] + h[i][1];
+        out[(4 * i + 2) * step + tx] = h[i][0] - h[i][1];
+        out[(4 * i + 3) * step + tx] = -h[i][1];
+      }
+    }
+  }
+}
+
+TORCHCNN_VECTOR_CLONES void grad_tiles_f(const float* g, int64_t gw, int64_t th, int64_t tw, float* dm, int64_t step) {
+  grad_tiles(g, gw, th, tw, dm, step);
+}
+TORCHCNN_VECTOR_CLONES void grad_tiles_d(const double* g, int64_t gw, int64_t th, int64_t tw, double* dm,
+                                         int64_t step) {
+  grad_tiles(g, gw, th, tw, dm, step);
+}
+
+// grad_tiles for float with AVX-512, 16 tiles at a time (rows of `g` readable to 2·round_up(tiles_w, 16)).
+__attribute__((target("avx512f"))) void grad_tiles_avx512(const float* g, int64_t gw, int64_t tiles_h,
+                                                           int64_t tiles_w, float* dm, int64_t step) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t ty = 0; ty < tiles_h; ++ty) {
+    const float* g0 = g + kTile * ty * gw;
+    float* out = dm + ty * tiles_w;
+    for (int64_t tx = 0; tx < tiles_w; tx += 16) {
+      const __mmask16 lanes = tiles_w - tx >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tiles_w - tx)) - 1);
+      __m512 x[2], y[2];
+      for (int i = 0; i < 2; ++i) {
+        const float* row = g0 + i * gw + kTile * tx;
+        const __m512 a = _mm512_loadu_ps(row), b = _mm512_loadu_ps(row + 16);
+        x[i] = _mm512_permutex2var_ps(a, even, b);
+        y[i] = _mm512_permutex2var_ps(a, odd, b);
+      }
+      const __m512 zero = _mm512_setzero_ps();
+      const __m512 h[4][2] = {{x[0], y[0]},
+                              {_mm512_add_ps(x[0], x[1]), _mm512_add_ps(y[0], y[1])},
+                              {_mm512_sub_ps(x[0], x[1]), _mm512_sub_ps(y[0], y[1])},
+                              {_mm512_sub_ps(zero, x[1]), _mm512_sub_ps(zero, y[1])}};
+      for (int i = 0; i < 4; ++i) {
+        _mm512_mask_storeu_ps(out + (4 * i + 0) * step + tx, lanes, h[i][0]);
+        _mm512_mask_storeu_ps(out + (4 * i + 1) * step + tx, lanes, _mm512_add_ps(h[i][0], h[i][1]));
+        _mm512_mask_storeu_ps(out + (4 * i + 2) * step + tx, lanes, _mm512_sub_ps(h[i][0], h[i][1]));
+        _mm512_mask_storeu_ps(out + (4 * i + 3) * step + tx, lanes, _mm512_sub_ps(zero, h[i][1]));
+      }
+    }
+  }
+}
+
+const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
+
 inline void input_tiles_any(const float* p, int64_t wp, int64_t th, int64_t tw, float* v, int64_t step) {
-  input_tiles_f(p, wp, th, tw, v, step);
+  if (cpu_has_avx512) {
+    input_tiles_avx512(p, wp, th, tw, v, step);
+  } else {
+    input_tiles_f(p, wp, th, tw, v, step);
+  }
 }
 inline void input_tiles_any(const double* p, int64_t wp, int64_t th, int64_t tw, double* v, int64_t step) {
   input_tiles_d(p, wp, th, tw, v, step);
+}
+inline void grad_tiles_any(const float* g, int64_t gw, int64_t th, int64_t tw, float* dm, int64_t step) {
+  if (cpu_has_avx512) {
+    grad_tiles_avx512(g, gw, th, tw, dm, step);
+  } else {
+    grad_tiles_f(g, gw, th, tw, dm, step);
+  }
+}
+inline void grad_tiles_any(const double* g, int64_t gw, int64_t th, int64_t tw, double* dm, int64_t step) {
+  grad_tiles_d(g, gw, th, tw, dm, step);
 }
 inline void output_tiles_any(const float* m, int64_t step, float b, int64_t th, int64_t tw, float* o) {
   output_tiles_f(m, step, b, th, tw, o);
@@ -211,6 +332,47 @@ void transform_outputs(const T* m, const T* bias, const Tiling& s, int64_t n0, i
         for (int64_t i = 0; i < s.out_height; ++i) {
           std::copy(scratch + i * sw, scratch + i * sw + s.out_width, yk + i * s.out_width);
         }
+      }
+    }
+  }
+}
+
+// ∂L/∂M[k][ξ][t] for images [n0, n1) from ∂L/∂Y (the adjoint of transform_outputs); `padded`
+// holds one plane of ∂L/∂Y, 2·tiles_h × grad_w(), zeros outside the output.
+template <typename T>
+void transform_grads(const T* dy, const Tiling& s, int64_t n0, int64_t n1, T* padded, T* dm) {
+  const int64_t ld = (n1 - n0) * s.per_image(), plane = s.out_height * s.out_width, gw = s.grad_w();
+  std::fill(padded, padded + kTile * s.tiles_h * gw, T(0));
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t k = 0; k < s.out_channels; ++k) {
+      const T* src = dy + (n * s.out_channels + k) * plane;
+      for (int64_t i = 0; i < s.out_height; ++i) {
+        std::copy(src + i * s.out_width, src + (i + 1) * s.out_width, padded + i * gw);
+      }
+      grad_tiles_any(padded, gw, s.tiles_h, s.tiles_w, dm + k * kPoints * ld + (n - n0) * s.per_image(), ld);
+    }
+  }
+}
+
+// ∂L/∂W[k][c] = Gᵀ ∂L/∂U[·][k][c] G (the adjoint of transform_filters) for output channels [k0, k1).
+template <typename T>
+void filter_grads(const T* du, int64_t out_channels, int64_t channels, int64_t k0, int64_t k1, T* dw) {
+  const int64_t kc = out_channels * channels;
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const T* u = du + k * channels + c;
+      T a[3][4];  // Gᵀ · ∂U
+      for (int j = 0; j < 4; ++j) {
+        const T u0 = u[j * kc], u1 = u[(4 + j) * kc], u2 = u[(8 + j) * kc], u3 = u[(12 + j) * kc];
+        a[0][j] = u0 + (u1 + u2) / 2;
+        a[1][j] = (u1 - u2) / 2;
+        a[2][j] = (u1 + u2) / 2 + u3;
+      }
+      T* out = dw + 9 * (k * channels + c);
+      for (int i = 0; i < 3; ++i) {  // (Gᵀ · ∂U) · G
+        out[3 * i + 0] = a[i][0] + (a[i][1] + a[i][2]) / 2;
+        out[3 * i + 1] = (a[i][1] - a[i][2]) / 2;
+        out[3 * i + 2] = (a[i][1] + a[i][2]) / 2 + a[i][3];
       }
     }
   }
@@ -279,6 +441,48 @@ void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tenso
 void winograd_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                       const Conv2dGeometry& g, at::Tensor& output) {
   winograd(input, weight, bias, g.pad_h, g.pad_w, output);
+}
+
+void winograd_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
+                              at::Tensor& grad_weight) {
+  Tiling s{g.channels, g.height, g.width, g.pad_h, g.pad_w, g.out_channels, g.out_height, g.out_width, 0, 0};
+  s.tiles_h = (s.out_height + kTile - 1) / kTile;
+  s.tiles_w = (s.out_width + kTile - 1) / kTile;
+  const int64_t block = block_images(s, input.element_size());
+  // ∂L/∂U[ξ] = Σ_t ∂L/∂M[ξ][·][t] · V[ξ][·][t]ᵀ, one partial sum per chunk of images, added up in
+  // chunk order: no races, the same result every run.
+  auto partial = at::zeros({parallel_chunks(g.batch), kPoints, s.out_channels, s.channels}, input.options());
+  for_each_chunk(g.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
+    const int64_t tiles = std::min(block, end - begin) * s.per_image();
+    auto v = at::empty({s.channels, kPoints, tiles}, input.options());
+    auto dm = at::empty({s.out_channels, kPoints, tiles}, input.options());
+    auto scratch = at::empty({std::max(s.padded_h() * s.padded_w(), kTile * s.tiles_h * s.grad_w())},
+                             input.options());
+    auto du = partial[chunk];
+    for (int64_t n0 = begin; n0 < end; n0 += block) {
+      const int64_t n1 = std::min(end, n0 + block), t = (n1 - n0) * s.per_image();
+      auto v_block = v.view(-1).narrow(0, 0, kPoints * s.channels * t).view({s.channels, kPoints, t}).transpose(0, 1);
+      auto dm_block =
+          dm.view(-1).narrow(0, 0, kPoints * s.out_channels * t).view({s.out_channels, kPoints, t}).transpose(0, 1);
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_weight_tiles", [&] {
+        auto* pad = scratch.mutable_data_ptr<scalar_t>();
+        transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, n0, n1, pad, v_block.mutable_data_ptr<scalar_t>());
+        transform_grads<scalar_t>(grad_output.const_data_ptr<scalar_t>(), s, n0, n1, pad,
+                                  dm_block.mutable_data_ptr<scalar_t>());
+      });
+      for (int64_t xi = 0; xi < kPoints; ++xi) {
+        auto du_xi = du[xi];
+        matmul(du_xi, dm_block[xi], v_block[xi].t(), /*accumulate=*/true);
+      }
+    }
+  });
+  const auto du = partial.sum(0);
+  for_each_chunk(s.out_channels, [&](int64_t, int64_t k0, int64_t k1) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_filter_grads", [&] {
+      filter_grads<scalar_t>(du.const_data_ptr<scalar_t>(), s.out_channels, s.channels, k0, k1,
+                             grad_weight.mutable_data_ptr<scalar_t>());
+    });
+  });
 }
 
 void winograd_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
