@@ -74,8 +74,8 @@ CPU_STRATEGY_SAMPLES = [
     (Sample((3, 16, 7, 7), {"stride": 2}, (24, 16, 1, 1), bias=False), "gemm_batched"),  # 1×1 stride-2 downsample
     (Sample((1, 2, 33, 33), {"padding": 1}, (3, 2, 3, 3)), "gemm_per_image"),  # a plane of ≥ 1,024 pixels
     (Sample((2, 16, 9, 10), {"padding": 1, "groups": 16}, (32, 1, 3, 3)), "depthwise"),  # multiplier 2
-    (Sample((2, 16, 11, 9), {"padding": 1}, (24, 16, 3, 3)), "winograd"),  # odd output: partial tiles
-    (Sample((2, 8, 6, 7), {"padding": 2}, (8, 8, 3, 3)), "winograd"),  # padding 2: ∂X with no padding
+    (Sample((11, 16, 11, 9), {"padding": 1}, (24, 16, 3, 3)), "winograd"),  # odd output: partial tiles
+    (Sample((20, 8, 6, 7), {"padding": 2}, (8, 8, 3, 3)), "winograd"),  # padding 2: ∂X with no padding
 ]
 
 

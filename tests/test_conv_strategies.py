@@ -31,7 +31,8 @@ def test_the_rule_picks_the_intended_strategy(sample, expected):
 @pytest.mark.parametrize("shape,weight,kwargs,expected", [
     ((64, 1, 28, 28), (32, 1, 3, 3), {}, "depthwise"),  # the MNIST model's first layer: one input channel
     ((64, 32, 26, 26), (64, 32, 3, 3), {}, "winograd"),  # … and its second
-    ((32, 512, 4, 4), (512, 512, 3, 3), {"padding": 1}, "winograd"),  # ResNet-18's last 3×3
+    ((32, 256, 8, 8), (256, 256, 3, 3), {"padding": 1}, "winograd"),  # ResNet-18's layer3 on CIFAR
+    ((32, 512, 4, 4), (512, 512, 3, 3), {"padding": 1}, "gemm_batched"),  # … its layer4: 512 output pixels
     ((32, 64, 32, 32), (128, 64, 3, 3), {"stride": 2, "padding": 1}, "gemm_batched"),  # 16×16 plane
     ((16, 3, 64, 64), (64, 3, 7, 7), {"stride": 2, "padding": 3}, "gemm_per_image"),  # ResNet stem, 32×32 plane
     ((8, 4, 16, 16), (8, 4, 3, 3), {"padding": 1}, "gemm_batched"),  # too few channels for Winograd

@@ -20,12 +20,14 @@ namespace {
 // The rule, in one place. Thresholds measured on the development VM (docs/BENCHMARKS.md):
 // - one input channel per group (depthwise, or a one-channel image): the direct kernel — a GEMM
 //   would contract over KH·KW = 9 values only;
-// - 3×3, stride 1, undilated, ungrouped, with at least 8 channels in and out: Winograd F(2×2, 3×3)
-//   (2.25× fewer multiplications; its transforms cost more than they save on fewer channels);
+// - 3×3, stride 1, undilated, ungrouped, with at least 8 channels in and out and 1,024 output
+//   pixels in the batch: Winograd F(2×2, 3×3) (2.25× fewer multiplications; with fewer channels or
+//   pixels, transforming the filters and tiles costs more than it saves);
 // - anything else: im2col + GEMM, with as many images' columns per product as give it about
 //   kGemmColumns columns (planes at least that large get one product per image), within
 //   kColumnBytes of column buffer.
 constexpr int64_t kWinogradMinChannels = 8;
+constexpr int64_t kWinogradMinPixels = 1024;
 constexpr int64_t kGemmColumns = 1024;
 constexpr int64_t kColumnBytes = int64_t{32} << 20;
 
@@ -44,7 +46,9 @@ int64_t gemm_images_per_product(const Conv2dGeometry& g, int64_t element_size, b
   }
   const int64_t plane = g.out_plane();
   const int64_t column_bytes = g.channels * g.kernel_h * g.kernel_w * plane * element_size;
-  const int64_t wanted = std::max<int64_t>(2, (kGemmColumns + plane - 1) / plane);
+  // A whole batch of at most 2·kGemmColumns columns is one product, whose rows the threads share.
+  const int64_t wanted = g.batch * plane <= 2 * kGemmColumns ? g.batch
+                                                             : std::max<int64_t>(2, (kGemmColumns + plane - 1) / plane);
   const int64_t fit = std::max<int64_t>(1, kColumnBytes / std::max<int64_t>(column_bytes, 1));
   return std::max<int64_t>(1, std::min({wanted, fit, g.batch}));
 }
@@ -75,7 +79,8 @@ Strategy choose(const Conv2dGeometry& g) {
   if (depthwise_applies(g)) {
     return Strategy::kDepthwise;
   }
-  if (winograd_applies(g) && g.channels >= kWinogradMinChannels && g.out_channels >= kWinogradMinChannels) {
+  if (winograd_applies(g) && g.channels >= kWinogradMinChannels && g.out_channels >= kWinogradMinChannels &&
+      g.batch * g.out_plane() >= kWinogradMinPixels) {
     return Strategy::kWinograd;
   }
   return g.out_plane() >= kGemmColumns ? Strategy::kGemmPerImage : Strategy::kGemmBatched;

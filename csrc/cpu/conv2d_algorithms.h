@@ -55,6 +55,18 @@ void for_each_chunk(int64_t count, F&& body) {
   });
 }
 
+// Runs body(chunk, begin, end) over a batch in groups of `per_product` images: split between the
+// threads, each group's products on one thread — or, when one group is the whole batch, once on
+// this thread, where each product splits its rows between the threads instead (gemm.h).
+template <typename F>
+void for_each_image_group(int64_t batch, int64_t per_product, F&& body) {
+  if (per_product >= batch) {
+    body(int64_t{0}, int64_t{0}, batch);
+  } else {
+    for_each_chunk(batch, body);
+  }
+}
+
 // conv2d_gemm.cpp
 void gemm_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                   const Conv2dGeometry& g, int64_t images_per_product, at::Tensor& output);

@@ -9,7 +9,8 @@
 // A product over one image has N = OH·OW columns: plenty for a 26×26 plane, hopeless for a 4×4
 // one (N = 16). There the columns of B images sit side by side, cols (C/g·KH·KW × B·OH·OW), and
 // one product serves them all; Y and ∂L/∂Y are moved between (B, M, OH·OW) and (M, B·OH·OW) on
-// the way. B comes from the rule in conv2d.cpp.
+// the way. B comes from the rule in conv2d.cpp. Threads take groups of images, or, when B is the
+// whole batch, share each product's rows.
 #include <torch/all.h>
 
 #include <cstring>
@@ -85,20 +86,31 @@ void col2im(const T* cols, int64_t ld, const Conv2dGeometry& g, T* dx) {
   }
 }
 
+// body(i) for images i in [0, b): in parallel when called outside a parallel region (a group that
+// is the whole batch, see for_each_image_group), else on this thread.
+template <typename F>
+void for_each_image(int64_t b, F&& body) {
+  at::parallel_for(0, b, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      body(i);
+    }
+  });
+}
+
 // Per-image planes (b, M, P) ⇄ one matrix (M, b·P) with rows ld apart: image i's plane of
 // channel k is row k's i-th run of P entries. `bias` (may be null) is added on the way to the planes.
 template <typename T>
 void planes_to_matrix(const T* planes, int64_t b, int64_t m, int64_t p, T* matrix, int64_t ld) {
-  for (int64_t i = 0; i < b; ++i) {
+  for_each_image(b, [&](int64_t i) {
     for (int64_t k = 0; k < m; ++k) {
       std::memcpy(matrix + k * ld + i * p, planes + (i * m + k) * p, sizeof(T) * p);
     }
-  }
+  });
 }
 
 template <typename T>
 void matrix_to_planes(const T* matrix, int64_t ld, const T* bias, int64_t b, int64_t m, int64_t p, T* planes) {
-  for (int64_t i = 0; i < b; ++i) {
+  for_each_image(b, [&](int64_t i) {
     for (int64_t k = 0; k < m; ++k) {
       const T* src = matrix + k * ld + i * p;
       T* dst = planes + (i * m + k) * p;
@@ -107,7 +119,7 @@ void matrix_to_planes(const T* matrix, int64_t ld, const T* bias, int64_t b, int
         dst[l] = src[l] + add;
       }
     }
-  }
+  });
 }
 
 // The columns of images [n, n + b) as a (C·KH·KW, b·P) matrix: the input itself for one image of
@@ -124,9 +136,9 @@ at::Tensor columns(const at::Tensor& input, int64_t n, int64_t b, const Conv2dGe
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::im2col", [&] {
     const auto* x = input.const_data_ptr<scalar_t>() + n * g.channels * g.in_plane();
     auto* out = buffer.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < b; ++i) {
+    for_each_image(b, [&](int64_t i) {
       im2col<scalar_t>(x + i * g.channels * g.in_plane(), g, out + i * plane, buffer.size(1));
-    }
+    });
   });
   return cols;
 }
@@ -155,11 +167,7 @@ void gemm_forward(const at::Tensor& input, const at::Tensor& weight_, const at::
                   const Conv2dGeometry& g, int64_t images_per_product, at::Tensor& output) {
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size(), plane = g.out_plane();
   const auto weight = weight_.view({g.out_channels, kg});
-  std::vector<PackedMatrix> w;  // per group, packed once for every image
-  for (int64_t k = 0; k < g.groups; ++k) {
-    w.emplace_back(weight.narrow(0, k * mg, mg));
-  }
-  for_each_chunk(g.batch, [&](int64_t, int64_t begin, int64_t end) {
+  for_each_image_group(g.batch, images_per_product, [&](int64_t, int64_t begin, int64_t end) {
     at::Tensor cols_buffer, out_buffer;
     for (int64_t n = begin; n < end; n += images_per_product) {
       const int64_t b = std::min(images_per_product, end - n);
@@ -171,7 +179,7 @@ void gemm_forward(const at::Tensor& input, const at::Tensor& weight_, const at::
       auto out = b == 1 ? output[n].view({g.out_channels, plane}) : out_buffer.narrow(1, 0, b * plane);
       for (int64_t k = 0; k < g.groups; ++k) {
         auto out_g = out.narrow(0, k * mg, mg);
-        w[k].multiply(out_g, cols.narrow(0, k * kg, kg));
+        matmul(out_g, weight.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg));
       }
       AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "torchcnn::conv2d_gemm_output", [&] {
         const scalar_t* b_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
@@ -190,11 +198,7 @@ void gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight
                          int64_t images_per_product, at::Tensor& grad_input) {
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size(), plane = g.out_plane();
   const auto weight = weight_.view({g.out_channels, kg});
-  std::vector<PackedMatrix> wt;  // Wᵀ per group, packed once for every image
-  for (int64_t k = 0; k < g.groups; ++k) {
-    wt.emplace_back(weight.narrow(0, k * mg, mg).t());
-  }
-  for_each_chunk(g.batch, [&](int64_t, int64_t begin, int64_t end) {
+  for_each_image_group(g.batch, images_per_product, [&](int64_t, int64_t begin, int64_t end) {
     at::Tensor grad_buffer, cols_buffer;
     for (int64_t n = begin; n < end; n += images_per_product) {
       const int64_t b = std::min(images_per_product, end - n);
@@ -207,15 +211,15 @@ void gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight
       auto cols = direct ? grad_input[n].view({g.channels, plane}) : cols_buffer.narrow(1, 0, b * plane);
       for (int64_t k = 0; k < g.groups; ++k) {
         auto cols_g = cols.narrow(0, k * kg, kg);
-        wt[k].multiply(cols_g, go.narrow(0, k * mg, mg));
+        matmul(cols_g, weight.narrow(0, k * mg, mg).t(), go.narrow(0, k * mg, mg));
       }
       if (!direct) {
         AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "torchcnn::col2im", [&] {
           const auto* src = cols_buffer.const_data_ptr<scalar_t>();
           auto* dx = grad_input.mutable_data_ptr<scalar_t>() + n * g.channels * g.in_plane();
-          for (int64_t i = 0; i < b; ++i) {
+          for_each_image(b, [&](int64_t i) {
             col2im<scalar_t>(src + i * plane, cols_buffer.size(1), g, dx + i * g.channels * g.in_plane());
-          }
+          });
         });
       }
     }
@@ -226,8 +230,9 @@ void gemm_backward_weight(const at::Tensor& grad_output, const at::Tensor& input
                           int64_t images_per_product, at::Tensor& grad_weight) {
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
   // One partial sum per chunk of images, added up in chunk order: no races, same result every run.
-  auto partial = at::zeros({parallel_chunks(g.batch), g.out_channels, kg}, input.options());
-  for_each_chunk(g.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
+  const int64_t chunks = images_per_product >= g.batch ? 1 : parallel_chunks(g.batch);
+  auto partial = at::zeros({chunks, g.out_channels, kg}, input.options());
+  for_each_image_group(g.batch, images_per_product, [&](int64_t chunk, int64_t begin, int64_t end) {
     at::Tensor cols_buffer, grad_buffer;
     auto acc = partial[chunk];
     for (int64_t n = begin; n < end; n += images_per_product) {

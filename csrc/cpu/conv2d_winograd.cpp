@@ -21,7 +21,6 @@
 
 #include <immintrin.h>
 
-#include <optional>
 #include <vector>
 
 #include "conv2d_algorithms.h"
@@ -402,12 +401,6 @@ void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tenso
                                   u.mutable_data_ptr<scalar_t>());
     });
   });
-  std::vector<std::optional<PackedMatrix>> u_packed(kPoints);  // U[ξ], packed once for every block's product
-  for_each_chunk(kPoints, [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t xi = begin; xi < end; ++xi) {
-      u_packed[xi].emplace(u[xi]);
-    }
-  });
   const int64_t block = block_images(s, input.element_size());
   for_each_chunk(input.size(0), [&](int64_t, int64_t begin, int64_t end) {
     const int64_t tiles = std::min(block, end - begin) * s.per_image();
@@ -425,7 +418,7 @@ void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tenso
       });
       for (int64_t xi = 0; xi < kPoints; ++xi) {
         auto m_xi = m_block[xi];
-        u_packed[xi]->multiply(m_xi, v_block[xi]);
+        matmul(m_xi, u[xi], v_block[xi]);
       }
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_outputs", [&] {
         transform_outputs<scalar_t>(m_block.const_data_ptr<scalar_t>(),

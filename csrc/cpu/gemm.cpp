@@ -3,12 +3,13 @@
 // C is cut into 8 × 32 tiles, each computed by one kernel call that keeps the tile in 16 zmm
 // registers and, for every p of the shared dimension, adds the outer product of A's column p (8
 // values, broadcast one by one) and B's row p (two 16-float vectors): 16 FMAs per 2 loads and
-// 8 broadcasts. The kernel reads A and B from packed copies laid out in exactly that order:
-//   Ã[panel of 8 rows][p][r],   B̃[panel of 32 columns][p][j]   (zero-padded at the edges),
-// for blocks of the shared dimension (KC = 256: one B̃ panel, 32 KiB, stays in L1 while the kernel
-// sweeps the A panels of an MC = 128-row block, 128 KiB, from L2) and of C's columns (NC = 3072).
-// Packing also absorbs any strides: transposed operands cost nothing extra. An A used for many
-// products (a conv's weights, Winograd's transformed filters) is packed once (PackedMatrix).
+// 8 broadcasts. B is read from a packed copy laid out in exactly that order,
+//   B̃[panel of 32 columns][p][j]   (zero-padded at the edge),
+// made for blocks of the shared dimension (KC = 256: one B̃ panel, 32 KiB, stays in L1 while the
+// kernel sweeps MC = 128 rows of A from L2) and of C's columns (NC = 3072); packing absorbs B's
+// strides, so a transposed B costs nothing extra. A is read in place, row- or column-major (a
+// conv's weights are large and often used for few columns: packing them would cost more than it
+// saves).
 #include "gemm.h"
 
 #include <immintrin.h>
@@ -77,13 +78,6 @@ void pack_panel(const float* src, int64_t sp, int64_t sj, int64_t kc, int64_t co
   }
 }
 
-// Ã for rows [i0, i0 + mc) and columns [p0, p0 + kc) of A: panel (8 rows) by panel.
-void pack_a(const View& a, int64_t i0, int64_t mc, int64_t p0, int64_t kc, float* out) {
-  for (int64_t ip = 0; ip < mc; ip += kMR) {
-    pack_panel(a.data + (i0 + ip) * a.rs + p0 * a.cs, a.cs, a.rs, kc, std::min(kMR, mc - ip), kMR, out + ip * kc);
-  }
-}
-
 // B̃ for rows [p0, p0 + kc) and columns [j0, j0 + nc) of B: panel (32 columns) by panel.
 void pack_b(const View& b, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float* out) {
   for (int64_t jp = 0; jp < nc; jp += kNR) {
@@ -95,22 +89,29 @@ inline __mmask16 first(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// C tile (rows × cols ≤ 8 × 32, rows ldc apart) = [C +] Σ_p Ã[p][·] ⊗ B̃[p][·].
-__attribute__((target("avx512f"))) void kernel_8x32(int64_t kc, const float* __restrict a,
-                                                     const float* __restrict b, float* c, int64_t ldc,
-                                                     int64_t rows, int64_t cols, bool add) {
+// C tile (rows × cols ≤ 8 × 32, rows ldc apart) = [C +] Σ_p A[·][p] ⊗ B̃[p][·], A read in place:
+// row-major (A[r][p] at a[r·lda + p]) or column-major (at a[p·lda + r]). Rows past `rows` read
+// the last row again (their results are not stored).
+template <bool kRowMajor>
+__attribute__((target("avx512f"))) void kernel_8x32(int64_t kc, const float* __restrict a, int64_t lda,
+                                                     const float* __restrict b, float* c, int64_t ldc, int64_t rows,
+                                                     int64_t cols, bool add) {
   __m512 acc[kMR][2];
+  int64_t offset[kMR];
 #pragma GCC unroll 8
   for (int r = 0; r < kMR; ++r) {
     acc[r][0] = _mm512_setzero_ps();
     acc[r][1] = _mm512_setzero_ps();
+    offset[r] = std::min<int64_t>(r, rows - 1) * (kRowMajor ? lda : 1);
   }
+  const int64_t step = kRowMajor ? 1 : lda;
   for (int64_t p = 0; p < kc; ++p) {
     const __m512 b0 = _mm512_loadu_ps(b + p * kNR);
     const __m512 b1 = _mm512_loadu_ps(b + p * kNR + 16);
+    const float* ap = a + p * step;
 #pragma GCC unroll 8
     for (int r = 0; r < kMR; ++r) {
-      const __m512 ar = _mm512_set1_ps(a[p * kMR + r]);
+      const __m512 ar = _mm512_set1_ps(ap[offset[r]]);
       acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
     }
@@ -127,22 +128,9 @@ __attribute__((target("avx512f"))) void kernel_8x32(int64_t kc, const float* __r
   }
 }
 
-// Rows of A rounded up to whole panels.
-int64_t padded_rows(int64_t m) {
-  return (m + kMR - 1) / kMR * kMR;
-}
-
-// All of A packed, block of the shared dimension after block: the block of columns [pc, pc + kc)
-// starts at pc · padded_rows(m), and within it the panel of rows [ir, ir + 8) at ir · kc.
-void pack_all_a(const View& a, int64_t m, int64_t k, float* out) {
-  for (int64_t pc = 0; pc < k; pc += kKC) {
-    pack_a(a, 0, m, pc, std::min(kKC, k - pc), out + pc * padded_rows(m));
-  }
-}
-
-// C (m × n, rows ldc apart, contiguous columns) = A · B [+ C], A packed by pack_all_a.
-void sgemm_packed(int64_t m, int64_t n, int64_t k, const float* a_packed, const View& b, float* c, int64_t ldc,
-                  bool accumulate) {
+// C (m × n, rows ldc apart, contiguous columns) = A · B [+ C], A row- or column-major (a.cs == 1
+// or a.rs == 1), B any. B is packed block by block; A is read where it lies, eight rows at a time.
+void sgemm(int64_t m, int64_t n, int64_t k, const View& a, const View& b, float* c, int64_t ldc, bool accumulate) {
   if (k == 0) {
     if (!accumulate) {
       for (int64_t i = 0; i < m; ++i) {
@@ -151,6 +139,8 @@ void sgemm_packed(int64_t m, int64_t n, int64_t k, const float* a_packed, const 
     }
     return;
   }
+  const bool row_major = a.cs == 1;
+  const int64_t lda = row_major ? a.rs : a.cs;
   thread_local std::vector<float> b_packed;  // kept per thread between calls
   b_packed.resize(kKC * ((std::min(n, kNC) + kNR - 1) / kNR * kNR));
   for (int64_t jc = 0; jc < n; jc += kNC) {
@@ -158,14 +148,20 @@ void sgemm_packed(int64_t m, int64_t n, int64_t k, const float* a_packed, const 
     for (int64_t pc = 0; pc < k; pc += kKC) {
       const int64_t kc = std::min(kKC, k - pc);
       pack_b(b, pc, kc, jc, nc, b_packed.data());
-      const float* a_block = a_packed + pc * padded_rows(m);
-      // The B̃ panel stays in L1 while the kernel sweeps MC rows of Ã from L2.
+      // The B̃ panel stays in L1 while the kernel sweeps MC rows of A from L2.
       for (int64_t ic = 0; ic < m; ic += kMC) {
         const int64_t mc = std::min(kMC, m - ic);
         for (int64_t jr = 0; jr < nc; jr += kNR) {
           for (int64_t ir = ic; ir < ic + mc; ir += kMR) {
-            kernel_8x32(kc, a_block + ir * kc, b_packed.data() + jr * kc, c + ir * ldc + jc + jr, ldc,
-                        std::min(kMR, m - ir), std::min(kNR, nc - jr), accumulate || pc > 0);
+            const float* a_tile = a.data + ir * a.rs + pc * a.cs;
+            float* c_tile = c + ir * ldc + jc + jr;
+            const int64_t rows = std::min(kMR, m - ir), cols = std::min(kNR, nc - jr);
+            const float* b_panel = b_packed.data() + jr * kc;
+            if (row_major) {
+              kernel_8x32<true>(kc, a_tile, lda, b_panel, c_tile, ldc, rows, cols, accumulate || pc > 0);
+            } else {
+              kernel_8x32<false>(kc, a_tile, lda, b_panel, c_tile, ldc, rows, cols, accumulate || pc > 0);
+            }
           }
         }
       }
@@ -176,58 +172,48 @@ void sgemm_packed(int64_t m, int64_t n, int64_t k, const float* a_packed, const 
 const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
 std::atomic<bool> use_avx512{cpu_has_avx512};
 
-bool avx512_for(const at::Tensor& c) {
-  return c.scalar_type() == at::kFloat && use_avx512.load(std::memory_order_relaxed) && c.stride(1) == 1;
-}
-
-void check_product(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(0) &&
-                        c.size(0) == a.size(0) && c.size(1) == b.size(1));
-}
-
-void blas(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (accumulate) {
-    c.addmm_(a, b);
-  } else {
-    at::mm_out(c, a, b);
-  }
-}
-
 View view(const at::Tensor& t) {
   return View{t.const_data_ptr<float>(), t.stride(0), t.stride(1)};
 }
 
+// Rows per thread when a product is worth splitting: at least 2 MFLOP a thread, whole panels.
+int64_t row_split(int64_t m, int64_t n, int64_t k) {
+  if (at::in_parallel_region() || at::get_num_threads() < 2) {
+    return m;
+  }
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), 2 * m * n * k / (int64_t{2} << 20));
+  if (threads < 2) {
+    return m;
+  }
+  return ((m + threads - 1) / threads + kMR - 1) / kMR * kMR;
+}
+
 }  // namespace
 
-void matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  check_product(c, a, b);
-  if (!avx512_for(c)) {
-    blas(c, a, b, accumulate);
+void matmul(at::Tensor& c, const at::Tensor& a_, const at::Tensor& b, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(a_.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a_.size(1) == b.size(0) &&
+                        c.size(0) == a_.size(0) && c.size(1) == b.size(1));
+  if (c.scalar_type() != at::kFloat || !use_avx512.load(std::memory_order_relaxed) || c.stride(1) != 1) {
+    if (accumulate) {
+      c.addmm_(a_, b);
+    } else {
+      at::mm_out(c, a_, b);
+    }
     return;
   }
-  thread_local std::vector<float> a_packed;  // kept per thread between calls
-  a_packed.resize(padded_rows(a.size(0)) * a.size(1));
-  pack_all_a(view(a), a.size(0), a.size(1), a_packed.data());
-  sgemm_packed(c.size(0), c.size(1), a.size(1), a_packed.data(), view(b), c.mutable_data_ptr<float>(), c.stride(0),
-               accumulate);
-}
-
-PackedMatrix::PackedMatrix(const at::Tensor& a) : a_(a) {
-  TORCH_INTERNAL_ASSERT(a.dim() == 2);
-  if (a.scalar_type() == at::kFloat && use_avx512.load(std::memory_order_relaxed)) {
-    packed_ = at::empty({padded_rows(a.size(0)) * a.size(1)}, a.options());
-    pack_all_a(view(a), a.size(0), a.size(1), packed_.mutable_data_ptr<float>());
+  const auto a = a_.stride(0) == 1 || a_.stride(1) == 1 ? a_ : a_.contiguous();
+  const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
+  const int64_t rows = row_split(m, n, k);
+  auto product = [&](int64_t i0, int64_t i1) {
+    const View av = view(a);
+    sgemm(i1 - i0, n, k, View{av.data + i0 * av.rs, av.rs, av.cs}, view(b), c.mutable_data_ptr<float>() + i0 * c.stride(0),
+          c.stride(0), accumulate);
+  };
+  if (rows >= m) {
+    product(0, m);
+  } else {
+    at::parallel_for(0, m, rows, product);
   }
-}
-
-void PackedMatrix::multiply(at::Tensor& c, const at::Tensor& b, bool accumulate) const {
-  check_product(c, a_, b);
-  if (!packed_.defined() || c.stride(1) != 1) {
-    blas(c, a_, b, accumulate);
-    return;
-  }
-  sgemm_packed(c.size(0), c.size(1), a_.size(1), packed_.const_data_ptr<float>(), view(b),
-               c.mutable_data_ptr<float>(), c.stride(0), accumulate);
 }
 
 std::string set_gemm(const std::string& name) {
