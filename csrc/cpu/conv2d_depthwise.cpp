@@ -12,6 +12,8 @@
 // Every sum runs in a fixed order: the results do not depend on the thread count.
 #include <torch/all.h>
 
+#include <vector>
+
 #include "conv2d_algorithms.h"
 
 namespace torchcnn::cpu {
@@ -106,6 +108,60 @@ template <typename T>
   });
 }
 
+// Stride 1, the planes seen as one long row. In the input plane padded to Hp × Wp, output pixel
+// (i, j) of the flattened output m = i·Wp + j reads xp[m + p·dh·Wp + q·dw]: every tap is ONE axpy
+// (or dot) over OH·Wp entries, whatever the plane's width; the columns j ≥ OW of each output row
+// are computed and dropped (or, for ∂L/∂Y, zero). An 8 × 8 plane takes 9 axpys of 80 entries
+// instead of 72 of 8.
+struct Wide {
+  int64_t wp, hp, len;       // padded width and height; OH·Wp
+  int64_t slack;             // readable zeros past the padded plane: the last tap reads that far
+  int64_t offset[64];        // per tap (p, q): p·dh·Wp + q·dw
+  int64_t taps;
+};
+
+template <typename T>
+[[gnu::always_inline]] inline void axpy(T* __restrict y, const T* __restrict x, T a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += a * x[i];
+  }
+}
+
+template <typename T>
+[[gnu::always_inline]] inline T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    sum += x[i] * y[i];
+  }
+  return sum;
+}
+
+// out[0, len) = bias + Σ_taps w[tap] · xp[offset[tap] + ·]
+template <typename T>
+[[gnu::always_inline]] inline void wide_forward(const T* xp, const T* w, T bias, const Wide& s, T* out) {
+  std::fill(out, out + s.len, bias);
+  for (int64_t t = 0; t < s.taps; ++t) {
+    axpy(out, xp + s.offset[t], w[t], s.len);
+  }
+}
+
+// dxp[offset[tap] + ·] += w[tap] · dy[0, len)
+template <typename T>
+[[gnu::always_inline]] inline void wide_backward_input(const T* dy, const T* w, const Wide& s, T* dxp) {
+  for (int64_t t = 0; t < s.taps; ++t) {
+    axpy(dxp + s.offset[t], dy, w[t], s.len);
+  }
+}
+
+// dw[tap] += dy[0, len) · xp[offset[tap] + ·]
+template <typename T>
+[[gnu::always_inline]] inline void wide_backward_weight(const T* dy, const T* xp, const Wide& s, T* dw) {
+  for (int64_t t = 0; t < s.taps; ++t) {
+    dw[t] += dot(dy, xp + s.offset[t], s.len);
+  }
+}
+
 #define TORCHCNN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
 #define TORCHCNN_DEPTHWISE_PLANES(T)                                                                     \
   TORCHCNN_VECTOR_CLONES void forward_plane_cloned(const T* x, const T* w, T bias, const Conv2dGeometry& g, \
@@ -119,14 +175,77 @@ template <typename T>
   TORCHCNN_VECTOR_CLONES void backward_weight_plane_cloned(const T* dy, const T* x, const Conv2dGeometry& g, \
                                                            T* dw) {                                      \
     backward_weight_plane(dy, x, g, dw);                                                                 \
+  }                                                                                                      \
+  TORCHCNN_VECTOR_CLONES void wide_forward_cloned(const T* xp, const T* w, T bias, const Wide& s, T* out) { \
+    wide_forward(xp, w, bias, s, out);                                                                   \
+  }                                                                                                      \
+  TORCHCNN_VECTOR_CLONES void wide_backward_input_cloned(const T* dy, const T* w, const Wide& s, T* dxp) { \
+    wide_backward_input(dy, w, s, dxp);                                                                  \
+  }                                                                                                      \
+  TORCHCNN_VECTOR_CLONES void wide_backward_weight_cloned(const T* dy, const T* xp, const Wide& s, T* dw) { \
+    wide_backward_weight(dy, xp, s, dw);                                                                 \
   }
 TORCHCNN_DEPTHWISE_PLANES(float)
 TORCHCNN_DEPTHWISE_PLANES(double)
 #undef TORCHCNN_DEPTHWISE_PLANES
 
+bool use_wide(const Conv2dGeometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.kernel_h * g.kernel_w <= 64;
+}
+
+Wide wide_geometry(const Conv2dGeometry& g) {
+  Wide s;
+  s.wp = g.width + 2 * g.pad_w;
+  s.hp = g.height + 2 * g.pad_h;
+  s.len = g.out_height * s.wp;
+  s.slack = dilated_extent(g.kernel_w, g.dilation_w);
+  s.taps = g.kernel_h * g.kernel_w;
+  for (int64_t p = 0; p < g.kernel_h; ++p) {
+    for (int64_t q = 0; q < g.kernel_w; ++q) {
+      s.offset[p * g.kernel_w + q] = p * g.dilation_h * s.wp + q * g.dilation_w;
+    }
+  }
+  return s;
+}
+
+// Image plane x (H × W) into the zeroed padded plane xp, at (pad_h, pad_w). Only the interior is
+// written: the border stays zero from the first call.
+template <typename T>
+void pad_into(const T* x, const Conv2dGeometry& g, const Wide& s, T* xp) {
+  for (int64_t i = 0; i < g.height; ++i) {
+    std::copy(x + i * g.width, x + (i + 1) * g.width, xp + (g.pad_h + i) * s.wp + g.pad_w);
+  }
+}
+
+// ∂L/∂Y plane (OH × OW) into rows of Wp, zeros in the columns past OW (kept zero between calls).
+template <typename T>
+void spread(const T* dy, const Conv2dGeometry& g, const Wide& s, T* wide) {
+  for (int64_t i = 0; i < g.out_height; ++i) {
+    std::copy(dy + i * g.out_width, dy + (i + 1) * g.out_width, wide + i * s.wp);
+  }
+}
+
 template <typename T>
 void forward(const T* x, const T* w, const T* bias, const Conv2dGeometry& g, T* y) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
+  if (use_wide(g)) {
+    const Wide s = wide_geometry(g);
+    for_each_chunk(g.batch * g.channels, [&](int64_t, int64_t begin, int64_t end) {
+      std::vector<T> xp(s.hp * s.wp + s.slack, T(0)), out(s.len);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / g.channels, c = plane % g.channels;
+        pad_into(x + plane * g.in_plane(), g, s, xp.data());
+        for (int64_t k = c * multiplier; k < (c + 1) * multiplier; ++k) {
+          wide_forward_cloned(xp.data(), w + k * taps, bias ? bias[k] : T(0), s, out.data());
+          T* yk = y + (n * g.out_channels + k) * g.out_plane();
+          for (int64_t i = 0; i < g.out_height; ++i) {
+            std::copy(out.data() + i * s.wp, out.data() + i * s.wp + g.out_width, yk + i * g.out_width);
+          }
+        }
+      }
+    });
+    return;
+  }
   for_each_chunk(g.batch * g.out_channels, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.out_channels, k = plane % g.out_channels;
@@ -139,6 +258,26 @@ void forward(const T* x, const T* w, const T* bias, const Conv2dGeometry& g, T* 
 template <typename T>
 void backward_input(const T* dy, const T* w, const Conv2dGeometry& g, T* dx) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
+  if (use_wide(g)) {
+    const Wide s = wide_geometry(g);
+    for_each_chunk(g.batch * g.channels, [&](int64_t, int64_t begin, int64_t end) {
+      std::vector<T> dxp(s.hp * s.wp + s.slack), wide(s.len, T(0));
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / g.channels, c = plane % g.channels;
+        std::fill(dxp.begin(), dxp.end(), T(0));
+        for (int64_t k = c * multiplier; k < (c + 1) * multiplier; ++k) {
+          spread(dy + (n * g.out_channels + k) * g.out_plane(), g, s, wide.data());
+          wide_backward_input_cloned(wide.data(), w + k * taps, s, dxp.data());
+        }
+        T* dxc = dx + plane * g.in_plane();
+        for (int64_t i = 0; i < g.height; ++i) {
+          const T* src = dxp.data() + (g.pad_h + i) * s.wp + g.pad_w;
+          std::copy(src, src + g.width, dxc + i * g.width);
+        }
+      }
+    });
+    return;
+  }
   for_each_chunk(g.batch * g.channels, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.channels, c = plane % g.channels;
@@ -153,6 +292,21 @@ void backward_input(const T* dy, const T* w, const Conv2dGeometry& g, T* dx) {
 template <typename T>
 void backward_weight(const T* dy, const T* x, const Conv2dGeometry& g, T* dw) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
+  if (use_wide(g)) {
+    const Wide s = wide_geometry(g);
+    for_each_chunk(g.out_channels, [&](int64_t, int64_t begin, int64_t end) {
+      std::vector<T> xp(s.hp * s.wp + s.slack, T(0)), wide(s.len, T(0));
+      for (int64_t k = begin; k < end; ++k) {
+        std::fill(dw + k * taps, dw + (k + 1) * taps, T(0));
+        for (int64_t n = 0; n < g.batch; ++n) {
+          pad_into(x + (n * g.channels + k / multiplier) * g.in_plane(), g, s, xp.data());
+          spread(dy + (n * g.out_channels + k) * g.out_plane(), g, s, wide.data());
+          wide_backward_weight_cloned(wide.data(), xp.data(), s, dw + k * taps);
+        }
+      }
+    });
+    return;
+  }
   for_each_chunk(g.out_channels, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       std::fill(dw + k * taps, dw + (k + 1) * taps, T(0));

@@ -42,8 +42,14 @@ void im2col(const T* x, const Conv2dGeometry& g, T* cols, int64_t ld) {
             std::fill(dst, dst + ow_n, T(0));
             continue;
           }
-          std::fill(dst, dst + lo, T(0));
           const T* src = xc + ih * g.width + w_off;
+          if (ow_n < 16) {  // short rows: element by element beats three calls per row
+            for (int64_t ow = 0; ow < ow_n; ++ow) {
+              dst[ow] = ow >= lo && ow < hi ? src[ow * g.stride_w] : T(0);
+            }
+            continue;
+          }
+          std::fill(dst, dst + lo, T(0));
           if (g.stride_w == 1) {
             std::memcpy(dst + lo, src + lo, sizeof(T) * (hi - lo));
           } else {
