@@ -129,10 +129,7 @@ at::Tensor backward_input(const at::Tensor& grad_output_, const at::Tensor& weig
   const auto grad_output = grad_output_.contiguous();
   const auto weight = weight_.contiguous();
   const auto s = choose(g);
-  // Winograd writes every pixel; the others add into a zeroed gradient.
-  auto grad_input = s == Strategy::kWinograd
-      ? at::empty({g.batch, g.channels, g.height, g.width}, grad_output.options())
-      : at::zeros({g.batch, g.channels, g.height, g.width}, grad_output.options());
+  auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, grad_output.options());
   if (g.batch == 0) {
     return grad_input;
   }

@@ -1,7 +1,7 @@
 // The CPU convolution algorithms, and the rule that picks one for a shape (conv2d.cpp).
 //
 // Every algorithm computes the same three results — Y = X ⋆ W + b, ∂L/∂X and ∂L/∂W — on
-// contiguous NCHW float or double tensors, into outputs the caller allocates (∂L/∂X zeroed):
+// contiguous NCHW float or double tensors, into outputs the caller allocates (uninitialised):
 //   gemm        im2col + BLAS GEMMs, several images' columns side by side in one product where the
 //               planes are small (conv2d_gemm.cpp);
 //   winograd    F(2×2, 3×3) for 3×3, stride-1 convolutions: 16 GEMMs over transformed tiles

@@ -281,6 +281,7 @@ void backward_input(const T* dy, const T* w, const Conv2dGeometry& g, T* dx) {
   for_each_chunk(g.batch * g.channels, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.channels, c = plane % g.channels;
+      std::fill(dx + plane * g.in_plane(), dx + (plane + 1) * g.in_plane(), T(0));
       for (int64_t k = c * multiplier; k < (c + 1) * multiplier; ++k) {
         backward_input_plane_cloned(dy + (n * g.out_channels + k) * g.out_plane(), w + k * taps, g,
                                     dx + plane * g.in_plane());

@@ -223,8 +223,10 @@ void gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight
         AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "torchcnn::col2im", [&] {
           const auto* src = cols_buffer.const_data_ptr<scalar_t>();
           auto* dx = grad_input.mutable_data_ptr<scalar_t>() + n * g.channels * g.in_plane();
-          for_each_image(b, [&](int64_t i) {
-            col2im<scalar_t>(src + i * plane, cols_buffer.size(1), g, dx + i * g.channels * g.in_plane());
+          for_each_image(b, [&](int64_t i) {  // each image's ∂L/∂X zeroed here, while it goes into cache
+            scalar_t* dx_i = dx + i * g.channels * g.in_plane();
+            std::fill(dx_i, dx_i + g.channels * g.in_plane(), scalar_t(0));
+            col2im<scalar_t>(src + i * plane, cols_buffer.size(1), g, dx_i);
           });
         });
       }
@@ -236,8 +238,10 @@ void gemm_backward_weight(const at::Tensor& grad_output, const at::Tensor& input
                           int64_t images_per_product, at::Tensor& grad_weight) {
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
   // One partial sum per chunk of images, added up in chunk order: no races, same result every run.
+  // A single chunk sums straight into ∂L/∂W.
+  auto result = grad_weight.view({g.out_channels, kg});
   const int64_t chunks = images_per_product >= g.batch ? 1 : parallel_chunks(g.batch);
-  auto partial = at::zeros({chunks, g.out_channels, kg}, input.options());
+  auto partial = chunks == 1 ? result.unsqueeze(0) : at::empty({chunks, g.out_channels, kg}, input.options());
   for_each_image_group(g.batch, images_per_product, [&](int64_t chunk, int64_t begin, int64_t end) {
     at::Tensor cols_buffer, grad_buffer;
     auto acc = partial[chunk];
@@ -247,12 +251,13 @@ void gemm_backward_weight(const at::Tensor& grad_output, const at::Tensor& input
       const auto go = grad_matrix(grad_output, n, b, g, grad_buffer);
       for (int64_t k = 0; k < g.groups; ++k) {
         auto acc_g = acc.narrow(0, k * mg, mg);
-        matmul(acc_g, go.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg).t(), /*accumulate=*/true);
+        matmul(acc_g, go.narrow(0, k * mg, mg), cols.narrow(0, k * kg, kg).t(), /*accumulate=*/n > begin);
       }
     }
   });
-  auto result = grad_weight.view({g.out_channels, kg});
-  at::sum_out(result, partial, 0);
+  if (chunks > 1) {
+    at::sum_out(result, partial, 0);
+  }
 }
 
 }  // namespace torchcnn::cpu

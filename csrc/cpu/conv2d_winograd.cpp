@@ -444,7 +444,7 @@ void winograd_backward_weight(const at::Tensor& grad_output, const at::Tensor& i
   const int64_t block = block_images(s, input.element_size());
   // ∂L/∂U[ξ] = Σ_t ∂L/∂M[ξ][·][t] · V[ξ][·][t]ᵀ, one partial sum per chunk of images, added up in
   // chunk order: no races, the same result every run.
-  auto partial = at::zeros({parallel_chunks(g.batch), kPoints, s.out_channels, s.channels}, input.options());
+  auto partial = at::empty({parallel_chunks(g.batch), kPoints, s.out_channels, s.channels}, input.options());
   for_each_chunk(g.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
     const int64_t tiles = std::min(block, end - begin) * s.per_image();
     auto v = at::empty({s.channels, kPoints, tiles}, input.options());
@@ -465,7 +465,7 @@ void winograd_backward_weight(const at::Tensor& grad_output, const at::Tensor& i
       });
       for (int64_t xi = 0; xi < kPoints; ++xi) {
         auto du_xi = du[xi];
-        matmul(du_xi, dm_block[xi], v_block[xi].t(), /*accumulate=*/true);
+        matmul(du_xi, dm_block[xi], v_block[xi].t(), /*accumulate=*/n0 > begin);
       }
     }
   });
