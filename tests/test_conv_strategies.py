@@ -1,5 +1,6 @@
 """The CPU conv2d's algorithms (csrc/cpu/conv2d.cpp): the rule picks the one intended for each
-shape, and every algorithm, forced wherever it applies, gives torch's values and gradients."""
+shape, and every algorithm, forced wherever it applies and with either GEMM (torchcnn's AVX-512
+one or BLAS), gives torch's values and gradients; the GEMM itself matches torch.mm."""
 
 import pytest
 import torch
@@ -7,7 +8,14 @@ import torch.nn.functional as TF
 
 import torchcnn.functional as F
 from samples import CPU_STRATEGY_SAMPLES, Sample, conv2d_samples, make_conv
-from torchcnn.testing import CPU_CONV2D_STRATEGIES, cpu_conv2d_strategy, forced_cpu_conv2d_strategy
+from torchcnn.testing import (CPU_CONV2D_STRATEGIES, cpu_conv2d_strategy, cpu_has_avx512_gemm, forced_cpu_conv2d_strategy,
+                               forced_cpu_gemm)
+
+NO_AVX512 = pytest.mark.skipif(not cpu_has_avx512_gemm(), reason="no AVX-512 on this CPU")
+GEMMS = [pytest.param("avx512", marks=NO_AVX512), "blas"]
+DTYPE_GEMMS = [pytest.param(torch.float64, "blas", id="float64"),
+               pytest.param(torch.float32, "avx512", marks=NO_AVX512, id="float32-avx512"),
+               pytest.param(torch.float32, "blas", id="float32-blas")]
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
@@ -32,7 +40,8 @@ def test_the_rule_picks_the_intended_strategy(sample, expected):
     ((64, 1, 28, 28), (32, 1, 3, 3), {}, "depthwise"),  # the MNIST model's first layer: one input channel
     ((64, 32, 26, 26), (64, 32, 3, 3), {}, "winograd"),  # … and its second
     ((32, 256, 8, 8), (256, 256, 3, 3), {"padding": 1}, "winograd"),  # ResNet-18's layer3 on CIFAR
-    ((32, 512, 4, 4), (512, 512, 3, 3), {"padding": 1}, "gemm_batched"),  # … its layer4: 512 output pixels
+    ((32, 512, 4, 4), (512, 512, 3, 3), {"padding": 1}, "winograd"),  # … its layer4: 512 output pixels
+    ((16, 512, 2, 2), (512, 512, 3, 3), {"padding": 1}, "gemm_batched"),  # layer4 at 64×64: 64 pixels
     ((32, 64, 32, 32), (128, 64, 3, 3), {"stride": 2, "padding": 1}, "gemm_batched"),  # 16×16 plane
     ((16, 3, 64, 64), (64, 3, 7, 7), {"stride": 2, "padding": 3}, "gemm_per_image"),  # ResNet stem, 32×32 plane
     ((8, 4, 16, 16), (8, 4, 3, 3), {"padding": 1}, "gemm_batched"),  # too few channels for Winograd
@@ -57,12 +66,12 @@ def _check_against_torch(sample, dtype):
         torch.testing.assert_close(mine, expected, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype,gemm", DTYPE_GEMMS)
 @pytest.mark.parametrize("strategy", CPU_CONV2D_STRATEGIES)
-def test_every_strategy_matches_torch_on_every_sample(strategy, dtype):
+def test_every_strategy_matches_torch_on_every_sample(strategy, dtype, gemm):
     """Each algorithm, forced wherever it applies, over the whole conv2d sample sweep."""
     applied = 0
-    with forced_cpu_conv2d_strategy(strategy):
+    with forced_cpu_conv2d_strategy(strategy), forced_cpu_gemm(gemm):
         for sample in conv2d_samples(full=True):
             applied += strategy_of(sample) == strategy
             _check_against_torch(sample, dtype)
@@ -102,3 +111,30 @@ def test_forcing_is_undone_on_exit():
     with forced_cpu_conv2d_strategy("gemm_per_image"):
         assert strategy_of(sample) == "gemm_per_image"
     assert strategy_of(sample) == intended
+
+
+# (m, k, n): edges of the 8 × 32 register tile, several blocks of the shared dimension (256) and
+# of C's columns (3072), a row split between threads, an empty shared dimension.
+GEMM_SHAPES = [(1, 1, 1), (7, 5, 3), (8, 256, 32), (9, 257, 33), (16, 17, 40), (130, 300, 3100), (64, 576, 1024),
+               (3, 0, 5)]
+
+
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt", "strided"])
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES, ids=str)
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_gemm_matches_torch_mm(m, k, n, layout, gemm):
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    a = torch.randn(k, m, generator=gen).t() if layout[0] == "t" else torch.randn(m, 2 * k if layout == "strided" else k, generator=gen)
+    if layout == "strided":
+        a = a[:, ::2]  # neither row- nor column-major: copied first
+    b = torch.randn(n, k, generator=gen).t() if layout.endswith("t") and layout != "strided" else torch.randn(k, n, generator=gen)
+    with forced_cpu_gemm(gemm):
+        c = torch.ops.torchcnn._cpu_matmul(a, b)
+    torch.testing.assert_close(c, a.double().mm(b.double()).float(), rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_knob_refuses_unknown_names():
+    with pytest.raises(ValueError, match="expected name to be 'avx512' or 'blas'"):
+        torch.ops.torchcnn._cpu_set_gemm("mkl")
+    with pytest.raises(ValueError, match="_cpu_matmul: expected matrices"):
+        torch.ops.torchcnn._cpu_matmul(torch.ones(2, 3), torch.ones(2, 3))

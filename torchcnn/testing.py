@@ -143,3 +143,27 @@ def forced_cpu_conv2d_strategy(name: str):
         yield
     finally:
         torch.ops.torchcnn._cpu_conv2d_force_strategy(previous)
+
+
+def cpu_has_avx512_gemm() -> bool:
+    """Whether float32 CPU products can take torchcnn's own AVX-512 GEMM on this CPU."""
+    _extension.load()
+    try:
+        previous = torch.ops.torchcnn._cpu_set_gemm("avx512")
+    except ValueError:
+        return False
+    torch.ops.torchcnn._cpu_set_gemm(previous)
+    return True
+
+
+@contextlib.contextmanager
+def forced_cpu_gemm(name: str):
+    """Makes torchcnn's CPU convolutions compute float32 products with ``"avx512"`` (its own GEMM,
+    the default where the CPU has AVX-512) or ``"blas"`` (``at::mm``). Process-wide, like
+    :func:`forced_cpu_conv2d_strategy`."""
+    _extension.load()
+    previous = torch.ops.torchcnn._cpu_set_gemm(name)
+    try:
+        yield
+    finally:
+        torch.ops.torchcnn._cpu_set_gemm(previous)

@@ -20,14 +20,14 @@ namespace {
 // The rule, in one place. Thresholds measured on the development VM (docs/BENCHMARKS.md):
 // - one input channel per group (depthwise, or a one-channel image): the direct kernel — a GEMM
 //   would contract over KH·KW = 9 values only;
-// - 3×3, stride 1, undilated, ungrouped, with at least 8 channels in and out and 1,024 output
+// - 3×3, stride 1, undilated, ungrouped, with at least 8 channels in and out and 512 output
 //   pixels in the batch: Winograd F(2×2, 3×3) (2.25× fewer multiplications; with fewer channels or
 //   pixels, transforming the filters and tiles costs more than it saves);
 // - anything else: im2col + GEMM, with as many images' columns per product as give it about
 //   kGemmColumns columns (planes at least that large get one product per image), within
 //   kColumnBytes of column buffer.
 constexpr int64_t kWinogradMinChannels = 8;
-constexpr int64_t kWinogradMinPixels = 1024;
+constexpr int64_t kWinogradMinPixels = 512;
 constexpr int64_t kGemmColumns = 1024;
 constexpr int64_t kColumnBytes = int64_t{32} << 20;
 
