@@ -410,18 +410,23 @@ void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tenso
                              input.options());
     for (int64_t n0 = begin; n0 < end; n0 += block) {
       const int64_t n1 = std::min(end, n0 + block), t = (n1 - n0) * s.per_image();
-      auto v_block = v.view(-1).narrow(0, 0, kPoints * s.channels * t).view({s.channels, kPoints, t}).transpose(0, 1);
-      auto m_block = m.view(-1).narrow(0, 0, kPoints * s.out_channels * t).view({kPoints, s.out_channels, t});
+      // The block's first C·16·t entries of v, (C, 16, t), and K·16·t of m, (16, K, t).
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_inputs", [&] {
         transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, n0, n1,
-                                   scratch.mutable_data_ptr<scalar_t>(), v_block.mutable_data_ptr<scalar_t>());
+                                   scratch.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>());
       });
-      for (int64_t xi = 0; xi < kPoints; ++xi) {
-        auto m_xi = m_block[xi];
-        matmul(m_xi, u[xi], v_block[xi]);
-      }
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_products", [&] {
+        const auto* u_ = u.const_data_ptr<scalar_t>();
+        const auto* v_ = v.const_data_ptr<scalar_t>();
+        auto* m_ = m.mutable_data_ptr<scalar_t>();
+        const int64_t c = s.channels, k = s.out_channels;
+        for (int64_t xi = 0; xi < kPoints; ++xi) {  // M[ξ] (K × t) = U[ξ] (K × C) · V[ξ] (C × t)
+          matmul<scalar_t>({m_ + xi * k * t, k, t, t, 1}, {u_ + xi * k * c, k, c, c, 1},
+                           {v_ + xi * t, c, t, kPoints * t, 1});
+        }
+      });
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_outputs", [&] {
-        transform_outputs<scalar_t>(m_block.const_data_ptr<scalar_t>(),
+        transform_outputs<scalar_t>(m.const_data_ptr<scalar_t>(),
                                     bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, s, n0, n1,
                                     scratch.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
       });
@@ -454,19 +459,23 @@ void winograd_backward_weight(const at::Tensor& grad_output, const at::Tensor& i
     auto du = partial[chunk];
     for (int64_t n0 = begin; n0 < end; n0 += block) {
       const int64_t n1 = std::min(end, n0 + block), t = (n1 - n0) * s.per_image();
-      auto v_block = v.view(-1).narrow(0, 0, kPoints * s.channels * t).view({s.channels, kPoints, t}).transpose(0, 1);
-      auto dm_block =
-          dm.view(-1).narrow(0, 0, kPoints * s.out_channels * t).view({s.out_channels, kPoints, t}).transpose(0, 1);
+      // The block's first C·16·t entries of v, (C, 16, t), and K·16·t of dm, (K, 16, t).
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_weight_tiles", [&] {
         auto* pad = scratch.mutable_data_ptr<scalar_t>();
-        transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, n0, n1, pad, v_block.mutable_data_ptr<scalar_t>());
+        transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, n0, n1, pad, v.mutable_data_ptr<scalar_t>());
         transform_grads<scalar_t>(grad_output.const_data_ptr<scalar_t>(), s, n0, n1, pad,
-                                  dm_block.mutable_data_ptr<scalar_t>());
+                                  dm.mutable_data_ptr<scalar_t>());
       });
-      for (int64_t xi = 0; xi < kPoints; ++xi) {
-        auto du_xi = du[xi];
-        matmul(du_xi, dm_block[xi], v_block[xi].t(), /*accumulate=*/n0 > begin);
-      }
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_weight_products", [&] {
+        const auto* dm_ = dm.const_data_ptr<scalar_t>();
+        const auto* v_ = v.const_data_ptr<scalar_t>();
+        auto* du_ = du.mutable_data_ptr<scalar_t>();
+        const int64_t c = s.channels, k = s.out_channels;
+        for (int64_t xi = 0; xi < kPoints; ++xi) {  // ∂U[ξ] (K × C) += ∂M[ξ] (K × t) · V[ξ]ᵀ (t × C)
+          matmul<scalar_t>({du_ + xi * k * c, k, c, c, 1}, {dm_ + xi * t, k, t, kPoints * t, 1},
+                           {v_ + xi * t, t, c, 1, kPoints * t}, /*accumulate=*/n0 > begin);
+        }
+      });
     }
   });
   const auto du = partial.sum(0);

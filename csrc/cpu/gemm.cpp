@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <atomic>
 #include <vector>
 
@@ -172,10 +173,6 @@ void sgemm(int64_t m, int64_t n, int64_t k, const View& a, const View& b, float*
 const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
 std::atomic<bool> use_avx512{cpu_has_avx512};
 
-View view(const at::Tensor& t) {
-  return View{t.const_data_ptr<float>(), t.stride(0), t.stride(1)};
-}
-
 // Rows per thread when a product is worth splitting: at least 2 MFLOP a thread, whole panels.
 int64_t row_split(int64_t m, int64_t n, int64_t k) {
   if (at::in_parallel_region() || at::get_num_threads() < 2) {
@@ -190,30 +187,63 @@ int64_t row_split(int64_t m, int64_t n, int64_t k) {
 
 }  // namespace
 
-void matmul(at::Tensor& c, const at::Tensor& a_, const at::Tensor& b, bool accumulate) {
-  TORCH_INTERNAL_ASSERT(a_.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a_.size(1) == b.size(0) &&
-                        c.size(0) == a_.size(0) && c.size(1) == b.size(1));
-  if (c.scalar_type() != at::kFloat || !use_avx512.load(std::memory_order_relaxed) || c.stride(1) != 1) {
-    if (accumulate) {
-      c.addmm_(a_, b);
-    } else {
-      at::mm_out(c, a_, b);
-    }
+namespace {
+
+template <typename T>
+at::Tensor wrap(const Matrix<T>& m) {
+  return at::from_blob(const_cast<std::remove_const_t<T>*>(m.data), {m.rows, m.cols}, {m.rs, m.cs},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<std::remove_const_t<T>>::value));
+}
+
+template <typename T>
+void blas(const Matrix<T>& c_, const Matrix<const T>& a, const Matrix<const T>& b, bool accumulate) {
+  auto c = wrap(c_);
+  if (accumulate) {
+    c.addmm_(wrap(a), wrap(b));
+  } else {
+    at::mm_out(c, wrap(a), wrap(b));
+  }
+}
+
+}  // namespace
+
+template <>
+void matmul(const Matrix<double>& c, const Matrix<const double>& a, const Matrix<const double>& b, bool accumulate) {
+  blas(c, a, b, accumulate);
+}
+
+template <>
+void matmul(const Matrix<float>& c, const Matrix<const float>& a, const Matrix<const float>& b, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(a.cols == b.rows && c.rows == a.rows && c.cols == b.cols);
+  if (!use_avx512.load(std::memory_order_relaxed) || c.cs != 1 || (a.cs != 1 && a.rs != 1)) {
+    blas(c, a, b, accumulate);
     return;
   }
-  const auto a = a_.stride(0) == 1 || a_.stride(1) == 1 ? a_ : a_.contiguous();
-  const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
+  const int64_t m = c.rows, n = c.cols, k = a.cols;
   const int64_t rows = row_split(m, n, k);
   auto product = [&](int64_t i0, int64_t i1) {
-    const View av = view(a);
-    sgemm(i1 - i0, n, k, View{av.data + i0 * av.rs, av.rs, av.cs}, view(b), c.mutable_data_ptr<float>() + i0 * c.stride(0),
-          c.stride(0), accumulate);
+    sgemm(i1 - i0, n, k, View{a.data + i0 * a.rs, a.rs, a.cs}, View{b.data, b.rs, b.cs}, c.data + i0 * c.rs, c.rs,
+          accumulate);
   };
   if (rows >= m) {
     product(0, m);
   } else {
     at::parallel_for(0, m, rows, product);
   }
+}
+
+void matmul(at::Tensor& c, const at::Tensor& a_, const at::Tensor& b, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(a_.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a_.size(1) == b.size(0) &&
+                        c.size(0) == a_.size(0) && c.size(1) == b.size(1));
+  // The AVX-512 kernel reads A in place: row- or column-major.
+  const auto a = a_.stride(0) == 1 || a_.stride(1) == 1 ? a_ : a_.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "torchcnn::matmul", [&] {
+    auto matrix = [](auto* data, const at::Tensor& t) {
+      return Matrix<std::remove_pointer_t<decltype(data)>>{data, t.size(0), t.size(1), t.stride(0), t.stride(1)};
+    };
+    matmul<scalar_t>(matrix(c.mutable_data_ptr<scalar_t>(), c), matrix(a.const_data_ptr<scalar_t>(), a),
+                     matrix(b.const_data_ptr<scalar_t>(), b), accumulate);
+  });
 }
 
 std::string set_gemm(const std::string& name) {

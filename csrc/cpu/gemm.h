@@ -14,8 +14,20 @@
 
 namespace torchcnn::cpu {
 
+// A strided matrix in memory: element (i, j) at data[i·rs + j·cs].
+template <typename T>
+struct Matrix {
+  T* data;
+  int64_t rows, cols, rs, cs;
+};
+
 // c = a · b, or c += a · b when `accumulate`; 2-D tensors of one dtype, any strides.
 void matmul(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
+
+// The same on matrices in memory, float or double: no tensor is made on the AVX-512 path, so
+// loops of many small products (Winograd's 16 per block) cost no dispatcher calls.
+template <typename T>
+void matmul(const Matrix<T>& c, const Matrix<const T>& a, const Matrix<const T>& b, bool accumulate = false);
 
 // Which GEMM float32 products take: "avx512" (where the CPU has it) or "blas". Returns the
 // previous choice (a knob for the tests and benchmarks: torch.ops.torchcnn._cpu_set_gemm).
