@@ -111,10 +111,12 @@ template <typename T>
 // Stride 1, the planes seen as one long row. In the input plane padded to Hp × Wp, output pixel
 // (i, j) of the flattened output m = i·Wp + j reads xp[m + p·dh·Wp + q·dw]: every tap is ONE axpy
 // (or dot) over OH·Wp entries, whatever the plane's width; the columns j ≥ OW of each output row
-// are computed and dropped (or, for ∂L/∂Y, zero). An 8 × 8 plane takes 9 axpys of 80 entries
-// instead of 72 of 8.
+// are computed and dropped (or, for ∂L/∂Y, zero). The padded planes of a channel in several
+// images, stacked, are one longer row still: 32 images of an 8 × 8 plane take 9 axpys of 3,180
+// entries instead of 2,304 of 8.
 struct Wide {
-  int64_t wp, hp, len;       // padded width and height; OH·Wp
+  int64_t wp, hp, len;       // padded width and height; the flattened output length
+  int64_t group;             // images whose planes are stacked into one long row
   int64_t slack;             // readable zeros past the padded plane: the last tap reads that far
   int64_t offset[64];        // per tap (p, q): p·dh·Wp + q·dw
   int64_t taps;
@@ -197,7 +199,6 @@ Wide wide_geometry(const Conv2dGeometry& g) {
   Wide s;
   s.wp = g.width + 2 * g.pad_w;
   s.hp = g.height + 2 * g.pad_h;
-  s.len = g.out_height * s.wp;
   s.slack = dilated_extent(g.kernel_w, g.dilation_w);
   s.taps = g.kernel_h * g.kernel_w;
   for (int64_t p = 0; p < g.kernel_h; ++p) {
@@ -205,7 +206,18 @@ Wide wide_geometry(const Conv2dGeometry& g) {
       s.offset[p * g.kernel_w + q] = p * g.dilation_h * s.wp + q * g.dilation_w;
     }
   }
+  // Images per group: their padded planes, stacked, within about 256 KiB of floats, and enough
+  // groups for every thread to have a (channel, group) to work on.
+  const int64_t groups_per_channel = (at::get_num_threads() + g.channels - 1) / g.channels;
+  s.group = std::max<int64_t>(1, std::min({g.batch, (int64_t{64} << 10) / (s.hp * s.wp),
+                                            (g.batch + groups_per_channel - 1) / groups_per_channel}));
   return s;
+}
+
+// The flattened output length of `images` stacked planes: plane i's output rows start at row
+// i·Hp (the rows between its last output row and the next plane are computed and dropped).
+int64_t wide_length(const Conv2dGeometry& g, const Wide& s, int64_t images) {
+  return ((images - 1) * s.hp + g.out_height) * s.wp;
 }
 
 // Image plane x (H × W) into the zeroed padded plane xp, at (pad_h, pad_w). Only the interior is
@@ -229,17 +241,25 @@ template <typename T>
 void forward(const T* x, const T* w, const T* bias, const Conv2dGeometry& g, T* y) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
   if (use_wide(g)) {
-    const Wide s = wide_geometry(g);
-    for_each_chunk(g.batch * g.channels, [&](int64_t, int64_t begin, int64_t end) {
-      std::vector<T> xp(s.hp * s.wp + s.slack, T(0)), out(s.len);
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / g.channels, c = plane % g.channels;
-        pad_into(x + plane * g.in_plane(), g, s, xp.data());
+    Wide s = wide_geometry(g);
+    const int64_t groups = (g.batch + s.group - 1) / s.group, stride = s.hp * s.wp;
+    for_each_chunk(g.channels * groups, [&](int64_t, int64_t begin, int64_t end) {
+      std::vector<T> xp(s.group * stride + s.slack, T(0)), out(wide_length(g, s, s.group));
+      Wide t = s;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t c = item / groups, n0 = item % groups * s.group, n1 = std::min(g.batch, n0 + s.group);
+        for (int64_t n = n0; n < n1; ++n) {
+          pad_into(x + (n * g.channels + c) * g.in_plane(), g, s, xp.data() + (n - n0) * stride);
+        }
+        t.len = wide_length(g, s, n1 - n0);
         for (int64_t k = c * multiplier; k < (c + 1) * multiplier; ++k) {
-          wide_forward_cloned(xp.data(), w + k * taps, bias ? bias[k] : T(0), s, out.data());
-          T* yk = y + (n * g.out_channels + k) * g.out_plane();
-          for (int64_t i = 0; i < g.out_height; ++i) {
-            std::copy(out.data() + i * s.wp, out.data() + i * s.wp + g.out_width, yk + i * g.out_width);
+          wide_forward_cloned(xp.data(), w + k * taps, bias ? bias[k] : T(0), t, out.data());
+          for (int64_t n = n0; n < n1; ++n) {
+            T* yk = y + (n * g.out_channels + k) * g.out_plane();
+            const T* o = out.data() + (n - n0) * stride;
+            for (int64_t i = 0; i < g.out_height; ++i) {
+              std::copy(o + i * s.wp, o + i * s.wp + g.out_width, yk + i * g.out_width);
+            }
           }
         }
       }
@@ -259,20 +279,27 @@ template <typename T>
 void backward_input(const T* dy, const T* w, const Conv2dGeometry& g, T* dx) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
   if (use_wide(g)) {
-    const Wide s = wide_geometry(g);
-    for_each_chunk(g.batch * g.channels, [&](int64_t, int64_t begin, int64_t end) {
-      std::vector<T> dxp(s.hp * s.wp + s.slack), wide(s.len, T(0));
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / g.channels, c = plane % g.channels;
+    Wide s = wide_geometry(g);
+    const int64_t groups = (g.batch + s.group - 1) / s.group, stride = s.hp * s.wp;
+    for_each_chunk(g.channels * groups, [&](int64_t, int64_t begin, int64_t end) {
+      std::vector<T> dxp(s.group * stride + s.slack), wide(s.group * stride, T(0));
+      Wide t = s;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t c = item / groups, n0 = item % groups * s.group, n1 = std::min(g.batch, n0 + s.group);
         std::fill(dxp.begin(), dxp.end(), T(0));
+        t.len = wide_length(g, s, n1 - n0);
         for (int64_t k = c * multiplier; k < (c + 1) * multiplier; ++k) {
-          spread(dy + (n * g.out_channels + k) * g.out_plane(), g, s, wide.data());
-          wide_backward_input_cloned(wide.data(), w + k * taps, s, dxp.data());
+          for (int64_t n = n0; n < n1; ++n) {
+            spread(dy + (n * g.out_channels + k) * g.out_plane(), g, s, wide.data() + (n - n0) * stride);
+          }
+          wide_backward_input_cloned(wide.data(), w + k * taps, t, dxp.data());
         }
-        T* dxc = dx + plane * g.in_plane();
-        for (int64_t i = 0; i < g.height; ++i) {
-          const T* src = dxp.data() + (g.pad_h + i) * s.wp + g.pad_w;
-          std::copy(src, src + g.width, dxc + i * g.width);
+        for (int64_t n = n0; n < n1; ++n) {
+          T* dxc = dx + (n * g.channels + c) * g.in_plane();
+          for (int64_t i = 0; i < g.height; ++i) {
+            const T* src = dxp.data() + (n - n0) * stride + (g.pad_h + i) * s.wp + g.pad_w;
+            std::copy(src, src + g.width, dxc + i * g.width);
+          }
         }
       }
     });
@@ -294,15 +321,21 @@ template <typename T>
 void backward_weight(const T* dy, const T* x, const Conv2dGeometry& g, T* dw) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
   if (use_wide(g)) {
-    const Wide s = wide_geometry(g);
+    Wide s = wide_geometry(g);
+    const int64_t stride = s.hp * s.wp;
     for_each_chunk(g.out_channels, [&](int64_t, int64_t begin, int64_t end) {
-      std::vector<T> xp(s.hp * s.wp + s.slack, T(0)), wide(s.len, T(0));
+      std::vector<T> xp(s.group * stride + s.slack, T(0)), wide(s.group * stride, T(0));
+      Wide t = s;
       for (int64_t k = begin; k < end; ++k) {
         std::fill(dw + k * taps, dw + (k + 1) * taps, T(0));
-        for (int64_t n = 0; n < g.batch; ++n) {
-          pad_into(x + (n * g.channels + k / multiplier) * g.in_plane(), g, s, xp.data());
-          spread(dy + (n * g.out_channels + k) * g.out_plane(), g, s, wide.data());
-          wide_backward_weight_cloned(wide.data(), xp.data(), s, dw + k * taps);
+        for (int64_t n0 = 0; n0 < g.batch; n0 += s.group) {
+          const int64_t n1 = std::min(g.batch, n0 + s.group);
+          for (int64_t n = n0; n < n1; ++n) {
+            pad_into(x + (n * g.channels + k / multiplier) * g.in_plane(), g, s, xp.data() + (n - n0) * stride);
+            spread(dy + (n * g.out_channels + k) * g.out_plane(), g, s, wide.data() + (n - n0) * stride);
+          }
+          t.len = wide_length(g, s, n1 - n0);
+          wide_backward_weight_cloned(wide.data(), xp.data(), t, dw + k * taps);
         }
       }
     });
