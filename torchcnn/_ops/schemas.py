@@ -4,9 +4,11 @@ memory formats for tracing), whose shape rules and checks are csrc/shapes.h's.
 The schemas are defined here rather than in C++ so that the ops exist as soon as ``torchcnn`` is
 imported: ``torch.compile``, ``torch.export`` and fake tensors need no compiled code, and nothing is
 compiled until a kernel is first needed (:func:`install_loader`). The compiled libraries register
-kernels for these ops (and define one private op of their own, ``_cuda_set_chunk_budget``, a test
-knob of the CUDA kernels): csrc/cpu and csrc/cuda for ``torchcnn``, and the emulated CUDA test
-library (:mod:`torchcnn.testing`) for the same schemas in ``torchcnn_emulated``.
+kernels for these ops (and define a few private ops of their own, knobs for the tests and
+benchmarks: ``_cuda_set_chunk_budget`` in csrc/cuda, ``_cpu_conv2d_strategy``,
+``_cpu_conv2d_force_strategy``, ``_cpu_set_gemm`` and ``_cpu_matmul`` in csrc/cpu; see
+:mod:`torchcnn.testing`): csrc/cpu and csrc/cuda for ``torchcnn``, and the emulated CUDA test
+library for the same schemas in ``torchcnn_emulated``.
 """
 
 from __future__ import annotations
