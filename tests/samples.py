@@ -76,6 +76,8 @@ CPU_STRATEGY_SAMPLES = [
     (Sample((2, 16, 9, 10), {"padding": 1, "groups": 16}, (32, 1, 3, 3)), "depthwise"),  # multiplier 2
     (Sample((11, 16, 11, 9), {"padding": 1}, (24, 16, 3, 3)), "winograd"),  # odd output: partial tiles
     (Sample((20, 8, 6, 7), {"padding": 2}, (8, 8, 3, 3)), "winograd"),  # padding 2: ∂X with no padding
+    # Few tiles, many channels: forced to Winograd, ∂W goes over the whole batch at once.
+    (Sample((2, 32, 2, 3), {"padding": 1}, (40, 32, 3, 3)), "gemm_batched"),
 ]
 
 

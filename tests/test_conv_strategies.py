@@ -85,6 +85,7 @@ GRADCHECK_SAMPLES = [
     Sample((1, 3, 7, 6), {"padding": 1}, (2, 3, 3, 3)),
     Sample((1, 2, 5, 6), {"padding": 2}, (3, 2, 3, 3)),
     Sample((2, 3, 5, 6), {"padding": 1, "groups": 3}, (6, 1, 3, 3)),
+    Sample((2, 8, 2, 2), {"padding": 1}, (8, 8, 3, 3)),  # Winograd ∂W over the whole batch at once
 ]
 
 

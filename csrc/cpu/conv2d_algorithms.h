@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "../shapes.h"
 
@@ -53,6 +54,35 @@ void for_each_chunk(int64_t count, F&& body) {
       body(c, count * c / chunks, count * (c + 1) / chunks);
     }
   });
+}
+
+// Working memory kept per thread between calls, by slot: a fresh multi-megabyte allocation is
+// handed back to the system when freed and page-faults in again, page by page, on every call.
+// Grows as needed, never shrinks; valid until this thread asks for the same slot again.
+enum class Slot { kColumns, kProducts, kGrads, kScratch, kCount };
+
+template <typename T>
+T* workspace(Slot slot, int64_t size) {
+  thread_local std::vector<char> buffers[static_cast<int>(Slot::kCount)];
+  auto& buffer = buffers[static_cast<int>(slot)];
+  const auto bytes = static_cast<size_t>(size) * sizeof(T);
+  if (buffer.size() < bytes) {
+    buffer = std::vector<char>();  // free the old one first
+    buffer.resize(bytes);
+  }
+  return reinterpret_cast<T*>(buffer.data());
+}
+
+// The same as a tensor (of `like`'s dtype) over that memory.
+inline at::Tensor workspace_tensor(Slot slot, at::IntArrayRef sizes, const at::Tensor& like) {
+  int64_t numel = 1;
+  for (const auto size : sizes) {
+    numel *= size;
+  }
+  void* data = AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "torchcnn::workspace", [&]() -> void* {
+    return workspace<scalar_t>(slot, numel);
+  });
+  return at::from_blob(data, sizes, like.options());
 }
 
 // Runs body(chunk, begin, end) over a batch in groups of `per_product` images: split between the

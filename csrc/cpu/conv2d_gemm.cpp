@@ -129,14 +129,14 @@ void matrix_to_planes(const T* matrix, int64_t ld, const T* bias, int64_t b, int
 }
 
 // The columns of images [n, n + b) as a (C·KH·KW, b·P) matrix: the input itself for one image of
-// a pointwise conv, else `buffer` (allocated on first use) filled by im2col.
+// a pointwise conv, else `buffer` (this thread's workspace, taken on first use) filled by im2col.
 at::Tensor columns(const at::Tensor& input, int64_t n, int64_t b, const Conv2dGeometry& g, at::Tensor& buffer) {
   const int64_t rows = g.channels * g.kernel_h * g.kernel_w, plane = g.out_plane();
   if (b == 1 && g.is_pointwise()) {
     return input[n].view({rows, plane});
   }
   if (!buffer.defined()) {
-    buffer = at::empty({rows, b * plane}, input.options());
+    buffer = workspace_tensor(Slot::kColumns, {rows, b * plane}, input);
   }
   auto cols = buffer.narrow(1, 0, b * plane);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::im2col", [&] {
@@ -157,7 +157,7 @@ at::Tensor grad_matrix(const at::Tensor& grad_output, int64_t n, int64_t b, cons
     return grad_output[n].view({g.out_channels, plane});
   }
   if (!buffer.defined()) {
-    buffer = at::empty({g.out_channels, b * plane}, grad_output.options());
+    buffer = workspace_tensor(Slot::kGrads, {g.out_channels, b * plane}, grad_output);
   }
   auto matrix = buffer.narrow(1, 0, b * plane);
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "torchcnn::grad_matrix", [&] {
@@ -180,7 +180,7 @@ void gemm_forward(const at::Tensor& input, const at::Tensor& weight_, const at::
       const auto cols = columns(input, n, b, g, cols_buffer);
       // One image's product lands in its output plane; several images' in a matrix first.
       if (b > 1 && !out_buffer.defined()) {
-        out_buffer = at::empty({g.out_channels, images_per_product * plane}, output.options());
+        out_buffer = workspace_tensor(Slot::kProducts, {g.out_channels, images_per_product * plane}, output);
       }
       auto out = b == 1 ? output[n].view({g.out_channels, plane}) : out_buffer.narrow(1, 0, b * plane);
       for (int64_t k = 0; k < g.groups; ++k) {
@@ -212,7 +212,7 @@ void gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight
       // One pointwise image: ∂L/∂X is Wᵀ · ∂L/∂Y itself; otherwise the columns go through col2im.
       const bool direct = b == 1 && g.is_pointwise();
       if (!direct && !cols_buffer.defined()) {
-        cols_buffer = at::empty({g.groups * kg, images_per_product * plane}, grad_input.options());
+        cols_buffer = workspace_tensor(Slot::kColumns, {g.groups * kg, images_per_product * plane}, grad_input);
       }
       auto cols = direct ? grad_input[n].view({g.channels, plane}) : cols_buffer.narrow(1, 0, b * plane);
       for (int64_t k = 0; k < g.groups; ++k) {

@@ -33,28 +33,45 @@ constexpr int64_t kTile = 2;    // output pixels per tile side
 constexpr int64_t kPatch = 4;   // input pixels per tile side
 constexpr int64_t kPoints = 16; // positions ξ of a transformed tile
 
+// row[ξ][c] = (G W_kc Gᵀ)[ξ] for one output channel's filters wk (C, 3, 3), all channels at once:
+// vectorised across c (gathering each filter's taps).
+template <typename T>
+[[gnu::always_inline]] inline void filter_row(const T* __restrict wk, int64_t channels, T* __restrict row) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* g = wk + 9 * c;
+    T a[4][3];  // G · g
+    for (int j = 0; j < 3; ++j) {
+      a[0][j] = g[j];
+      a[1][j] = (g[j] + g[3 + j] + g[6 + j]) * T(0.5);
+      a[2][j] = (g[j] - g[3 + j] + g[6 + j]) * T(0.5);
+      a[3][j] = g[6 + j];
+    }
+    for (int r = 0; r < 4; ++r) {  // (G · g) · Gᵀ
+      row[(4 * r + 0) * channels + c] = a[r][0];
+      row[(4 * r + 1) * channels + c] = (a[r][0] + a[r][1] + a[r][2]) * T(0.5);
+      row[(4 * r + 2) * channels + c] = (a[r][0] - a[r][1] + a[r][2]) * T(0.5);
+      row[(4 * r + 3) * channels + c] = a[r][2];
+    }
+  }
+}
+
+#define TORCHCNN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+
+TORCHCNN_VECTOR_CLONES void filter_row_cloned(const float* wk, int64_t channels, float* row) {
+  filter_row(wk, channels, row);
+}
+TORCHCNN_VECTOR_CLONES void filter_row_cloned(const double* wk, int64_t channels, double* row) {
+  filter_row(wk, channels, row);
+}
+
 // U[ξ][k][c] = (G W_kc Gᵀ)[ξ] for output channels [k0, k1) of weights (K, C, 3, 3). One output
 // channel's 16 rows are built in `row` (16 × C) and copied out whole: written directly, the 16
 // rows K·C apart would evict one another from cache.
 template <typename T>
 void transform_filters(const T* w, int64_t out_channels, int64_t channels, int64_t k0, int64_t k1, T* row, T* u) {
   for (int64_t k = k0; k < k1; ++k) {
-    for (int64_t c = 0; c < channels; ++c) {
-      const T* g = w + 9 * (k * channels + c);
-      T a[4][3];  // G · g
-      for (int j = 0; j < 3; ++j) {
-        a[0][j] = g[j];
-        a[1][j] = (g[j] + g[3 + j] + g[6 + j]) / 2;
-        a[2][j] = (g[j] - g[3 + j] + g[6 + j]) / 2;
-        a[3][j] = g[6 + j];
-      }
-      for (int r = 0; r < 4; ++r) {  // (G · g) · Gᵀ
-        row[(4 * r + 0) * channels + c] = a[r][0];
-        row[(4 * r + 1) * channels + c] = (a[r][0] + a[r][1] + a[r][2]) / 2;
-        row[(4 * r + 2) * channels + c] = (a[r][0] - a[r][1] + a[r][2]) / 2;
-        row[(4 * r + 3) * channels + c] = a[r][2];
-      }
-    }
+    filter_row_cloned(w + 9 * k * channels, channels, row);
     for (int64_t xi = 0; xi < kPoints; ++xi) {
       std::copy(row + xi * channels, row + (xi + 1) * channels, u + (xi * out_channels + k) * channels);
     }
@@ -81,7 +98,6 @@ struct Tiling {
 // The transforms of one plane's tiles, written as loops over the tiles of a row so that the
 // compiler vectorises them across tiles; compiled for AVX-512 and for baseline x86-64, the CPU
 // picks at load time (target_clones).
-#define TORCHCNN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
 
 // V[ξ][t] (ξ ≥ 0 rows `step` apart) = (Bᵀ d_t B)[ξ] for the tiles t = ty·tiles_w + tx of a padded
 // plane with rows `wp` apart.
@@ -303,29 +319,32 @@ void pad_plane(const T* x, const Tiling& s, T* padded) {
 // V[c][ξ][t] for the tiles of images [n0, n1), t counted from image n0's first tile. (Channel-major:
 // the 16 rows one channel's transform writes lie together; ξ-major, they would be C·tiles apart,
 // often a multiple of 4 KiB, and evict one another from cache.)
+// `ld` is the block's tile count, `first` the block column of image n0's first tile.
 template <typename T>
-void transform_inputs(const T* x, const Tiling& s, int64_t n0, int64_t n1, T* padded, T* v) {
-  const int64_t ld = (n1 - n0) * s.per_image(), plane = s.height * s.width;
+void transform_inputs(const T* x, const Tiling& s, int64_t n0, int64_t n1, int64_t ld, int64_t first, T* padded,
+                      T* v) {
+  const int64_t plane = s.height * s.width;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t c = 0; c < s.channels; ++c) {
       pad_plane(x + (n * s.channels + c) * plane, s, padded);
-      input_tiles_any(padded, s.padded_w(), s.tiles_h, s.tiles_w, v + c * kPoints * ld + (n - n0) * s.per_image(),
-                      ld);
+      input_tiles_any(padded, s.padded_w(), s.tiles_h, s.tiles_w,
+                      v + c * kPoints * ld + first + (n - n0) * s.per_image(), ld);
     }
   }
 }
 
 // Y[n, k] for images [n0, n1) from M[ξ][k][t].
 template <typename T>
-void transform_outputs(const T* m, const T* bias, const Tiling& s, int64_t n0, int64_t n1, T* scratch, T* y) {
-  const int64_t ld = (n1 - n0) * s.per_image(), plane = s.out_height * s.out_width;
+void transform_outputs(const T* m, const T* bias, const Tiling& s, int64_t n0, int64_t n1, int64_t ld, int64_t first,
+                       T* scratch, T* y) {
+  const int64_t plane = s.out_height * s.out_width;
   const int64_t sw = kTile * s.tiles_w;
   const bool exact = s.out_width == sw && s.out_height == kTile * s.tiles_h;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t k = 0; k < s.out_channels; ++k) {
       T* yk = y + (n * s.out_channels + k) * plane;
       T* o = exact ? yk : scratch;
-      output_tiles_any(m + k * ld + (n - n0) * s.per_image(), s.out_channels * ld, bias ? bias[k] : T(0),
+      output_tiles_any(m + k * ld + first + (n - n0) * s.per_image(), s.out_channels * ld, bias ? bias[k] : T(0),
                        s.tiles_h, s.tiles_w, o);
       if (!exact) {  // the plane's odd last row or column falls outside the output
         for (int64_t i = 0; i < s.out_height; ++i) {
@@ -339,8 +358,9 @@ void transform_outputs(const T* m, const T* bias, const Tiling& s, int64_t n0, i
 // ∂L/∂M[k][ξ][t] for images [n0, n1) from ∂L/∂Y (the adjoint of transform_outputs); `padded`
 // holds one plane of ∂L/∂Y, 2·tiles_h × grad_w(), zeros outside the output.
 template <typename T>
-void transform_grads(const T* dy, const Tiling& s, int64_t n0, int64_t n1, T* padded, T* dm) {
-  const int64_t ld = (n1 - n0) * s.per_image(), plane = s.out_height * s.out_width, gw = s.grad_w();
+void transform_grads(const T* dy, const Tiling& s, int64_t n0, int64_t n1, int64_t ld, int64_t first, T* padded,
+                     T* dm) {
+  const int64_t plane = s.out_height * s.out_width, gw = s.grad_w();
   std::fill(padded, padded + kTile * s.tiles_h * gw, T(0));
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t k = 0; k < s.out_channels; ++k) {
@@ -348,7 +368,7 @@ void transform_grads(const T* dy, const Tiling& s, int64_t n0, int64_t n1, T* pa
       for (int64_t i = 0; i < s.out_height; ++i) {
         std::copy(src + i * s.out_width, src + (i + 1) * s.out_width, padded + i * gw);
       }
-      grad_tiles_any(padded, gw, s.tiles_h, s.tiles_w, dm + k * kPoints * ld + (n - n0) * s.per_image(), ld);
+      grad_tiles_any(padded, gw, s.tiles_h, s.tiles_w, dm + k * kPoints * ld + first + (n - n0) * s.per_image(), ld);
     }
   }
 }
@@ -386,51 +406,124 @@ int64_t block_images(const Tiling& s, int64_t element_size) {
   return std::max<int64_t>(1, std::min(wide, (int64_t{4} << 20) / per_image));
 }
 
-// Y (N, K, OH, OW) = X (N, C, H, W) ⋆ W (K, C, 3, 3) + b with padding (pad_h, pad_w).
-void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, int64_t pad_h,
-              int64_t pad_w, at::Tensor& output) {
-  Tiling s{input.size(1), input.size(2), input.size(3), pad_h, pad_w,
-           output.size(1), output.size(2), output.size(3), 0, 0};
+// Whether ∂W is computed over the whole batch at once — every tile transformed first, then the 16
+// products split between the threads — rather than image chunk by chunk, each with its own partial
+// ∂U (16·K·C values) to be added up: when the partial sums would be larger than all the tiles.
+bool whole_batch(const Tiling& s, int64_t batch) {
+  const int64_t tiles = batch * s.per_image() * (s.channels + s.out_channels);
+  const int64_t partials = parallel_chunks(batch) * s.channels * s.out_channels;
+  return parallel_chunks(batch) > 1 && partials > tiles;
+}
+
+Tiling tiling(int64_t channels, int64_t height, int64_t width, int64_t pad_h, int64_t pad_w, int64_t out_channels,
+              int64_t out_height, int64_t out_width) {
+  Tiling s{channels, height, width, pad_h, pad_w, out_channels, out_height, out_width, 0, 0};
   s.tiles_h = (s.out_height + kTile - 1) / kTile;
   s.tiles_w = (s.out_width + kTile - 1) / kTile;
-  auto u = at::empty({kPoints, s.out_channels, s.channels}, weight.options());
+  return s;
+}
+
+int64_t scratch_size(const Tiling& s) {
+  return std::max({s.padded_h() * s.padded_w(), kTile * s.tiles_h * kTile * s.tiles_w, kTile * s.tiles_h * s.grad_w()});
+}
+
+// M[ξ] (K × t) = U[ξ] (K × C) · V[ξ] (C × t) for ξ in [xi0, xi1); V is (C, 16, t), M (16, K, t).
+template <typename T>
+void products(const T* u, const T* v, const Tiling& s, int64_t t, int64_t xi0, int64_t xi1, T* m) {
+  const int64_t c = s.channels, k = s.out_channels;
+  for (int64_t xi = xi0; xi < xi1; ++xi) {
+    matmul<T>({m + xi * k * t, k, t, t, 1}, {u + xi * k * c, k, c, c, 1}, {v + xi * t, c, t, kPoints * t, 1});
+  }
+}
+
+// ∂U[ξ] (K × C) [+]= ∂M[ξ] (K × t) · V[ξ]ᵀ (t × C) for ξ in [xi0, xi1); ∂M is (K, 16, t).
+template <typename T>
+void weight_products(const T* dm, const T* v, const Tiling& s, int64_t t, int64_t xi0, int64_t xi1, bool accumulate,
+                     T* du) {
+  const int64_t c = s.channels, k = s.out_channels;
+  for (int64_t xi = xi0; xi < xi1; ++xi) {
+    matmul<T>({du + xi * k * c, k, c, c, 1}, {dm + xi * t, k, t, kPoints * t, 1}, {v + xi * t, t, c, 1, kPoints * t},
+              accumulate);
+  }
+}
+
+// Y (N, K, OH, OW) = X (N, C, H, W) ⋆ W (K, C, 3, 3) + b with padding (pad_h, pad_w).
+template <typename T>
+void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, int64_t pad_h,
+              int64_t pad_w, at::Tensor& output) {
+  const Tiling s = tiling(input.size(1), input.size(2), input.size(3), pad_h, pad_w, output.size(1), output.size(2),
+                          output.size(3));
+  const int64_t batch = input.size(0);
+  auto u_ = at::empty({kPoints, s.out_channels, s.channels}, weight.options());
+  const T* x = input.const_data_ptr<T>();
+  const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  T* u = u_.mutable_data_ptr<T>();
+  T* y = output.mutable_data_ptr<T>();
   for_each_chunk(s.out_channels, [&](int64_t, int64_t k0, int64_t k1) {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_filters", [&] {
-      std::vector<scalar_t> row(kPoints * s.channels);
-      transform_filters<scalar_t>(weight.const_data_ptr<scalar_t>(), s.out_channels, s.channels, k0, k1, row.data(),
-                                  u.mutable_data_ptr<scalar_t>());
-    });
+    std::vector<T> row(kPoints * s.channels);
+    transform_filters<T>(weight.const_data_ptr<T>(), s.out_channels, s.channels, k0, k1, row.data(), u);
   });
   const int64_t block = block_images(s, input.element_size());
-  for_each_chunk(input.size(0), [&](int64_t, int64_t begin, int64_t end) {
+  for_each_chunk(batch, [&](int64_t, int64_t begin, int64_t end) {
     const int64_t tiles = std::min(block, end - begin) * s.per_image();
-    auto v = at::empty({s.channels, kPoints, tiles}, input.options());
-    auto m = at::empty({kPoints, s.out_channels, tiles}, input.options());
-    auto scratch = at::empty({std::max(s.padded_h() * s.padded_w(), kTile * s.tiles_h * kTile * s.tiles_w)},
-                             input.options());
+    T* v = workspace<T>(Slot::kColumns, s.channels * kPoints * tiles);
+    T* m = workspace<T>(Slot::kProducts, kPoints * s.out_channels * tiles);
+    T* scratch = workspace<T>(Slot::kScratch, scratch_size(s));
     for (int64_t n0 = begin; n0 < end; n0 += block) {
       const int64_t n1 = std::min(end, n0 + block), t = (n1 - n0) * s.per_image();
       // The block's first C·16·t entries of v, (C, 16, t), and K·16·t of m, (16, K, t).
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_inputs", [&] {
-        transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, n0, n1,
-                                   scratch.mutable_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>());
-      });
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_products", [&] {
-        const auto* u_ = u.const_data_ptr<scalar_t>();
-        const auto* v_ = v.const_data_ptr<scalar_t>();
-        auto* m_ = m.mutable_data_ptr<scalar_t>();
-        const int64_t c = s.channels, k = s.out_channels;
-        for (int64_t xi = 0; xi < kPoints; ++xi) {  // M[ξ] (K × t) = U[ξ] (K × C) · V[ξ] (C × t)
-          matmul<scalar_t>({m_ + xi * k * t, k, t, t, 1}, {u_ + xi * k * c, k, c, c, 1},
-                           {v_ + xi * t, c, t, kPoints * t, 1});
-        }
-      });
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_outputs", [&] {
-        transform_outputs<scalar_t>(m.const_data_ptr<scalar_t>(),
-                                    bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, s, n0, n1,
-                                    scratch.mutable_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
-      });
+      transform_inputs<T>(x, s, n0, n1, t, 0, scratch, v);
+      products<T>(u, v, s, t, 0, kPoints, m);
+      transform_outputs<T>(m, b, s, n0, n1, t, 0, scratch, y);
     }
+  });
+}
+
+template <typename T>
+void winograd_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
+                     at::Tensor& grad_weight) {
+  const Tiling s = tiling(g.channels, g.height, g.width, g.pad_h, g.pad_w, g.out_channels, g.out_height, g.out_width);
+  const T* x = input.const_data_ptr<T>();
+  const T* dy = grad_output.const_data_ptr<T>();
+  const int64_t kc = s.out_channels * s.channels;
+  at::Tensor du_;
+  if (whole_batch(s, g.batch)) {
+    const int64_t t = g.batch * s.per_image();
+    T* v = workspace<T>(Slot::kColumns, s.channels * kPoints * t);
+    T* dm = workspace<T>(Slot::kGrads, s.out_channels * kPoints * t);
+    for_each_chunk(g.batch, [&](int64_t, int64_t n0, int64_t n1) {
+      T* scratch = workspace<T>(Slot::kScratch, scratch_size(s));
+      transform_inputs<T>(x, s, n0, n1, t, n0 * s.per_image(), scratch, v);
+      transform_grads<T>(dy, s, n0, n1, t, n0 * s.per_image(), scratch, dm);
+    });
+    du_ = at::empty({kPoints, s.out_channels, s.channels}, input.options());
+    T* du = du_.mutable_data_ptr<T>();
+    for_each_chunk(kPoints, [&](int64_t, int64_t xi0, int64_t xi1) {
+      weight_products<T>(dm, v, s, t, xi0, xi1, /*accumulate=*/false, du);
+    });
+  } else {
+    // ∂L/∂U[ξ] = Σ_t ∂L/∂M[ξ][·][t] · V[ξ][·][t]ᵀ, one partial sum per chunk of images, added up
+    // in chunk order: no races, the same result every run.
+    const int64_t block = block_images(s, input.element_size());
+    auto partial = at::empty({parallel_chunks(g.batch), kPoints, s.out_channels, s.channels}, input.options());
+    T* partial_ = partial.mutable_data_ptr<T>();
+    for_each_chunk(g.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
+      const int64_t tiles = std::min(block, end - begin) * s.per_image();
+      T* v = workspace<T>(Slot::kColumns, s.channels * kPoints * tiles);
+      T* dm = workspace<T>(Slot::kGrads, s.out_channels * kPoints * tiles);
+      T* scratch = workspace<T>(Slot::kScratch, scratch_size(s));
+      for (int64_t n0 = begin; n0 < end; n0 += block) {
+        const int64_t n1 = std::min(end, n0 + block), t = (n1 - n0) * s.per_image();
+        transform_inputs<T>(x, s, n0, n1, t, 0, scratch, v);
+        transform_grads<T>(dy, s, n0, n1, t, 0, scratch, dm);
+        weight_products<T>(dm, v, s, t, 0, kPoints, /*accumulate=*/n0 > begin,
+                           partial_ + chunk * kPoints * kc);
+      }
+    });
+    du_ = partial.sum(0);
+  }
+  for_each_chunk(s.out_channels, [&](int64_t, int64_t k0, int64_t k1) {
+    filter_grads<T>(du_.const_data_ptr<T>(), s.out_channels, s.channels, k0, k1, grad_weight.mutable_data_ptr<T>());
   });
 }
 
@@ -438,59 +531,24 @@ void winograd(const at::Tensor& input, const at::Tensor& weight, const at::Tenso
 
 void winograd_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                       const Conv2dGeometry& g, at::Tensor& output) {
-  winograd(input, weight, bias, g.pad_h, g.pad_w, output);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_forward", [&] {
+    winograd<scalar_t>(input, weight, bias, g.pad_h, g.pad_w, output);
+  });
 }
 
 void winograd_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
                               at::Tensor& grad_weight) {
-  Tiling s{g.channels, g.height, g.width, g.pad_h, g.pad_w, g.out_channels, g.out_height, g.out_width, 0, 0};
-  s.tiles_h = (s.out_height + kTile - 1) / kTile;
-  s.tiles_w = (s.out_width + kTile - 1) / kTile;
-  const int64_t block = block_images(s, input.element_size());
-  // ∂L/∂U[ξ] = Σ_t ∂L/∂M[ξ][·][t] · V[ξ][·][t]ᵀ, one partial sum per chunk of images, added up in
-  // chunk order: no races, the same result every run.
-  auto partial = at::empty({parallel_chunks(g.batch), kPoints, s.out_channels, s.channels}, input.options());
-  for_each_chunk(g.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
-    const int64_t tiles = std::min(block, end - begin) * s.per_image();
-    auto v = at::empty({s.channels, kPoints, tiles}, input.options());
-    auto dm = at::empty({s.out_channels, kPoints, tiles}, input.options());
-    auto scratch = at::empty({std::max(s.padded_h() * s.padded_w(), kTile * s.tiles_h * s.grad_w())},
-                             input.options());
-    auto du = partial[chunk];
-    for (int64_t n0 = begin; n0 < end; n0 += block) {
-      const int64_t n1 = std::min(end, n0 + block), t = (n1 - n0) * s.per_image();
-      // The block's first C·16·t entries of v, (C, 16, t), and K·16·t of dm, (K, 16, t).
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_weight_tiles", [&] {
-        auto* pad = scratch.mutable_data_ptr<scalar_t>();
-        transform_inputs<scalar_t>(input.const_data_ptr<scalar_t>(), s, n0, n1, pad, v.mutable_data_ptr<scalar_t>());
-        transform_grads<scalar_t>(grad_output.const_data_ptr<scalar_t>(), s, n0, n1, pad,
-                                  dm.mutable_data_ptr<scalar_t>());
-      });
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_weight_products", [&] {
-        const auto* dm_ = dm.const_data_ptr<scalar_t>();
-        const auto* v_ = v.const_data_ptr<scalar_t>();
-        auto* du_ = du.mutable_data_ptr<scalar_t>();
-        const int64_t c = s.channels, k = s.out_channels;
-        for (int64_t xi = 0; xi < kPoints; ++xi) {  // ∂U[ξ] (K × C) += ∂M[ξ] (K × t) · V[ξ]ᵀ (t × C)
-          matmul<scalar_t>({du_ + xi * k * c, k, c, c, 1}, {dm_ + xi * t, k, t, kPoints * t, 1},
-                           {v_ + xi * t, t, c, 1, kPoints * t}, /*accumulate=*/n0 > begin);
-        }
-      });
-    }
-  });
-  const auto du = partial.sum(0);
-  for_each_chunk(s.out_channels, [&](int64_t, int64_t k0, int64_t k1) {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_filter_grads", [&] {
-      filter_grads<scalar_t>(du.const_data_ptr<scalar_t>(), s.out_channels, s.channels, k0, k1,
-                             grad_weight.mutable_data_ptr<scalar_t>());
-    });
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "torchcnn::winograd_backward_weight", [&] {
+    winograd_weight<scalar_t>(grad_output, input, g, grad_weight);
   });
 }
 
 void winograd_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
                              at::Tensor& grad_input) {
   const auto flipped = weight.flip({2, 3}).transpose(0, 1).contiguous();
-  winograd(grad_output, flipped, at::Tensor(), 2 - g.pad_h, 2 - g.pad_w, grad_input);
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "torchcnn::winograd_backward_input", [&] {
+    winograd<scalar_t>(grad_output, flipped, at::Tensor(), 2 - g.pad_h, 2 - g.pad_w, grad_input);
+  });
 }
 
 }  // namespace torchcnn::cpu
