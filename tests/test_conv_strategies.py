@@ -115,9 +115,10 @@ def test_forcing_is_undone_on_exit():
 
 
 # (m, k, n): edges of the 8 × 32 register tile, several blocks of the shared dimension (256) and
-# of C's columns (3072), a row split between threads, an empty shared dimension.
-GEMM_SHAPES = [(1, 1, 1), (7, 5, 3), (8, 256, 32), (9, 257, 33), (16, 17, 40), (130, 300, 3100), (64, 576, 1024),
-               (3, 0, 5)]
+# of C's columns (3072), products split between threads by columns (130 × 3100) and by rows
+# (700 × 100), an empty shared dimension.
+GEMM_SHAPES = [(1, 1, 1), (7, 5, 3), (8, 256, 32), (9, 257, 33), (16, 17, 40), (130, 300, 3100), (700, 300, 100),
+               (64, 576, 1024), (3, 0, 5)]
 
 
 @pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt", "strided"])

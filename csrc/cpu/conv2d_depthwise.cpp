@@ -220,12 +220,21 @@ int64_t wide_length(const Conv2dGeometry& g, const Wide& s, int64_t images) {
   return ((images - 1) * s.hp + g.out_height) * s.wp;
 }
 
+// dst[0, n) = src[0, n), inlined: the rows copied here are often a few floats long, where a call
+// to memmove costs more than the copy.
+template <typename T>
+inline void copy_row(const T* __restrict src, int64_t n, T* __restrict dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = src[j];
+  }
+}
+
 // Image plane x (H × W) into the zeroed padded plane xp, at (pad_h, pad_w). Only the interior is
 // written: the border stays zero from the first call.
 template <typename T>
 void pad_into(const T* x, const Conv2dGeometry& g, const Wide& s, T* xp) {
   for (int64_t i = 0; i < g.height; ++i) {
-    std::copy(x + i * g.width, x + (i + 1) * g.width, xp + (g.pad_h + i) * s.wp + g.pad_w);
+    copy_row(x + i * g.width, g.width, xp + (g.pad_h + i) * s.wp + g.pad_w);
   }
 }
 
@@ -233,7 +242,7 @@ void pad_into(const T* x, const Conv2dGeometry& g, const Wide& s, T* xp) {
 template <typename T>
 void spread(const T* dy, const Conv2dGeometry& g, const Wide& s, T* wide) {
   for (int64_t i = 0; i < g.out_height; ++i) {
-    std::copy(dy + i * g.out_width, dy + (i + 1) * g.out_width, wide + i * s.wp);
+    copy_row(dy + i * g.out_width, g.out_width, wide + i * s.wp);
   }
 }
 
@@ -258,7 +267,7 @@ void forward(const T* x, const T* w, const T* bias, const Conv2dGeometry& g, T* 
             T* yk = y + (n * g.out_channels + k) * g.out_plane();
             const T* o = out.data() + (n - n0) * stride;
             for (int64_t i = 0; i < g.out_height; ++i) {
-              std::copy(o + i * s.wp, o + i * s.wp + g.out_width, yk + i * g.out_width);
+              copy_row(o + i * s.wp, g.out_width, yk + i * g.out_width);
             }
           }
         }
@@ -298,7 +307,7 @@ void backward_input(const T* dy, const T* w, const Conv2dGeometry& g, T* dx) {
           T* dxc = dx + (n * g.channels + c) * g.in_plane();
           for (int64_t i = 0; i < g.height; ++i) {
             const T* src = dxp.data() + (n - n0) * stride + (g.pad_h + i) * s.wp + g.pad_w;
-            std::copy(src, src + g.width, dxc + i * g.width);
+            copy_row(src, g.width, dxc + i * g.width);
           }
         }
       }

@@ -173,16 +173,17 @@ void sgemm(int64_t m, int64_t n, int64_t k, const View& a, const View& b, float*
 const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
 std::atomic<bool> use_avx512{cpu_has_avx512};
 
-// Rows per thread when a product is worth splitting: at least 2 MFLOP a thread, whole panels.
-int64_t row_split(int64_t m, int64_t n, int64_t k) {
+// Threads a product is worth splitting between: at least 2 MFLOP each (1: run it here).
+int64_t split_threads(int64_t m, int64_t n, int64_t k) {
   if (at::in_parallel_region() || at::get_num_threads() < 2) {
-    return m;
+    return 1;
   }
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), 2 * m * n * k / (int64_t{2} << 20));
-  if (threads < 2) {
-    return m;
-  }
-  return ((m + threads - 1) / threads + kMR - 1) / kMR * kMR;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), 2 * m * n * k / (int64_t{2} << 20)));
+}
+
+// A share of [0, size) for each of `threads`, in whole multiples of `unit`.
+int64_t share(int64_t size, int64_t threads, int64_t unit) {
+  return ((size + threads - 1) / threads + unit - 1) / unit * unit;
 }
 
 }  // namespace
@@ -220,15 +221,21 @@ void matmul(const Matrix<float>& c, const Matrix<const float>& a, const Matrix<c
     return;
   }
   const int64_t m = c.rows, n = c.cols, k = a.cols;
-  const int64_t rows = row_split(m, n, k);
-  auto product = [&](int64_t i0, int64_t i1) {
-    sgemm(i1 - i0, n, k, View{a.data + i0 * a.rs, a.rs, a.cs}, View{b.data, b.rs, b.cs}, c.data + i0 * c.rs, c.rs,
-          accumulate);
-  };
-  if (rows >= m) {
-    product(0, m);
+  const int64_t threads = split_threads(m, n, k);
+  if (threads == 1) {
+    sgemm(m, n, k, View{a.data, a.rs, a.cs}, View{b.data, b.rs, b.cs}, c.data, c.rs, accumulate);
+  } else if (n >= m) {
+    // Columns between the threads: each packs only its own part of B.
+    at::parallel_for(0, n, share(n, threads, kNR), [&](int64_t j0, int64_t j1) {
+      sgemm(m, j1 - j0, k, View{a.data, a.rs, a.cs}, View{b.data + j0 * b.cs, b.rs, b.cs}, c.data + j0, c.rs,
+            accumulate);
+    });
   } else {
-    at::parallel_for(0, m, rows, product);
+    // Rows between the threads: each reads only its own rows of A.
+    at::parallel_for(0, m, share(m, threads, kMR), [&](int64_t i0, int64_t i1) {
+      sgemm(i1 - i0, n, k, View{a.data + i0 * a.rs, a.rs, a.cs}, View{b.data, b.rs, b.cs}, c.data + i0 * c.rs, c.rs,
+            accumulate);
+    });
   }
 }
 

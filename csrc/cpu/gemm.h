@@ -5,7 +5,8 @@
 // with AVX-512, float32 products therefore go to torchcnn's own GEMM (gemm.cpp: packed panels of
 // B, an 8 × 32 register-blocked AVX-512 kernel); everything else goes to at::mm. Called inside a
 // parallel region (the convolutions split their work between threads), a product runs on the
-// calling thread; called outside one, a large product splits its rows between the threads.
+// calling thread; called outside one, a large product splits its rows or columns between the
+// threads.
 #pragma once
 
 #include <torch/all.h>
