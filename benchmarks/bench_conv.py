@@ -6,8 +6,9 @@ whole ResNet-18 training step with torchcnn's convolutions against the same mode
 
 Each conv row is forward + backward as in training: the output, then one ``torch.autograd.grad``
 for input, weight and bias. The two libraries are measured interleaved in one process — round
-after round, alternating which goes first — and each figure is the median over the rounds, so a
-neighbour's load on a shared machine falls on both. ratio = torchcnn / torch (lower is better).
+after round, alternating which goes first; each time is the median over the rounds, and the
+ratio (torchcnn / torch, lower is better) the median of the rounds' ratios, so that a neighbour's
+load on a shared machine, which comes and goes, falls on both sides of each ratio.
 The strategy column is the CPU algorithm torchcnn's rule picks for the shape.
 """
 
@@ -50,7 +51,9 @@ def conv_cases():
 
 
 def interleaved_ms(fns: dict, device: str, rounds: int, seconds: float) -> dict:
-    """Median milliseconds per call of each fn, measured alternately round by round."""
+    """Milliseconds per call of torch's and torchcnn's fn, measured alternately round by round:
+    the median of each, and the median of the rounds' ratios (each round's pair ran back to back,
+    so a neighbour's load that comes and goes falls on both)."""
     for fn in fns.values():
         fn()  # warm-up: one-time allocations, oneDNN/cuDNN primitive creation
     times = {name: [] for name in fns}
@@ -59,7 +62,8 @@ def interleaved_ms(fns: dict, device: str, rounds: int, seconds: float) -> dict:
         for name in order if r % 2 == 0 else order[::-1]:
             timer = benchmark.Timer(stmt="fn()", globals={"fn": fns[name]})
             times[name].append(timer.blocked_autorange(min_run_time=seconds / rounds).median * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    ratio = statistics.median(c / t for c, t in zip(times["torchcnn"], times["torch"]))
+    return {**{name: statistics.median(t) for name, t in times.items()}, "ratio": ratio}
 
 
 def conv_rows(device: str, rounds: int, seconds: float) -> list[dict]:
@@ -78,7 +82,7 @@ def conv_rows(device: str, rounds: int, seconds: float) -> list[dict]:
         ms = interleaved_ms({"torch": step(TF.conv2d), "torchcnn": step(CF.conv2d)}, device, rounds, seconds)
         strategy = cpu_conv2d_strategy(x, w, stride, padding, 1, groups)
         rows.append({"case": name, "input": list(x_shape), "strategy": strategy,
-                     "torch_ms": ms["torch"], "torchcnn_ms": ms["torchcnn"]})
+                     "torch_ms": ms["torch"], "torchcnn_ms": ms["torchcnn"], "ratio": ms["ratio"]})
     return rows
 
 
@@ -119,7 +123,7 @@ def resnet_row(device: str, rounds: int, seconds: float, batch: int = 16, size: 
 
     ms = interleaved_ms({name: step(m) for name, m in models.items()}, device, rounds, seconds)
     return {"case": f"ResNet-18 training step, {size}×{size}", "input": [batch, 3, size, size], "strategy": "—",
-            "torch_ms": ms["torch"], "torchcnn_ms": ms["torchcnn"]}
+            "torch_ms": ms["torch"], "torchcnn_ms": ms["torchcnn"], "ratio": ms["ratio"]}
 
 
 def table(rows: list[dict]) -> str:
@@ -128,7 +132,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         shape = "×".join(map(str, r["input"]))
         lines.append(f"| {r['case']} | {shape} | {r['strategy']} | {r['torch_ms']:.2f} | {r['torchcnn_ms']:.2f} | "
-                     f"{r['torchcnn_ms'] / r['torch_ms']:.2f}× |")
+                     f"{r['ratio']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -140,11 +144,11 @@ def arguments(parser) -> None:
 def main() -> None:
     args = setup(__doc__, batch_sizes=False, more_arguments=arguments)
     rows = conv_rows(args.device, args.rounds, args.min_run_time)
-    ratios = [r["torchcnn_ms"] / r["torch_ms"] for r in rows]
+    ratios = [r["ratio"] for r in rows]
     summary = {"geomean": math.exp(statistics.fmean(map(math.log, ratios))), "worst": max(ratios)}
     if not args.skip_resnet:
         rows.append(resnet_row(args.device, args.rounds, args.min_run_time))
-        summary["resnet18_step"] = rows[-1]["torchcnn_ms"] / rows[-1]["torch_ms"]
+        summary["resnet18_step"] = rows[-1]["ratio"]
     print(f"device: {describe(args.device)}")
     print(table(rows))
     print("conv rows: geometric mean {geomean:.2f}×, worst {worst:.2f}×".format(**summary)

@@ -2,7 +2,8 @@
 # The GPU verification run: on a machine with a CUDA GPU and torch installed (no network needed),
 #   1. builds the extension from this checkout (CUDA kernels for the GPU present),
 #   2. runs the whole test suite (every op test runs on CUDA too),
-#   3. benchmarks the ops against cuDNN and a training step of the MNIST model against torch.nn,
+#   3. benchmarks the ops against cuDNN (MNIST shapes, then bench_conv.py's ResNet/depthwise
+#      table) and a training step of the MNIST model against torch.nn,
 #   4. trains one epoch with `train.py --device cuda` when the MNIST files are found,
 #   5. with --sanitize, runs the CUDA op tests under compute-sanitizer (memcheck and racecheck),
 # and prints a summary table last (also written to $OUT_DIR/summary.md).
@@ -22,7 +23,7 @@ for arg in "$@"; do
   case "$arg" in
     --sanitize) sanitize=1 ;;
     --sanitize-only) sanitize=1; main=0 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -137,6 +138,21 @@ EOF
 )"
 else
   note "ops vs cuDNN" "FAILED (see $OUT_DIR/bench_ops.log)"; status=1
+fi
+
+stage "conv2d on ResNet/depthwise/MNIST shapes vs cuDNN (and a ResNet-18 step where torchvision is found)"
+resnet_flag=$("$PYTHON" -c "import torchvision" 2>/dev/null || echo --skip-resnet)
+if "$PYTHON" benchmarks/bench_conv.py --device cuda --min-run-time 1 --rounds 3 $resnet_flag \
+    --json "$OUT_DIR/bench_conv.json" 2>&1 | tee "$OUT_DIR/bench_conv.log"; then
+  note "conv2d vs cuDNN" "$("$PYTHON" - "$OUT_DIR/bench_conv.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+step = f", ResNet-18 step {d['resnet18_step']:.2f}x" if "resnet18_step" in d else ""
+print(f"geometric mean {d['geomean']:.2f}x, worst {d['worst']:.2f}x{step} (table in bench_conv.log)")
+EOF
+)"
+else
+  note "conv2d vs cuDNN" "FAILED (see $OUT_DIR/bench_conv.log)"; status=1
 fi
 
 stage "MNIST training step: torchcnn layers vs torch.nn layers"
