@@ -14,6 +14,8 @@
 
 #include <vector>
 
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+
 #include "conv2d_algorithms.h"
 
 namespace torchcnn::cpu {
@@ -221,7 +223,8 @@ int64_t wide_length(const Conv2dGeometry& g, const Wide& s, int64_t images) {
 }
 
 // dst[0, n) = src[0, n), inlined: the rows copied here are often a few floats long, where a call
-// to memmove costs more than the copy.
+// to memmove costs more than the copy (hence no-tree-loop-distribute-patterns at the top of this
+// file: gcc would turn the loop back into a call).
 template <typename T>
 inline void copy_row(const T* __restrict src, int64_t n, T* __restrict dst) {
   for (int64_t j = 0; j < n; ++j) {
