@@ -1,6 +1,7 @@
-// conv2d on CUDA: batched im2col feeding cuBLAS (at::bmm on the current stream), and a direct
-// kernel for single-input-channel convs (the MNIST first layer), where a GEMM with K = KH·KW = 9
-// would be all overhead.
+// conv2d on CUDA: batched im2col feeding cuBLAS (at::bmm on the current stream), and — as on the
+// CPU (csrc/cpu/conv2d.cpp's rule) — a direct forward kernel for one input channel per group
+// (depthwise convs, and the MNIST first layer), where a GEMM with K = KH·KW = 9 would be all
+// overhead.
 //
 // For a chunk of B images, im2col lays every receptive field out as a column:
 //   cols[n, (c, p, q), (i, j)] = X[n, c, i·s + p·d − pad, j·s + q·d − pad]   (0 outside the image)
@@ -83,10 +84,11 @@ __global__ void col2im_kernel(const acc_t* __restrict__ cols, scalar_t* __restri
   }
 }
 
-// Direct convolution for one input channel per group, groups = 1: one thread per output pixel
-// (n, k, i, j) computes Y = b[k] + Σ_p Σ_q X[n, 0, i·s + p·d − pad, j·s + q·d − pad] · W[k, 0, p, q].
+// Direct convolution for one input channel per group: one thread per output pixel (n, k, i, j)
+// computes Y = b[k] + Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, 0, p, q], with
+// c = k / (K / C) the input channel of output channel k's group.
 template <typename scalar_t>
-__global__ void conv2d_single_channel_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+__global__ void conv2d_depthwise_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                                              const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                                              int64_t total, Conv2dGeometry g) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -95,7 +97,7 @@ __global__ void conv2d_single_channel_kernel(const scalar_t* __restrict__ x, con
     const int64_t oh = (t / g.out_width) % g.out_height;
     const int64_t k = (t / g.out_plane()) % g.out_channels;
     const int64_t n = t / (g.out_plane() * g.out_channels);
-    const scalar_t* xn = x + n * g.in_plane();
+    const scalar_t* xn = x + (n * g.channels + k / (g.out_channels / g.channels)) * g.in_plane();
     const scalar_t* wk = weight + k * g.kernel_h * g.kernel_w;
     acc_t sum = bias != nullptr ? static_cast<acc_t>(bias[k]) : acc_t(0);
     for (int64_t p = 0; p < g.kernel_h; ++p) {
@@ -178,11 +180,11 @@ at::Tensor conv2d_cuda(
     return output.contiguous(conv2d_memory_format(input_, weight_));
   }
 
-  if (g.channels == 1 && g.groups == 1) {
+  if (g.in_channels_per_group() == 1) {
     const auto bias = has_bias ? bias_->contiguous() : at::Tensor();
     const int64_t total = output.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_direct", [&] {
-      launch(conv2d_single_channel_kernel<scalar_t>, blocks_for(total), kThreads, input.const_data_ptr<scalar_t>(),
+      launch(conv2d_depthwise_kernel<scalar_t>, blocks_for(total), kThreads, input.const_data_ptr<scalar_t>(),
              weight.const_data_ptr<scalar_t>(), has_bias ? bias.const_data_ptr<scalar_t>() : nullptr,
              output.mutable_data_ptr<scalar_t>(), total, g);
     });
