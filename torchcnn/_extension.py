@@ -133,6 +133,12 @@ def reporting_progress(what: str, stream=None, every: float = 30.0):
     print(f"torchcnn: {message}", file=stream, flush=True)
 
 
+def _sanitize_requested() -> bool:
+    """TORCHCNN_SANITIZE=1: the CPU kernels built (just in time, apart from the normal build) with
+    AddressSanitizer and UndefinedBehaviorSanitizer — scripts/sanitize_cpu.sh sets up the process."""
+    return os.environ.get("TORCHCNN_SANITIZE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _load_jit() -> str:
     """Build (if need be) and load the kernels; returns why the CUDA kernels are left out, if they are."""
     if not os.path.isdir(_build.CSRC):
@@ -140,15 +146,24 @@ def _load_jit() -> str:
             "torchcnn: the compiled extension torchcnn._C is missing and there are no C++ sources to "
             "build it from; reinstall with `pip install --no-build-isolation .`"
         )
-    cfg = _build.config(just_in_time=True)
+    if _sanitize_requested():
+        cfg = _build.BuildConfig(_build.sources(False), False, reason="TORCHCNN_SANITIZE=1 builds the CPU kernels only")
+        name, what = "torchcnn_C_cpu_sanitized", "the CPU kernels with ASan and UBSan"
+        cfg.cxx_flags += _build.SANITIZER_FLAGS
+        ldflags = ["-fopenmp", "-fsanitize=address,undefined"]
+    else:
+        cfg = _build.config(just_in_time=True)
+        name = "torchcnn_C_cuda" if cfg.with_cuda else "torchcnn_C_cpu"
+        what = "the CPU and CUDA kernels" if cfg.with_cuda else f"the CPU kernels only ({cfg.reason})"
+        ldflags = ["-fopenmp"]
     _build.prepare_environment(cfg)
     build_and_load(
-        "torchcnn_C_cuda" if cfg.with_cuda else "torchcnn_C_cpu",
+        name,
         cfg.sources,
-        "the CPU and CUDA kernels" if cfg.with_cuda else f"the CPU kernels only ({cfg.reason})",
+        what,
         extra_cflags=cfg.cxx_flags,
         extra_cuda_cflags=cfg.nvcc_flags,
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=ldflags,
         extra_include_paths=[_build.CSRC] + cfg.include_dirs,
         with_cuda=cfg.with_cuda,
     )
@@ -186,7 +201,7 @@ def load() -> Extension:
         if _failure is not None:
             raise _failure
         try:
-            if os.environ.get("TORCHCNN_JIT") != "1" and _prebuilt() is not None:
+            if os.environ.get("TORCHCNN_JIT") != "1" and not _sanitize_requested() and _prebuilt() is not None:
                 importlib.import_module("torchcnn._C")
                 origin = "prebuilt"
                 reason = "the prebuilt torchcnn._C was compiled without them"
