@@ -140,3 +140,32 @@ def test_gemm_knob_refuses_unknown_names():
         torch.ops.torchcnn._cpu_set_gemm("mkl")
     with pytest.raises(ValueError, match="_cpu_matmul: expected matrices"):
         torch.ops.torchcnn._cpu_matmul(torch.ones(2, 3), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("strategy", CPU_CONV2D_STRATEGIES)
+@pytest.mark.parametrize("kwargs,weight", [({}, (1, 1, 1, 3)), ({"groups": 4}, (4, 1, 2, 3)),
+                                           ({"groups": 2, "padding": 1, "dilation": 2}, (4, 1, 3, 3))], ids=str)
+def test_non_finite_inputs_give_torchs_gradients(strategy, kwargs, weight):
+    """Where an inf or a NaN reaches a gradient is torch's business, not an algorithm's: the
+    depthwise kernel's wide rows must not multiply a dropped column's zero by an inf."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, kwargs.get("groups", 1) * weight[1], 6, 6, dtype=torch.float64, generator=gen)
+    x[0, ..., -1] = float("inf")
+    x[-1, 0, 0, 0] = float("nan")
+    x.requires_grad_()
+    w = torch.randn(weight, dtype=torch.float64, generator=gen, requires_grad=True)
+    with forced_cpu_conv2d_strategy(strategy):
+        ours = F.conv2d(x, w, **kwargs)
+        grads = torch.autograd.grad(ours, (x, w), torch.ones_like(ours))
+    theirs = TF.conv2d(x, w, **kwargs)
+    expected = torch.autograd.grad(theirs, (x, w), torch.ones_like(theirs))
+    if strategy == "winograd" and strategy_of_args(x, w, kwargs) == "winograd":
+        return  # Winograd mixes inf − inf into NaN by design (see conv2d_winograd.cpp)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    for mine, exp in zip(grads, expected):
+        torch.testing.assert_close(mine, exp, equal_nan=True)
+
+
+def strategy_of_args(x, w, kwargs):
+    return cpu_conv2d_strategy(x, w, kwargs.get("stride", 1), kwargs.get("padding", 0), kwargs.get("dilation", 1),
+                               kwargs.get("groups", 1))

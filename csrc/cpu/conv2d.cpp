@@ -46,7 +46,7 @@ int64_t gemm_images_per_product(const Conv2dGeometry& g, int64_t element_size, b
   }
   const int64_t plane = g.out_plane();
   const int64_t column_bytes = g.channels * g.kernel_h * g.kernel_w * plane * element_size;
-  // A whole batch of at most 2·kGemmColumns columns is one product, whose rows the threads share.
+  // A whole batch of at most 2·kGemmColumns columns is one product, which the threads share.
   const int64_t wanted = g.batch * plane <= 2 * kGemmColumns ? g.batch
                                                              : std::max<int64_t>(2, (kGemmColumns + plane - 1) / plane);
   const int64_t fit = std::max<int64_t>(1, kColumnBytes / std::max<int64_t>(column_bytes, 1));
@@ -86,11 +86,9 @@ Strategy choose(const Conv2dGeometry& g) {
   return g.out_plane() >= kGemmColumns ? Strategy::kGemmPerImage : Strategy::kGemmBatched;
 }
 
-// The GEMM's images per product when the strategy has none of its own (∂L/∂W under Winograd).
+// The GEMM strategies' images per product.
 int64_t images_per_product(Strategy s, const Conv2dGeometry& g, int64_t element_size) {
-  const bool batched = s == Strategy::kGemmBatched ||
-      (s != Strategy::kGemmPerImage && g.out_plane() < kGemmColumns);
-  return gemm_images_per_product(g, element_size, batched);
+  return gemm_images_per_product(g, element_size, s == Strategy::kGemmBatched);
 }
 
 bool is_reduced(const at::Tensor& t) {

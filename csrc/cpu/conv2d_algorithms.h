@@ -2,8 +2,8 @@
 //
 // Every algorithm computes the same three results — Y = X ⋆ W + b, ∂L/∂X and ∂L/∂W — on
 // contiguous NCHW float or double tensors, into outputs the caller allocates (uninitialised):
-//   gemm        im2col + BLAS GEMMs, several images' columns side by side in one product where the
-//               planes are small (conv2d_gemm.cpp);
+//   gemm        im2col + GEMMs (gemm.h), several images' columns side by side in one product where
+//               the planes are small (conv2d_gemm.cpp);
 //   winograd    F(2×2, 3×3) for 3×3, stride-1 convolutions: 16 GEMMs over transformed tiles
 //               instead of 36 multiplications per output pair (conv2d_winograd.cpp);
 //   depthwise   a direct, vectorised kernel for one input channel per group (conv2d_depthwise.cpp).
@@ -87,7 +87,7 @@ inline at::Tensor workspace_tensor(Slot slot, at::IntArrayRef sizes, const at::T
 
 // Runs body(chunk, begin, end) over a batch in groups of `per_product` images: split between the
 // threads, each group's products on one thread — or, when one group is the whole batch, once on
-// this thread, where each product splits its rows between the threads instead (gemm.h).
+// this thread, where each product splits its rows or columns between the threads instead (gemm.h).
 template <typename F>
 void for_each_image_group(int64_t batch, int64_t per_product, F&& body) {
   if (per_product >= batch) {

@@ -211,7 +211,9 @@ bool use_wide(const Conv2dGeometry& g) {
   return g.stride_h == 1 && g.stride_w == 1 && g.kernel_h * g.kernel_w <= 64;
 }
 
-Wide wide_geometry(const Conv2dGeometry& g) {
+// `per_thread`: groups small enough for every thread to get one (the forward and ∂X, whose sums
+// do not depend on the grouping); ∂W, whose dot products do, groups by size alone.
+Wide wide_geometry(const Conv2dGeometry& g, bool per_thread) {
   Wide s;
   s.wp = g.width + 2 * g.pad_w;
   s.hp = g.height + 2 * g.pad_h;
@@ -222,9 +224,9 @@ Wide wide_geometry(const Conv2dGeometry& g) {
       s.offset[p * g.kernel_w + q] = p * g.dilation_h * s.wp + q * g.dilation_w;
     }
   }
-  // Images per group: their padded planes, stacked, within about 256 KiB of floats, and enough
-  // groups for every thread to have a (channel, group) to work on.
-  const int64_t groups_per_channel = (at::get_num_threads() + g.channels - 1) / g.channels;
+  // Images per group: their padded planes, stacked, within about 256 KiB of floats, and (per
+  // thread) enough groups for every thread to have a (channel, group) to work on.
+  const int64_t groups_per_channel = per_thread ? (at::get_num_threads() + g.channels - 1) / g.channels : 1;
   s.group = std::max<int64_t>(1, std::min({g.batch, (int64_t{64} << 10) / (s.hp * s.wp),
                                             (g.batch + groups_per_channel - 1) / groups_per_channel}));
   return s;
@@ -248,11 +250,30 @@ inline void copy_row(const T* __restrict src, int64_t n, T* __restrict dst) {
 
 // Image plane x (H × W) into the zeroed padded plane xp, at (pad_h, pad_w). Only the interior is
 // written: the border stays zero from the first call.
+// Returns whether every value copied is finite (x − x is 0 for those, NaN for inf and NaN).
 template <typename T>
-void pad_into(const T* x, const Conv2dGeometry& g, const Wide& s, T* xp) {
+bool pad_into(const T* x, const Conv2dGeometry& g, const Wide& s, T* xp) {
+  T nonfinite = 0;
   for (int64_t i = 0; i < g.height; ++i) {
-    copy_row(x + i * g.width, g.width, xp + (g.pad_h + i) * s.wp + g.pad_w);
+    const T* __restrict src = x + i * g.width;
+    T* __restrict dst = xp + (g.pad_h + i) * s.wp + g.pad_w;
+#pragma omp simd reduction(+ : nonfinite)
+    for (int64_t j = 0; j < g.width; ++j) {
+      dst[j] = src[j];
+      nonfinite += src[j] - src[j];
+    }
   }
+  return nonfinite == T(0);
+}
+
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  T nonfinite = 0;
+#pragma omp simd reduction(+ : nonfinite)
+  for (int64_t i = 0; i < n; ++i) {
+    nonfinite += p[i] - p[i];
+  }
+  return nonfinite == T(0);
 }
 
 // ∂L/∂Y plane (OH × OW) into rows of Wp, zeros in the columns past OW (kept zero between calls).
@@ -267,7 +288,7 @@ template <typename T>
 void forward(const T* x, const T* w, const T* bias, const Conv2dGeometry& g, T* y) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
   if (use_wide(g)) {
-    Wide s = wide_geometry(g);
+    Wide s = wide_geometry(g, /*per_thread=*/true);
     const int64_t groups = (g.batch + s.group - 1) / s.group, stride = s.hp * s.wp;
     for_each_chunk(g.channels * groups, [&](int64_t, int64_t begin, int64_t end) {
       std::vector<T> xp(s.group * stride + s.slack, T(0)), out(wide_length(g, s, s.group));
@@ -302,10 +323,10 @@ void forward(const T* x, const T* w, const T* bias, const Conv2dGeometry& g, T* 
 }
 
 template <typename T>
-void backward_input(const T* dy, const T* w, const Conv2dGeometry& g, T* dx) {
+void backward_input(const T* dy, const T* w, const Conv2dGeometry& g, bool wide, T* dx) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
-  if (use_wide(g)) {
-    Wide s = wide_geometry(g);
+  if (wide) {
+    Wide s = wide_geometry(g, /*per_thread=*/true);
     const int64_t groups = (g.batch + s.group - 1) / s.group, stride = s.hp * s.wp;
     for_each_chunk(g.channels * groups, [&](int64_t, int64_t begin, int64_t end) {
       std::vector<T> dxp(s.group * stride + s.slack), wide(s.group * stride, T(0));
@@ -344,10 +365,10 @@ void backward_input(const T* dy, const T* w, const Conv2dGeometry& g, T* dx) {
 }
 
 template <typename T>
-void backward_weight(const T* dy, const T* x, const Conv2dGeometry& g, T* dw) {
+void backward_weight(const T* dy, const T* x, const Conv2dGeometry& g, bool wide, T* dw) {
   const int64_t multiplier = g.out_channels / g.channels, taps = g.kernel_h * g.kernel_w;
-  if (use_wide(g)) {
-    Wide s = wide_geometry(g);
+  if (wide) {
+    Wide s = wide_geometry(g, /*per_thread=*/false);
     const int64_t stride = s.hp * s.wp;
     for_each_chunk(g.out_channels, [&](int64_t, int64_t begin, int64_t end) {
       std::vector<T> xp(s.group * stride + s.slack, T(0)), wide(s.group * stride, T(0));
@@ -356,12 +377,23 @@ void backward_weight(const T* dy, const T* x, const Conv2dGeometry& g, T* dw) {
         std::fill(dw + k * taps, dw + (k + 1) * taps, T(0));
         for (int64_t n0 = 0; n0 < g.batch; n0 += s.group) {
           const int64_t n1 = std::min(g.batch, n0 + s.group);
+          bool finite = true;
           for (int64_t n = n0; n < n1; ++n) {
-            pad_into(x + (n * g.channels + k / multiplier) * g.in_plane(), g, s, xp.data() + (n - n0) * stride);
+            finite &= pad_into(x + (n * g.channels + k / multiplier) * g.in_plane(), g, s, xp.data() + (n - n0) * stride);
             spread(dy + (n * g.out_channels + k) * g.out_plane(), g, s, wide.data() + (n - n0) * stride);
           }
-          t.len = wide_length(g, s, n1 - n0);
-          wide_backward_weight_cloned(wide.data(), xp.data(), t, dw + k * taps);
+          // The last tap reads up to `slack` entries past the group's last plane: a short group's
+          // would be an earlier group's input, kept zero here.
+          std::fill(xp.data() + (n1 - n0) * stride, xp.data() + (n1 - n0) * stride + s.slack, T(0));
+          if (finite) {
+            t.len = wide_length(g, s, n1 - n0);
+            wide_backward_weight_cloned(wide.data(), xp.data(), t, dw + k * taps);
+          } else {  // see finite(): the row-by-row kernel reads only what each output reads
+            for (int64_t n = n0; n < n1; ++n) {
+              backward_weight_plane_cloned(dy + (n * g.out_channels + k) * g.out_plane(),
+                                           x + (n * g.channels + k / multiplier) * g.in_plane(), g, dw + k * taps);
+            }
+          }
         }
       }
     });
@@ -376,6 +408,18 @@ void backward_weight(const T* dy, const T* x, const Conv2dGeometry& g, T* dw) {
       }
     }
   });
+}
+
+// The wide row's gradients also multiply the dropped columns' zeros — ∂L/∂Y's with the input,
+// ∂L/∂X's with the weights — by real values: harmless unless one of those is inf or NaN, where
+// 0 · inf would put a NaN in a gradient that has none. Non-finite weights send ∂X, and groups of
+// non-finite images send ∂W (checked as they are copied), to the row-by-row kernels.
+bool finite(const at::Tensor& t) {
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "torchcnn::all_finite", [&] {
+    ok = all_finite(t.const_data_ptr<scalar_t>(), t.numel());
+  });
+  return ok;
 }
 
 }  // namespace
@@ -393,7 +437,7 @@ void depthwise_backward_input(const at::Tensor& grad_output, const at::Tensor& w
                               at::Tensor& grad_input) {
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "torchcnn::depthwise_backward_input", [&] {
     backward_input<scalar_t>(grad_output.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), g,
-                             grad_input.mutable_data_ptr<scalar_t>());
+                             use_wide(g) && finite(weight), grad_input.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -401,7 +445,7 @@ void depthwise_backward_weight(const at::Tensor& grad_output, const at::Tensor& 
                                at::Tensor& grad_weight) {
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "torchcnn::depthwise_backward_weight", [&] {
     backward_weight<scalar_t>(grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), g,
-                              grad_weight.mutable_data_ptr<scalar_t>());
+                              use_wide(g), grad_weight.mutable_data_ptr<scalar_t>());
   });
 }
 

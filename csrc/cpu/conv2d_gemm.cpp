@@ -10,7 +10,7 @@
 // one (N = 16). There the columns of B images sit side by side, cols (C/g·KH·KW × B·OH·OW), and
 // one product serves them all; Y and ∂L/∂Y are moved between (B, M, OH·OW) and (M, B·OH·OW) on
 // the way. B comes from the rule in conv2d.cpp. Threads take groups of images, or, when B is the
-// whole batch, share each product's rows.
+// whole batch, share each product (gemm.h).
 #include <torch/all.h>
 
 #include <cstring>

@@ -15,8 +15,11 @@
 // to stay in cache between the transforms and the GEMMs.
 //
 // ∂L/∂X is itself a 3×3, stride-1 convolution: of ∂L/∂Y, padded by 2 − pad, with the filters
-// flipped and their channels swapped, W'[c, k, p, q] = W[k, c, 2 − p, 2 − q]. ∂L/∂W stays with the
-// GEMM algorithm (conv2d.cpp).
+// flipped and their channels swapped, W'[c, k, p, q] = W[k, c, 2 − p, 2 − q]. ∂L/∂W is the exact
+// adjoint of the forward: ∂L/∂U[ξ] = Σ_t ∂L/∂M[ξ][·][t] · V[ξ][·][t]ᵀ with ∂L/∂M = A ∂L/∂Y Aᵀ per
+// tile, then ∂L/∂W = Gᵀ ∂L/∂U G.
+// With inf or NaN inputs the transforms mix values that the direct sum keeps apart (inf − inf):
+// outputs that should be ±inf can come out NaN, as with every Winograd implementation.
 #include <torch/all.h>
 
 #include <immintrin.h>

@@ -226,15 +226,23 @@ void matmul(const Matrix<float>& c, const Matrix<const float>& a, const Matrix<c
     sgemm(m, n, k, View{a.data, a.rs, a.cs}, View{b.data, b.rs, b.cs}, c.data, c.rs, accumulate);
   } else if (n >= m) {
     // Columns between the threads: each packs only its own part of B.
-    at::parallel_for(0, n, share(n, threads, kNR), [&](int64_t j0, int64_t j1) {
-      sgemm(m, j1 - j0, k, View{a.data, a.rs, a.cs}, View{b.data + j0 * b.cs, b.rs, b.cs}, c.data + j0, c.rs,
-            accumulate);
+    const int64_t part = share(n, threads, kNR);
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t j0 = t0 * part; j0 < std::min(n, t1 * part); j0 += part) {
+        const int64_t j1 = std::min(n, j0 + part);
+        sgemm(m, j1 - j0, k, View{a.data, a.rs, a.cs}, View{b.data + j0 * b.cs, b.rs, b.cs}, c.data + j0, c.rs,
+              accumulate);
+      }
     });
   } else {
     // Rows between the threads: each reads only its own rows of A.
-    at::parallel_for(0, m, share(m, threads, kMR), [&](int64_t i0, int64_t i1) {
-      sgemm(i1 - i0, n, k, View{a.data + i0 * a.rs, a.rs, a.cs}, View{b.data, b.rs, b.cs}, c.data + i0 * c.rs, c.rs,
-            accumulate);
+    const int64_t part = share(m, threads, kMR);
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t i0 = t0 * part; i0 < std::min(m, t1 * part); i0 += part) {
+        const int64_t i1 = std::min(m, i0 + part);
+        sgemm(i1 - i0, n, k, View{a.data + i0 * a.rs, a.rs, a.cs}, View{b.data, b.rs, b.cs}, c.data + i0 * c.rs,
+              c.rs, accumulate);
+      }
     });
   }
 }
