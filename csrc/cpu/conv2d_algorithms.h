@@ -73,11 +73,15 @@ T* workspace(Slot slot, int64_t size) {
   return reinterpret_cast<T*>(buffer.data());
 }
 
-// The same as a tensor (of `like`'s dtype) over that memory.
+// The same as a tensor (of `like`'s dtype) over that memory — or, above 64 MiB (the columns of a
+// large image, say), a tensor of its own, not kept: a thread should not hold that much for good.
 inline at::Tensor workspace_tensor(Slot slot, at::IntArrayRef sizes, const at::Tensor& like) {
   int64_t numel = 1;
   for (const auto size : sizes) {
     numel *= size;
+  }
+  if (numel * like.element_size() > (int64_t{64} << 20)) {
+    return at::empty(sizes, like.options());
   }
   void* data = AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "torchcnn::workspace", [&]() -> void* {
     return workspace<scalar_t>(slot, numel);
