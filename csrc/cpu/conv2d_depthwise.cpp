@@ -17,6 +17,7 @@
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
 
 #include "conv2d_algorithms.h"
+#include "simd.h"
 
 namespace torchcnn::cpu {
 namespace {
@@ -40,10 +41,29 @@ template <typename F>
   }
 }
 
-// One plane of each op. The inner loops run over contiguous output columns (input columns ow·s +
-// offset), so that the compiler vectorises them; the wrappers below compile them for AVX-512 and
-// for baseline x86-64, and the CPU picks at load time (target_clones). (at::vec::Vectorized would
-// be fixed at the baseline here: an extension is not compiled per CPU capability as ATen is.)
+// The inner loops, over contiguous memory so that the compiler vectorises them; the wrappers
+// below compile them for AVX-512 and for baseline x86-64 (simd.h).
+// y[0, n) += a · x[0, n)
+template <typename T>
+[[gnu::always_inline]] inline void axpy(T* __restrict y, const T* __restrict x, T a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += a * x[i];
+  }
+}
+
+// Σ x[i] · y[i] over [0, n)
+template <typename T>
+[[gnu::always_inline]] inline T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    sum += x[i] * y[i];
+  }
+  return sum;
+}
+
+// One plane of each op, row by row: output columns [lo, hi) of a row read input columns
+// ow·s + offset.
 
 // y (OH × OW) = bias + Σ_taps w[p, q] · x shifted.
 template <typename T>
@@ -56,9 +76,7 @@ template <typename T>
     const T* __restrict src = x + ih * g.width + offset;
     const T a = w[p * g.kernel_w + q];
     if (s == 1) {
-      for (int64_t j = lo; j < hi; ++j) {
-        dst[j] += a * src[j];
-      }
+      axpy(dst + lo, src + lo, a, hi - lo);
     } else {
       for (int64_t j = lo; j < hi; ++j) {
         dst[j] += a * src[j * s];
@@ -77,9 +95,7 @@ template <typename T>
     T* __restrict dst = dx + ih * g.width + offset;
     const T a = w[p * g.kernel_w + q];
     if (s == 1) {
-      for (int64_t j = lo; j < hi; ++j) {
-        dst[j] += a * src[j];
-      }
+      axpy(dst + lo, src + lo, a, hi - lo);
     } else {
       for (int64_t j = lo; j < hi; ++j) {
         dst[j * s] += a * src[j];
@@ -98,9 +114,7 @@ template <typename T>
     const T* __restrict b = x + ih * g.width + offset;
     T sum = 0;
     if (s == 1) {
-      for (int64_t j = lo; j < hi; ++j) {
-        sum += a[j] * b[j];
-      }
+      sum = dot(a + lo, b + lo, hi - lo);
     } else {
       for (int64_t j = lo; j < hi; ++j) {
         sum += a[j] * b[j * s];
@@ -123,23 +137,6 @@ struct Wide {
   int64_t offset[64];        // per tap (p, q): p·dh·Wp + q·dw
   int64_t taps;
 };
-
-template <typename T>
-[[gnu::always_inline]] inline void axpy(T* __restrict y, const T* __restrict x, T a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] += a * x[i];
-  }
-}
-
-template <typename T>
-[[gnu::always_inline]] inline T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    sum += x[i] * y[i];
-  }
-  return sum;
-}
 
 // The row is taken in blocks of kBlock entries, every tap on a block before the next: the block
 // of the output (or of ∂L/∂Y) stays in L1 across the taps, where whole rows of tens of thousands
@@ -180,7 +177,6 @@ template <typename T>
   }
 }
 
-#define TORCHCNN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
 #define TORCHCNN_DEPTHWISE_PLANES(T)                                                                     \
   TORCHCNN_VECTOR_CLONES void forward_plane_cloned(const T* x, const T* w, T bias, const Conv2dGeometry& g, \
                                                    T* y) {                                               \

@@ -22,12 +22,12 @@
 // outputs that should be ±inf can come out NaN, as with every Winograd implementation.
 #include <torch/all.h>
 
-#include <immintrin.h>
 
 #include <vector>
 
 #include "conv2d_algorithms.h"
 #include "gemm.h"
+#include "simd.h"
 
 namespace torchcnn::cpu {
 namespace {
@@ -58,8 +58,6 @@ template <typename T>
     }
   }
 }
-
-#define TORCHCNN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
 
 TORCHCNN_VECTOR_CLONES void filter_row_cloned(const float* wk, int64_t channels, float* row) {
   filter_row(wk, channels, row);
@@ -178,22 +176,20 @@ TORCHCNN_VECTOR_CLONES void output_tiles_d(const double* m, int64_t step, double
 // a patch row, d_0 … d_3 for all 16 tiles, are two deinterleaved pairs of loads.
 __attribute__((target("avx512f"))) void input_tiles_avx512(const float* padded, int64_t wp, int64_t tiles_h,
                                                             int64_t tiles_w, float* v, int64_t step) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   for (int64_t ty = 0; ty < tiles_h; ++ty) {
     const float* rows = padded + kTile * ty * wp;
     float* out = v + ty * tiles_w;
     for (int64_t tx = 0; tx < tiles_w; tx += 16) {
-      const __mmask16 lanes = tiles_w - tx >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tiles_w - tx)) - 1);
+      const __mmask16 lanes = first_lanes(tiles_w - tx);
       __m512 d[4][4];
       for (int i = 0; i < 4; ++i) {
         const float* row = rows + i * wp + kTile * tx;
         const __m512 a = _mm512_loadu_ps(row), b = _mm512_loadu_ps(row + 16);
         const __m512 c = _mm512_loadu_ps(row + 2), e = _mm512_loadu_ps(row + 18);
-        d[i][0] = _mm512_permutex2var_ps(a, even, b);
-        d[i][1] = _mm512_permutex2var_ps(a, odd, b);
-        d[i][2] = _mm512_permutex2var_ps(c, even, e);
-        d[i][3] = _mm512_permutex2var_ps(c, odd, e);
+        d[i][0] = even_entries(a, b);
+        d[i][1] = odd_entries(a, b);
+        d[i][2] = even_entries(c, e);
+        d[i][3] = odd_entries(c, e);
       }
       __m512 r[4][4];  // Bᵀ · d
       for (int j = 0; j < 4; ++j) {
@@ -245,19 +241,17 @@ TORCHCNN_VECTOR_CLONES void grad_tiles_d(const double* g, int64_t gw, int64_t th
 // grad_tiles for float with AVX-512, 16 tiles at a time (rows of `g` readable to 2·round_up(tiles_w, 16)).
 __attribute__((target("avx512f"))) void grad_tiles_avx512(const float* g, int64_t gw, int64_t tiles_h,
                                                            int64_t tiles_w, float* dm, int64_t step) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   for (int64_t ty = 0; ty < tiles_h; ++ty) {
     const float* g0 = g + kTile * ty * gw;
     float* out = dm + ty * tiles_w;
     for (int64_t tx = 0; tx < tiles_w; tx += 16) {
-      const __mmask16 lanes = tiles_w - tx >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (tiles_w - tx)) - 1);
+      const __mmask16 lanes = first_lanes(tiles_w - tx);
       __m512 x[2], y[2];
       for (int i = 0; i < 2; ++i) {
         const float* row = g0 + i * gw + kTile * tx;
         const __m512 a = _mm512_loadu_ps(row), b = _mm512_loadu_ps(row + 16);
-        x[i] = _mm512_permutex2var_ps(a, even, b);
-        y[i] = _mm512_permutex2var_ps(a, odd, b);
+        x[i] = even_entries(a, b);
+        y[i] = odd_entries(a, b);
       }
       const __m512 zero = _mm512_setzero_ps();
       const __m512 h[4][2] = {{x[0], y[0]},
@@ -274,10 +268,8 @@ __attribute__((target("avx512f"))) void grad_tiles_avx512(const float* g, int64_
   }
 }
 
-const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
-
 inline void input_tiles_any(const float* p, int64_t wp, int64_t th, int64_t tw, float* v, int64_t step) {
-  if (cpu_has_avx512) {
+  if (cpu_has_avx512()) {
     input_tiles_avx512(p, wp, th, tw, v, step);
   } else {
     input_tiles_f(p, wp, th, tw, v, step);
@@ -287,7 +279,7 @@ inline void input_tiles_any(const double* p, int64_t wp, int64_t th, int64_t tw,
   input_tiles_d(p, wp, th, tw, v, step);
 }
 inline void grad_tiles_any(const float* g, int64_t gw, int64_t th, int64_t tw, float* dm, int64_t step) {
-  if (cpu_has_avx512) {
+  if (cpu_has_avx512()) {
     grad_tiles_avx512(g, gw, th, tw, dm, step);
   } else {
     grad_tiles_f(g, gw, th, tw, dm, step);

@@ -11,8 +11,7 @@
 // conv's weights are large and often used for few columns: packing them would cost more than it
 // saves).
 #include "gemm.h"
-
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -86,10 +85,6 @@ void pack_b(const View& b, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float
   }
 }
 
-inline __mmask16 first(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
 // C tile (rows × cols ≤ 8 × 32, rows ldc apart) = [C +] Σ_p A[·][p] ⊗ B̃[p][·], A read in place:
 // row-major (A[r][p] at a[r·lda + p]) or column-major (at a[p·lda + r]). Rows past `rows` read
 // the last row again (their results are not stored).
@@ -117,7 +112,7 @@ __attribute__((target("avx512f"))) void kernel_8x32(int64_t kc, const float* __r
       acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
     }
   }
-  const __mmask16 m0 = first(cols), m1 = first(cols - 16);
+  const __mmask16 m0 = first_lanes(cols), m1 = first_lanes(cols - 16);
   for (int r = 0; r < rows; ++r) {
     float* row = c + r * ldc;
     if (add) {
@@ -170,8 +165,7 @@ void sgemm(int64_t m, int64_t n, int64_t k, const View& a, const View& b, float*
   }
 }
 
-const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
-std::atomic<bool> use_avx512{cpu_has_avx512};
+std::atomic<bool> use_avx512{cpu_has_avx512()};
 
 // Threads a product is worth splitting between: at least 2 MFLOP each (1: run it here).
 int64_t split_threads(int64_t m, int64_t n, int64_t k) {
@@ -264,7 +258,7 @@ void matmul(at::Tensor& c, const at::Tensor& a_, const at::Tensor& b, bool accum
 std::string set_gemm(const std::string& name) {
   TORCH_CHECK_VALUE(name == "avx512" || name == "blas", "_cpu_set_gemm: expected name to be 'avx512' or 'blas' "
                     "but got '", name, "'");
-  TORCH_CHECK_VALUE(name == "blas" || cpu_has_avx512, "_cpu_set_gemm: this CPU has no AVX-512");
+  TORCH_CHECK_VALUE(name == "blas" || cpu_has_avx512(), "_cpu_set_gemm: this CPU has no AVX-512");
   return use_avx512.exchange(name == "avx512") ? "avx512" : "blas";
 }
 
