@@ -131,39 +131,38 @@ def cpu_conv2d_strategy(input, weight, stride=1, padding=0, dilation=1, groups: 
 
 
 @contextlib.contextmanager
-def forced_cpu_conv2d_strategy(name: str):
-    """Makes torchcnn's CPU conv2d kernels take algorithm ``name`` wherever it applies (the rule
-    decides the rest), for the tests to hold every algorithm to the same samples. Process-wide:
-    not for use while other threads run convolutions."""
-    if name not in CPU_CONV2D_STRATEGIES:
-        raise ValueError(f"forced_cpu_conv2d_strategy: expected name to be one of {CPU_CONV2D_STRATEGIES} but got {name!r}")
+def _cpu_setting(knob: str, value: str):
+    """Sets one of the CPU kernels' knobs (a private op that sets a value and returns the previous
+    one) for the duration of the block."""
     _extension.load()
-    previous = torch.ops.torchcnn._cpu_conv2d_force_strategy(name)
+    setter = getattr(torch.ops.torchcnn, knob)
+    previous = setter(value)
     try:
         yield
     finally:
-        torch.ops.torchcnn._cpu_conv2d_force_strategy(previous)
+        setter(previous)
+
+
+def forced_cpu_conv2d_strategy(name: str):
+    """Makes torchcnn's CPU conv2d kernels take algorithm ``name`` wherever it applies (the rule
+    decides the rest), for the tests to hold every algorithm to the same samples; a context
+    manager. Process-wide: not for use while other threads run convolutions."""
+    if name not in CPU_CONV2D_STRATEGIES:
+        raise ValueError(f"forced_cpu_conv2d_strategy: expected name to be one of {CPU_CONV2D_STRATEGIES} but got {name!r}")
+    return _cpu_setting("_cpu_conv2d_force_strategy", name)
 
 
 def cpu_has_avx512_gemm() -> bool:
     """Whether float32 CPU products can take torchcnn's own AVX-512 GEMM on this CPU."""
-    _extension.load()
     try:
-        previous = torch.ops.torchcnn._cpu_set_gemm("avx512")
+        with _cpu_setting("_cpu_set_gemm", "avx512"):
+            return True
     except ValueError:
         return False
-    torch.ops.torchcnn._cpu_set_gemm(previous)
-    return True
 
 
-@contextlib.contextmanager
 def forced_cpu_gemm(name: str):
     """Makes torchcnn's CPU convolutions compute float32 products with ``"avx512"`` (its own GEMM,
-    the default where the CPU has AVX-512) or ``"blas"`` (``at::mm``). Process-wide, like
-    :func:`forced_cpu_conv2d_strategy`."""
-    _extension.load()
-    previous = torch.ops.torchcnn._cpu_set_gemm(name)
-    try:
-        yield
-    finally:
-        torch.ops.torchcnn._cpu_set_gemm(previous)
+    the default where the CPU has AVX-512) or ``"blas"`` (``at::mm``); a context manager.
+    Process-wide, like :func:`forced_cpu_conv2d_strategy`."""
+    return _cpu_setting("_cpu_set_gemm", name)
