@@ -45,19 +45,26 @@ C10_HOST_DEVICE inline void take_if_larger(acc_t value, int64_t index, acc_t& be
   best_index = larger ? index : best_index;
 }
 
-// The max of window (oh, ow) of one (H, W) plane and its flat index h·W + w, scanned row by row.
-// A window of −inf reports its first real pixel, and one with no real pixel −inf at h0·W + w0
-// (an index outside the window, as torch's): both as torch does.
-template <typename scalar_t>
+// What a window's max is taken over: the plane's values as they are, or mapped tap by tap (the
+// fused conv2d_relu_max_pool2d pools relu(Y): relu.h).
+struct AsIs {
+  template <typename T>
+  C10_HOST_DEVICE T operator()(T value) const { return value; }
+};
+
+// The max of window (oh, ow) of one (H, W) plane (of map(plane), tap by tap) and its flat index
+// h·W + w, scanned row by row. A window of −inf reports its first real pixel, and one with no real
+// pixel −inf at h0·W + w0 (an index outside the window, as torch's): both as torch does.
+template <typename scalar_t, typename Map = AsIs>
 C10_HOST_DEVICE inline void window_max(const scalar_t* plane, const Window2d& g, int64_t oh, int64_t ow,
-                                       scalar_t& value, int64_t& index) {
+                                       scalar_t& value, int64_t& index, Map map = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   const PoolWindow win = pool_window(g, oh, ow);
   int64_t best = win.h0 * g.width + win.w0;
   acc_t best_value = -std::numeric_limits<acc_t>::infinity();
   for (int64_t h = win.h0; h < win.h1; h += g.dilation_h) {
     for (int64_t w = win.w0; w < win.w1; w += g.dilation_w) {
-      take_if_larger(static_cast<acc_t>(plane[h * g.width + w]), h * g.width + w, best_value, best);
+      take_if_larger(map(static_cast<acc_t>(plane[h * g.width + w])), h * g.width + w, best_value, best);
     }
   }
   value = static_cast<scalar_t>(best_value);

@@ -11,12 +11,17 @@
 
 #include <torch/library.h>
 
+//
+// Functions one csrc/cuda file shares with another live in torchcnn::TORCHCNN_CUDA_SHARED, a
+// namespace named differently in the two libraries, so their symbols never meet in one process.
 #ifdef TORCHCNN_EMULATE_CUDA
 #define TORCHCNN_NAMESPACE torchcnn_emulated
 #define TORCHCNN_CUDA_KEY CPU
+#define TORCHCNN_CUDA_SHARED cuda_emulated
 #else
 #define TORCHCNN_NAMESPACE torchcnn
 #define TORCHCNN_CUDA_KEY CUDA
+#define TORCHCNN_CUDA_SHARED cuda
 #endif
 
 // TORCH_LIBRARY pastes its arguments, which stops their expansion: one level of indirection.

@@ -241,6 +241,34 @@ inline bool is_pool_2x2_stride_2(const Window2d& g) {
       2 * g.out_width <= g.width;
 }
 
+// conv2d_relu_max_pool2d: the convolution's geometry, and that of the design notes' 2×2, stride-2
+// max pool over its output (N, K, OH, OW), which needs at least one window (with ceil_mode a
+// 1-pixel output has one).
+struct Conv2dPoolGeometry {
+  Conv2dGeometry conv;
+  Window2d pool;
+};
+
+inline Conv2dPoolGeometry conv2d_relu_max_pool2d_geometry(
+    const char* op, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool ceil_mode) {
+  Conv2dPoolGeometry g;
+  g.conv = conv2d_geometry(op, input, weight, bias, stride, padding, dilation, groups);
+  Window2d& p = g.pool;
+  p.batch = g.conv.batch;
+  p.channels = g.conv.out_channels;
+  p.height = g.conv.out_height;
+  p.width = g.conv.out_width;
+  p.kernel_h = p.kernel_w = p.stride_h = p.stride_w = 2;
+  p.pad_h = p.pad_w = 0;
+  p.dilation_h = p.dilation_w = 1;
+  p.out_height = window_output_size(p.height, 2, 2, 0, 1, ceil_mode);
+  p.out_width = window_output_size(p.width, 2, 2, 0, 1, ceil_mode);
+  TORCH_CHECK_VALUE(p.out_height > 0 && p.out_width > 0, op, ": the 2×2 max pool needs a convolution output of at "
+                    "least 2×2 (1×1 with ceil_mode) but the convolution gives ", p.height, "×", p.width);
+  return g;
+}
+
 // Checks max_pool2d_backward's arguments: the forward's, then grad_output and indices against the
 // forward's output. Returns the forward's geometry.
 inline Window2d max_pool2d_backward_geometry(

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._ops.autograd import call
 
-__all__ = ["conv2d", "max_pool2d", "relu", "linear", "cross_entropy"]
+__all__ = ["conv2d", "conv2d_relu", "conv2d_relu_max_pool2d", "max_pool2d", "relu", "linear", "cross_entropy"]
 
 
 def _pair(name: str, fn: str, value) -> tuple[int, int]:
@@ -47,15 +47,10 @@ def _batched(fn: str, input: Tensor) -> bool:
     return input.dim() == 4
 
 
-def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-           groups: int = 1) -> Tensor:
-    """2-D convolution (cross-correlation), like :func:`torch.nn.functional.conv2d`.
-
-    ``Y[n, k, i, j] = Σ_c Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, c, p, q] + b[k]``
-    over the ``C/groups`` input channels of output channel ``k``'s group. ``padding`` is an int,
-    a pair, ``'valid'`` (no padding) or ``'same'`` (output as large as the input; stride 1 only).
-    """
-    fn = "conv2d"
+def _conv2d_arguments(fn: str, input, weight, bias, stride, padding, dilation, groups) -> tuple:
+    """torch.nn.functional.conv2d's arguments, checked, as the ops take them: (batched input, weight,
+    bias, stride, padding, dilation, groups), and whether the input was batched. ``'same'``
+    padding with an odd total pads the input's bottom/right here, as torch does."""
     _check_tensor(fn, "input", input)
     _check_tensor(fn, "weight", weight)
     if bias is not None:
@@ -86,9 +81,48 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
             raise ValueError(f"{fn}: expected padding to be 'valid', 'same', an int or a pair but got {padding!r}")
     else:
         padding = _pair("padding", fn, padding)
+    return (input, weight, bias, stride, padding, dilation, groups), batched
 
-    output = call("conv2d", input, weight, bias, stride, padding, dilation, groups)
+
+def _unbatch(outputs, batched: bool):
+    return outputs if batched else tuple(t.squeeze(0) for t in outputs)
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """2-D convolution (cross-correlation), like :func:`torch.nn.functional.conv2d`.
+
+    ``Y[n, k, i, j] = Σ_c Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, c, p, q] + b[k]``
+    over the ``C/groups`` input channels of output channel ``k``'s group. ``padding`` is an int,
+    a pair, ``'valid'`` (no padding) or ``'same'`` (output as large as the input; stride 1 only).
+    """
+    args, batched = _conv2d_arguments("conv2d", input, weight, bias, stride, padding, dilation, groups)
+    output = call("conv2d", *args)
     return output if batched else output.squeeze(0)
+
+
+def conv2d_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                groups: int = 1) -> Tensor:
+    """``relu(conv2d(input, weight, bias, ...))`` as one op: the design notes' ReLU (gradient 1 where
+    the convolution's output is ≥ 0, 0 elsewhere) applied as the convolution's output is made.
+    The same values as the composition; the backward needs no copy of the convolution's output.
+    Arguments as :func:`conv2d`'s."""
+    args, batched = _conv2d_arguments("conv2d_relu", input, weight, bias, stride, padding, dilation, groups)
+    output, _ = _unbatch(call("conv2d_relu", *args), batched)
+    return output
+
+
+def conv2d_relu_max_pool2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                           dilation=1, groups: int = 1, ceil_mode: bool = False, return_indices: bool = False):
+    """``max_pool2d(relu(conv2d(input, weight, bias, ...)), 2, ceil_mode=ceil_mode)`` as one op: the
+    convolution, the design notes' ReLU and their 2×2, stride-2 max pool. The same values as the
+    composition, and with ``return_indices=True`` the same indices (flat positions ``h·W + w`` in
+    the convolution's output plane); the backward routes each pooled gradient straight to its
+    argmax. Convolution arguments as :func:`conv2d`'s, ``ceil_mode`` as :func:`max_pool2d`'s."""
+    args, batched = _conv2d_arguments("conv2d_relu_max_pool2d", input, weight, bias, stride, padding, dilation,
+                                      groups)
+    output, indices, _ = _unbatch(call("conv2d_relu_max_pool2d", *args, bool(ceil_mode)), batched)
+    return (output, indices) if return_indices else output
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,

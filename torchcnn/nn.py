@@ -13,17 +13,51 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["Conv2d", "MaxPool2d", "ReLU", "Linear", "CrossEntropyLoss"]
+__all__ = ["Conv2d", "Conv2dReLU", "Conv2dReLUMaxPool2d", "MaxPool2d", "ReLU", "Linear", "CrossEntropyLoss"]
+
+
+def _convolve(conv: torch.nn.Conv2d, function, input: Tensor, weight: Tensor, bias: Tensor | None, **kwargs):
+    """`function` (conv2d or a fused variant) with the layer's arguments, any padding_mode."""
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        input = torch.nn.functional.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return function(input, weight, bias, conv.stride, padding, conv.dilation, conv.groups, **kwargs)
 
 
 class Conv2d(torch.nn.Conv2d):
     """:class:`torch.nn.Conv2d` computed by torchcnn's conv2d operator (every padding_mode)."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self.padding_mode != "zeros":
-            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return _convolve(self, F.conv2d, input, weight, bias)
+
+
+class Conv2dReLU(torch.nn.Conv2d):
+    """A :class:`Conv2d` followed by a :class:`ReLU`, as one op (:func:`torchcnn.functional.conv2d_relu`).
+
+    Constructor, parameters and ``state_dict`` are :class:`torch.nn.Conv2d`'s, so weights move
+    between this layer, a Conv2d (torchcnn's or torch's) and the other fused layers."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _convolve(self, F.conv2d_relu, input, weight, bias)
+
+
+class Conv2dReLUMaxPool2d(torch.nn.Conv2d):
+    """A :class:`Conv2d`, a :class:`ReLU` and a 2×2 :class:`MaxPool2d` (stride 2, ``ceil_mode`` as
+    given), as one op (:func:`torchcnn.functional.conv2d_relu_max_pool2d`).
+
+    Constructor (plus ``ceil_mode``), parameters and ``state_dict`` are :class:`torch.nn.Conv2d`'s,
+    so weights move between this layer, a Conv2d (torchcnn's or torch's) and :class:`Conv2dReLU`."""
+
+    def __init__(self, *args, ceil_mode: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ceil_mode = ceil_mode
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", ceil_mode=True" if self.ceil_mode else "")
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _convolve(self, F.conv2d_relu_max_pool2d, input, weight, bias, ceil_mode=self.ceil_mode)
 
 
 class MaxPool2d(torch.nn.MaxPool2d):

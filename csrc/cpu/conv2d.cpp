@@ -99,30 +99,6 @@ at::Tensor to_float(const at::Tensor& t) {
   return t.defined() ? t.to(at::kFloat) : t;
 }
 
-// The kernels proper: checked arguments, float or double, any layout in; NCHW out.
-at::Tensor forward(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& bias_,
-                   const Conv2dGeometry& g) {
-  const auto input = input_.contiguous();
-  const auto weight = weight_.contiguous();
-  const auto bias = bias_.defined() ? bias_.contiguous() : bias_;
-  auto output = at::empty(g.output_sizes(), input.options());
-  if (g.batch == 0) {
-    return output;
-  }
-  const auto s = choose(g);
-  switch (s) {
-    case Strategy::kDepthwise:
-      depthwise_forward(input, weight, bias, g, output);
-      break;
-    case Strategy::kWinograd:
-      winograd_forward(input, weight, bias, g, output);
-      break;
-    default:
-      gemm_forward(input, weight, bias, g, images_per_product(s, g, input.element_size()), output);
-  }
-  return output;
-}
-
 at::Tensor backward_input(const at::Tensor& grad_output_, const at::Tensor& weight_, const Conv2dGeometry& g) {
   const auto grad_output = grad_output_.contiguous();
   const auto weight = weight_.contiguous();
@@ -172,9 +148,13 @@ at::Tensor conv2d_cpu(
   const auto bias = bias_.has_value() ? *bias_ : at::Tensor();
   const auto format = conv2d_memory_format(input, weight);
   if (is_reduced(input)) {
-    return forward(to_float(input), to_float(weight), to_float(bias), g).to(input.scalar_type(), false, false, format);
+    auto output = at::empty(g.output_sizes(), input.options().dtype(at::kFloat));
+    conv2d_forward(to_float(input), to_float(weight), to_float(bias), g, output);
+    return output.to(input.scalar_type(), false, false, format);
   }
-  return forward(input, weight, bias, g).contiguous(format);
+  auto output = at::empty(g.output_sizes(), input.options());
+  conv2d_forward(input, weight, bias, g, output);
+  return output.contiguous(format);
 }
 
 at::Tensor conv2d_backward_input_cpu(
@@ -240,6 +220,30 @@ at::Tensor matmul_op(const at::Tensor& a, const at::Tensor& b) {
 }
 
 }  // namespace
+
+// The forward, for every op that starts with a convolution (conv2d_algorithms.h).
+void conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& bias_,
+                    const Conv2dGeometry& g, at::Tensor& output) {
+  TORCH_INTERNAL_ASSERT(output.is_contiguous() && output.scalar_type() == input_.scalar_type() &&
+                        output.sizes() == at::IntArrayRef(g.output_sizes()));
+  if (g.batch == 0) {
+    return;
+  }
+  const auto input = input_.contiguous();
+  const auto weight = weight_.contiguous();
+  const auto bias = bias_.defined() ? bias_.contiguous() : bias_;
+  const auto s = choose(g);
+  switch (s) {
+    case Strategy::kDepthwise:
+      depthwise_forward(input, weight, bias, g, output);
+      break;
+    case Strategy::kWinograd:
+      winograd_forward(input, weight, bias, g, output);
+      break;
+    default:
+      gemm_forward(input, weight, bias, g, images_per_product(s, g, input.element_size()), output);
+  }
+}
 
 TORCH_LIBRARY_IMPL(torchcnn, CPU, m) {
   m.impl("conv2d", &conv2d_cpu);

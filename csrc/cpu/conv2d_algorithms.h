@@ -59,7 +59,7 @@ void for_each_chunk(int64_t count, F&& body) {
 // Working memory kept per thread between calls, by slot: a fresh multi-megabyte allocation is
 // handed back to the system when freed and page-faults in again, page by page, on every call.
 // Grows as needed, never shrinks; valid until this thread asks for the same slot again.
-enum class Slot { kColumns, kProducts, kGrads, kScratch, kCount };
+enum class Slot { kColumns, kProducts, kGrads, kScratch, kConvOutput, kCount };
 
 template <typename T>
 T* workspace(Slot slot, int64_t size) {
@@ -100,6 +100,12 @@ void for_each_image_group(int64_t batch, int64_t per_product, F&& body) {
     for_each_chunk(batch, body);
   }
 }
+
+// conv2d.cpp: Y = X ⋆ W + b by the algorithm the rule picks, on checked float or double arguments
+// in any layout, into `output` (contiguous NCHW, of the inputs' dtype). For the ops that start
+// with a convolution.
+void conv2d_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    const Conv2dGeometry& g, at::Tensor& output);
 
 // conv2d_gemm.cpp
 void gemm_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,

@@ -23,6 +23,7 @@
 #include <atomic>
 
 #include "../shapes.h"
+#include "conv2d.cuh"
 #include "launch.cuh"
 
 namespace torchcnn {
@@ -167,17 +168,18 @@ void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
-at::Tensor conv2d_cuda(
-    const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const auto g = conv2d_geometry("conv2d", input_, weight_, bias_, stride, padding, dilation, groups);
-  const DeviceGuard guard(input_.device());
+}  // namespace
+
+namespace TORCHCNN_CUDA_SHARED {
+
+at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
+                          const Conv2dGeometry& g) {
   const auto input = input_.contiguous();
   const auto weight = weight_.contiguous();
   const bool has_bias = bias_.has_value() && bias_->defined();
   auto output = at::empty(g.output_sizes(), input.options());
   if (g.batch == 0) {
-    return output.contiguous(conv2d_memory_format(input_, weight_));
+    return output;
   }
 
   if (g.in_channels_per_group() == 1) {
@@ -188,7 +190,7 @@ at::Tensor conv2d_cuda(
              weight.const_data_ptr<scalar_t>(), has_bias ? bias.const_data_ptr<scalar_t>() : nullptr,
              output.mutable_data_ptr<scalar_t>(), total, g);
     });
-    return output.contiguous(conv2d_memory_format(input_, weight_));
+    return output;
   }
 
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
@@ -212,7 +214,19 @@ at::Tensor conv2d_cuda(
       }
     }
   }
-  return output.contiguous(conv2d_memory_format(input_, weight_));
+  return output;
+}
+
+}  // namespace TORCHCNN_CUDA_SHARED
+
+namespace {
+
+at::Tensor conv2d_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto g = conv2d_geometry("conv2d", input, weight, bias, stride, padding, dilation, groups);
+  const DeviceGuard guard(input.device());
+  return TORCHCNN_CUDA_SHARED::conv2d_forward(input, weight, bias, g).contiguous(conv2d_memory_format(input, weight));
 }
 
 at::Tensor conv2d_backward_input_cuda(

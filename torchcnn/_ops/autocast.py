@@ -9,6 +9,9 @@ import torch
 
 from .schemas import ops
 
+# The ops that start with a convolution, and so take torch's policy for one.
+AUTOCAST_OPS = ("conv2d", "conv2d_relu", "conv2d_relu_max_pool2d")
+
 
 def autocast(*tensors):
     """conv2d's tensors (the first one given, None allowed after it) as the autocast of their device

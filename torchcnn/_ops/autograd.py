@@ -25,8 +25,8 @@ import functools
 import torch
 from torch.autograd import forward_ad
 
-from .autocast import autocast
-from .schemas import ops
+from .autocast import AUTOCAST_OPS, autocast
+from .schemas import conv2d_output_shape, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,27 @@ class Conv2dParams:
 
     def args(self):
         return (self.stride, self.padding, self.dilation, self.groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv2dPoolParams:
+    """conv2d_relu_max_pool2d's arguments other than tensors: the convolution's, and the 2×2,
+    stride-2 pool's ceil_mode."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    ceil_mode: bool
+
+    def args(self):
+        return (self.stride, self.padding, self.dilation, self.groups, self.ceil_mode)
+
+    def conv(self) -> "Conv2dParams":
+        return Conv2dParams(self.stride, self.padding, self.dilation, self.groups)
+
+    def pool(self) -> "MaxPool2dParams":
+        return MaxPool2dParams((2, 2), (2, 2), (0, 0), (1, 1), self.ceil_mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +83,7 @@ def call(name, *args):
         return getattr(ops, name)(*args)
     function, tensors, params = FUNCTIONS[name]
     inputs = args[:tensors]
-    if name == "conv2d":
+    if name in AUTOCAST_OPS:
         inputs = autocast(*inputs)
     return function.apply(*inputs, params(*args[tensors:]))
 
@@ -108,26 +129,113 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        args = ctx.params.args()
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = call("conv2d_backward_input", grad_output, input, weight, *args)
-        if ctx.needs_input_grad[1]:
-            grad_weight = call("conv2d_backward_weight", grad_output, input, weight, *args)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_output.sum((0, 2, 3))
-        return grad_input, grad_weight, grad_bias, None
+        return _conv2d_gradients(ctx, grad_output, input, weight, ctx.params)
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, _):
         input, weight = ctx.saved_tensors
-        args = ctx.params.args()
-        return _sum(
-            None if input_t is None else call("conv2d", input_t, weight, None, *args),
-            None if weight_t is None else call("conv2d", input, weight_t, None, *args),
-            None if bias_t is None else bias_t.view(1, -1, 1, 1).expand(ctx.output_shape),
-            zeros=lambda: None,
-        )
+        return _conv2d_tangent(input, weight, input_t, weight_t, bias_t, ctx.params, ctx.output_shape)
+
+
+def _conv2d_gradients(ctx, grad_output, input, weight, params):
+    """conv2d's gradients (input, weight, bias, params) from ∂L/∂Y, for the inputs that need one."""
+    args = params.args()
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = call("conv2d_backward_input", grad_output, input, weight, *args)
+    if ctx.needs_input_grad[1]:
+        grad_weight = call("conv2d_backward_weight", grad_output, input, weight, *args)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad_output.sum((0, 2, 3))
+    return grad_input, grad_weight, grad_bias, None
+
+
+def _conv2d_tangent(input, weight, input_t, weight_t, bias_t, params, output_shape):
+    """Ẏ = conv2d(Ẋ, W) + conv2d(X, Ẇ) + ḃ, over the tangents given (None if there are none)."""
+    args = params.args()
+    return _sum(
+        None if input_t is None else call("conv2d", input_t, weight, None, *args),
+        None if weight_t is None else call("conv2d", input, weight_t, None, *args),
+        None if bias_t is None else bias_t.view(1, -1, 1, 1).expand(output_shape),
+        zeros=lambda: None,
+    )
+
+
+def _conv2d_output_shape(input, weight, params):
+    return conv2d_output_shape("conv2d", input, weight, None, *params.args())
+
+
+class Conv2dReLUFunction(torch.autograd.Function):
+    """A = relu(Y) with Y = conv2d(X, W) + b, and M = (Y ≥ 0), where the design notes' ReLU passes
+    its gradient: ∂L/∂Y = M ⊙ ∂L/∂A, then conv2d's gradients; the tangent of A is M ⊙ Ẏ. M is
+    piecewise constant in X, W and b: no gradient flows through it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, params):
+        return _below_autograd(ops.conv2d_relu, input, weight, bias, *params.args())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, params = inputs
+        ctx.save_for_backward(input, weight, output[1])
+        ctx.save_for_forward(input, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.params = params
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_passes):
+        input, weight, passes = ctx.saved_tensors
+        return _conv2d_gradients(ctx, torch.where(passes, grad_output, 0), input, weight, ctx.params)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, _):
+        input, weight, passes = ctx.saved_tensors
+        tangent = _conv2d_tangent(input, weight, input_t, weight_t, bias_t, ctx.params, passes.shape)
+        return torch.where(passes, tangent, 0), None
+
+
+class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
+    """P = the 2×2 max pool of relu(Y), Y = conv2d(X, W) + b, with the index of each max in Y's plane
+    and M = whether the ReLU passes there: ∂L/∂Y = max_pool2d_backward(M ⊙ ∂L/∂P) — the pooled
+    gradient routed to the argmax, never a ReLU output or gradient of Y's size — then conv2d's
+    gradients; the tangent of P is M ⊙ Ẏ at the argmax."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, params):
+        return _below_autograd(ops.conv2d_relu_max_pool2d, input, weight, bias, *params.args())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, params = inputs
+        _, indices, passes = output
+        ctx.save_for_backward(input, weight, indices, passes)
+        ctx.save_for_forward(input, weight, indices, passes)
+        ctx.mark_non_differentiable(indices, passes)
+        ctx.params = params
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_indices, _grad_passes):
+        input, weight, indices, passes = ctx.saved_tensors
+        conv = ctx.params.conv()
+        # max_pool2d_backward reads only the shape of its `input`, Y here: a stand-in of no storage.
+        y_shape = grad_output.new_empty(()).expand(_conv2d_output_shape(input, weight, conv))
+        grad_y = call("max_pool2d_backward", torch.where(passes, grad_output, 0), y_shape, indices,
+                      *ctx.params.pool().args())
+        return _conv2d_gradients(ctx, grad_y, input, weight, conv)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, _):
+        input, weight, indices, passes = ctx.saved_tensors
+        conv = ctx.params.conv()
+        tangent = _conv2d_tangent(input, weight, input_t, weight_t, bias_t, conv,
+                                  _conv2d_output_shape(input, weight, conv))
+        return torch.where(passes, gather_at_argmax(tangent, indices, ctx.params.pool()), 0), None, None
 
 
 class _Conv2dGradientFunction(torch.autograd.Function):
@@ -299,6 +407,8 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
 
 FUNCTIONS = {  # op name -> (Function, number of leading tensor arguments, parameter class)
     "conv2d": (Conv2dFunction, 3, Conv2dParams),
+    "conv2d_relu": (Conv2dReLUFunction, 3, Conv2dParams),
+    "conv2d_relu_max_pool2d": (Conv2dReLUMaxPool2dFunction, 3, Conv2dPoolParams),
     "conv2d_backward_input": (Conv2dBackwardInputFunction, 3, Conv2dParams),
     "conv2d_backward_weight": (Conv2dBackwardWeightFunction, 3, Conv2dParams),
     "max_pool2d_with_indices": (MaxPool2dFunction, 1, MaxPool2dParams),

@@ -29,6 +29,14 @@ SCHEMAS = {
     # `weight` only supplies the shape.
     "conv2d_backward_weight": "(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
                               "int[2] dilation, int groups) -> Tensor",
+    # A = relu(conv2d(...)) with the design notes' ReLU, and where its gradient passes (Y ≥ 0): the
+    # backward needs that, not A (A = 0 holds Y = 0, where the gradient passes, and Y < 0).
+    "conv2d_relu": "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+                   "int[2] dilation=1, int groups=1) -> (Tensor, Tensor)",
+    # P = the design notes' 2×2, stride-2 max pool of relu(conv2d(...)), the flat index of each max in
+    # the convolution's output plane, and whether the gradient passes at it.
+    "conv2d_relu_max_pool2d": "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+                              "int[2] dilation=1, int groups=1, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)",
     # P[n, c, i, j] = max over the window, and the flat index h·W + w of that max in its plane.
     "max_pool2d_with_indices": "(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding=0, "
                                "int[2] dilation=1, bool ceil_mode=False) -> (Tensor, Tensor)",
@@ -189,6 +197,17 @@ def conv2d_output_shape(op, input, weight, bias, stride, padding, dilation, grou
             window_output_size(w, kw, stride[1], padding[1], dilation[1]))
 
 
+def conv2d_relu_max_pool2d_output_shape(op, input, weight, bias, stride, padding, dilation, groups, ceil_mode):
+    """shapes.h's conv2d_relu_max_pool2d_geometry: the convolution's checks and shape, then the 2×2,
+    stride-2 pool's over it."""
+    n, k, h, w = conv2d_output_shape(op, input, weight, bias, stride, padding, dilation, groups)
+    out = [window_output_size(size, 2, 2, 0, 1, ceil_mode) for size in (h, w)]
+    torch._check_value(out[0] > 0 and out[1] > 0,
+                       lambda: f"{op}: the 2×2 max pool needs a convolution output of at least 2×2 (1×1 with "
+                               f"ceil_mode) but the convolution gives {h}×{w}")
+    return (n, k, out[0], out[1])
+
+
 def _grad_output(op, grad_output, input, expected):
     _like(op, "grad_output", grad_output, input)
     torch._check_value(tuple(grad_output.shape) == tuple(expected),
@@ -234,6 +253,23 @@ def _empty(like, shape, memory_format, dtype=None):
 def _conv2d_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     shape = conv2d_output_shape("conv2d", input, weight, bias, stride, padding, dilation, groups)
     return _empty(input, shape, conv2d_memory_format(input, weight))
+
+
+@torch.library.register_fake("torchcnn::conv2d_relu")
+def _conv2d_relu_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    shape = conv2d_output_shape("conv2d_relu", input, weight, bias, stride, padding, dilation, groups)
+    memory_format = conv2d_memory_format(input, weight)
+    return _empty(input, shape, memory_format), _empty(input, shape, memory_format, dtype=torch.bool)
+
+
+@torch.library.register_fake("torchcnn::conv2d_relu_max_pool2d")
+def _conv2d_relu_max_pool2d_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                                 ceil_mode=False):
+    shape = conv2d_relu_max_pool2d_output_shape("conv2d_relu_max_pool2d", input, weight, bias, stride, padding,
+                                                dilation, groups, ceil_mode)
+    memory_format = conv2d_memory_format(input, weight)
+    return (_empty(input, shape, memory_format), _empty(input, shape, memory_format, dtype=torch.long),
+            _empty(input, shape, memory_format, dtype=torch.bool))
 
 
 def _conv2d_gradient_fake(op, grad_output, input, weight, stride, padding, dilation, groups):

@@ -37,19 +37,46 @@ def _shape_only(like, shape):
     return like.new_empty(shape)
 
 
-@torch.library.register_vmap("torchcnn::conv2d")
-def _conv2d_vmap(info, in_dims, input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+def _convolution_vmap(op, info, in_dims, input, weight, bias, stride, padding, dilation, groups, *rest):
+    """The rule of every op that starts with a convolution (conv2d, conv2d_relu,
+    conv2d_relu_max_pool2d): each output is (N, K, …), and pooling indices are within a plane, so
+    all outputs unfold alike."""
     size = info.batch_size
     x_dim, w_dim, b_dim = (*in_dims, None)[:3]  # a bias left at its default may not be passed at all
     if w_dim is None and b_dim is None:
         x = _front(input, x_dim, size)
-        y = ops.conv2d(x.flatten(0, 1), weight, bias, stride, padding, dilation, groups)
-        return _from_batch(y, size, x.shape[1]), 0
+        out = op(x.flatten(0, 1), weight, bias, stride, padding, dilation, groups, *rest)
+        return _each(out, lambda t: _from_batch(t, size, x.shape[1]))
     x = _into_channels(_front(input, x_dim, size))
     w = _front(weight, w_dim, size).flatten(0, 1)
     b = None if bias is None else _front(bias, b_dim, size).flatten()
-    y = ops.conv2d(x, w, b, stride, padding, dilation, groups * size)
-    return _from_channels(y, size), 0
+    out = op(x, w, b, stride, padding, dilation, groups * size, *rest)
+    return _each(out, lambda t: _from_channels(t, size))
+
+
+def _each(out, unfold):
+    """The vmap result of an op with one output or several, each unfolded by `unfold` to dim 0."""
+    if isinstance(out, torch.Tensor):
+        return unfold(out), 0
+    return tuple(unfold(t) for t in out), (0,) * len(out)
+
+
+@torch.library.register_vmap("torchcnn::conv2d")
+def _conv2d_vmap(info, in_dims, input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    return _convolution_vmap(ops.conv2d, info, in_dims, input, weight, bias, stride, padding, dilation, groups)
+
+
+@torch.library.register_vmap("torchcnn::conv2d_relu")
+def _conv2d_relu_vmap(info, in_dims, input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                      groups=1):
+    return _convolution_vmap(ops.conv2d_relu, info, in_dims, input, weight, bias, stride, padding, dilation, groups)
+
+
+@torch.library.register_vmap("torchcnn::conv2d_relu_max_pool2d")
+def _conv2d_relu_max_pool2d_vmap(info, in_dims, input, weight, bias=None, stride=(1, 1), padding=(0, 0),
+                                 dilation=(1, 1), groups=1, ceil_mode=False):
+    return _convolution_vmap(ops.conv2d_relu_max_pool2d, info, in_dims, input, weight, bias, stride, padding,
+                             dilation, groups, ceil_mode)
 
 
 @torch.library.register_vmap("torchcnn::conv2d_backward_input")

@@ -1,0 +1,98 @@
+// conv2d + bias + the design notes' ReLU (+ their 2×2 max pool) on CUDA, as one op each: the
+// convolution of conv2d.cu, then one epilogue kernel over its output that applies the ReLU (and
+// pools), so that neither relu(Y) nor a ReLU gradient is ever a tensor of its own. The results
+// equal the composition of the separate ops exactly: the same Y in the input's dtype, the same
+// window scan as max_pool2d (max_pool2d_window.h) on relu(Y) (relu.h).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/all.h>
+
+#include "../max_pool2d_window.h"
+#include "../relu.h"
+#include "../shapes.h"
+#include "conv2d.cuh"
+#include "launch.cuh"
+
+namespace torchcnn {
+namespace {
+
+// One thread per element of Y: A = relu(Y) in place, and whether the gradient passes there.
+template <typename scalar_t>
+__global__ void relu_kernel(scalar_t* __restrict__ y, bool* __restrict__ passes, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = grid_start(); t < total; t += grid_step()) {
+    const acc_t z = static_cast<acc_t>(y[t]);
+    const bool p = relu_passes(z);
+    y[t] = p ? y[t] : scalar_t(0);
+    passes[t] = p;
+  }
+}
+
+// One thread per pooled output (n, k, i, j): the max of relu(Y) over its window, the flat index of
+// that max in Y's plane, and whether the gradient passes at it (Y there ≥ 0).
+template <typename scalar_t>
+__global__ void relu_max_pool2d_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
+                                       int64_t* __restrict__ indices, bool* __restrict__ passes, int64_t total,
+                                       Window2d p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = grid_start(); t < total; t += grid_step()) {
+    const int64_t ow = t % p.out_width;
+    const int64_t oh = (t / p.out_width) % p.out_height;
+    const scalar_t* plane = y + (t / p.out_plane()) * p.in_plane();
+    int64_t index;
+    window_max(plane, p, oh, ow, out[t], index, Relu{});
+    indices[t] = index;
+    passes[t] = relu_passes(static_cast<acc_t>(plane[index]));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto g = conv2d_geometry("conv2d_relu", input, weight, bias, stride, padding, dilation, groups);
+  const DeviceGuard guard(input.device());
+  const auto format = conv2d_memory_format(input, weight);
+  auto output = TORCHCNN_CUDA_SHARED::conv2d_forward(input, weight, bias, g);
+  auto passes = at::empty(output.sizes(), output.options().dtype(at::kBool));
+  const int64_t total = output.numel();
+  if (total > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "torchcnn::conv2d_relu_cuda", [&] {
+      launch(relu_kernel<scalar_t>, blocks_for(total), kThreads, output.mutable_data_ptr<scalar_t>(),
+             passes.mutable_data_ptr<bool>(), total);
+    });
+  }
+  return {output.contiguous(format), passes.contiguous(format)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool ceil_mode) {
+  const auto g = conv2d_relu_max_pool2d_geometry("conv2d_relu_max_pool2d", input, weight, bias, stride, padding,
+                                                 dilation, groups, ceil_mode);
+  const DeviceGuard guard(input.device());
+  const Window2d& p = g.pool;
+  const auto format = conv2d_memory_format(input, weight);
+  const auto y = TORCHCNN_CUDA_SHARED::conv2d_forward(input, weight, bias, g.conv);
+  auto output = at::empty({p.batch, p.channels, p.out_height, p.out_width}, y.options());
+  auto indices = at::empty(output.sizes(), y.options().dtype(at::kLong));
+  auto passes = at::empty(output.sizes(), y.options().dtype(at::kBool));
+  const int64_t total = output.numel();
+  if (total > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "torchcnn::conv2d_relu_max_pool2d_cuda",
+                                    [&] {
+      launch(relu_max_pool2d_kernel<scalar_t>, blocks_for(total), kThreads, y.const_data_ptr<scalar_t>(),
+             output.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(),
+             passes.mutable_data_ptr<bool>(), total, p);
+    });
+  }
+  return {output.contiguous(format), indices.contiguous(format), passes.contiguous(format)};
+}
+
+}  // namespace
+
+TORCHCNN_CUDA_KERNELS(m) {
+  m.impl("conv2d_relu", &conv2d_relu_cuda);
+  m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_cuda);
+}
+
+}  // namespace torchcnn
