@@ -34,7 +34,8 @@ DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
 RECIPE = ("epochs", "batch_size", "optimizer", "lr", "schedule", "step_size", "gamma", "weight_decay",
           "dropout", "shift", "seed", "limit_train", "limit_test")
 # The arguments --eval uses; any other given with it is refused.
-EVAL_ARGS = {"eval", "backend", "device", "data_dir", "no_download", "test_batch_size", "limit_test", "quiet"}
+EVAL_ARGS = {"eval", "backend", "device", "data_dir", "no_download", "test_batch_size", "limit_test", "quiet",
+             "no_fuse"}
 
 
 def number(kind, rule: str, ok):
@@ -117,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
                           "(default: a new run)")
     run.add_argument("--eval", metavar="CHECKPOINT",
                      help="only evaluate that checkpoint on the test set (default: train)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="torchcnn backend: run conv, ReLU and pool as separate ops, for comparison "
+                        "(default: one fused op each)")
     p.add_argument("--no-plots", action="store_true", help="skip the pictures (default: draw them)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (default: bars when stderr is a terminal)")
@@ -297,8 +301,9 @@ def main(argv=None) -> int:
         # Model and loss. The same seed gives the same weights on either backend.
         torch.manual_seed(args.seed)
         try:
-            net = (checkpoint.load_model(saved, args.resume or args.eval, backend=args.backend) if saved
-                   else MnistNet(args.backend, dropout=args.dropout)).to(device)
+            fuse = not args.no_fuse
+            net = (checkpoint.load_model(saved, args.resume or args.eval, backend=args.backend, fuse=fuse) if saved
+                   else MnistNet(args.backend, dropout=args.dropout, fuse=fuse)).to(device)
         except checkpoint.CheckpointError as e:
             fail(str(e))
         loss_fn = loss_function(args.backend)

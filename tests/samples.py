@@ -162,6 +162,18 @@ def _conv2d_gradient_sample_inputs(device, dtype, requires_grad, full):
             yield (grad_output, x, w, *params)
 
 
+def conv2d_relu_sample_inputs(device, dtype, requires_grad=False, full=False):
+    yield from conv2d_sample_inputs(device, dtype, requires_grad, full)
+
+
+def conv2d_relu_max_pool2d_sample_inputs(device, dtype, requires_grad=False, full=False):
+    """conv2d's samples whose output the 2×2 pool takes, ceil_mode on for every other one (and
+    wherever the output has a side of 1)."""
+    for i, args in enumerate(conv2d_sample_inputs(device, dtype, requires_grad, full)):
+        _, _, h, w = conv2d_output_shape("conv2d", args[0], args[1], None, *args[3:])
+        yield (*args, i % 2 == 1 or min(h, w) < 2)
+
+
 def conv2d_backward_input_sample_inputs(device, dtype, requires_grad=False, full=False):
     yield from _conv2d_gradient_sample_inputs(device, dtype, requires_grad, full)
 
@@ -188,6 +200,8 @@ def max_pool2d_backward_sample_inputs(device, dtype, requires_grad=False, full=F
 
 SAMPLE_INPUTS = {
     "conv2d": conv2d_sample_inputs,
+    "conv2d_relu": conv2d_relu_sample_inputs,
+    "conv2d_relu_max_pool2d": conv2d_relu_max_pool2d_sample_inputs,
     "conv2d_backward_input": conv2d_backward_input_sample_inputs,
     "conv2d_backward_weight": conv2d_backward_weight_sample_inputs,
     "max_pool2d_with_indices": max_pool2d_with_indices_sample_inputs,

@@ -275,9 +275,9 @@ def load_model_state(model: torch.nn.Module, checkpoint: dict, path="checkpoint"
         raise CheckpointError(f"{path} holds weights of another architecture: {e}") from e
 
 
-def load_model(checkpoint: dict, path="checkpoint", backend: str | None = None) -> MnistNet:
+def load_model(checkpoint: dict, path="checkpoint", backend: str | None = None, fuse: bool = True) -> MnistNet:
     """The model a checkpoint (as ``load`` returns it) holds, with its weights, on the CPU: from the
-    checkpoint's backend, or ``backend`` (their weights are interchangeable)."""
-    model = MnistNet.from_config(backend or checkpoint["backend"], checkpoint.get("model_config") or {})
+    checkpoint's backend, or ``backend`` (their weights are interchangeable), fused or not."""
+    model = MnistNet.from_config(backend or checkpoint["backend"], checkpoint.get("model_config") or {}, fuse=fuse)
     load_model_state(model, checkpoint, path)
     return model

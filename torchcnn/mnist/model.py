@@ -22,19 +22,30 @@ class MnistNet(torch_nn.Module):
     dropout · linear(hidden→10).  Returns logits ``(N, 10)`` for images ``(N, 1, 28, 28)``.
 
     Both backends create the parameters in the same order with the same initialisation, so the same
-    seed gives the same weights, and their state_dicts are interchangeable.
+    seed gives the same weights, and their state_dicts are interchangeable. On the torchcnn
+    backend each conv → ReLU → pool is one fused op (:class:`torchcnn.nn.Conv2dReLUMaxPool2d`)
+    unless ``fuse=False``; the fused model keeps the unfused one's parameter names, so the two load
+    each other's weights and checkpoints.
     """
 
     def __init__(self, backend: str = "torchcnn", channels: tuple[int, int] = (32, 64),
-                 hidden: int = 128, dropout: float = 0.25):
+                 hidden: int = 128, dropout: float = 0.25, fuse: bool = True):
         super().__init__()
         L = layers(backend)
         c1, c2 = channels
         self.backend = backend
-        self.features = torch_nn.Sequential(
-            L.Conv2d(1, c1, 3, padding=1), L.ReLU(), L.MaxPool2d(2),
-            L.Conv2d(c1, c2, 3, padding=1), L.ReLU(), L.MaxPool2d(2),
-        )
+        self.fused = fuse and backend == "torchcnn"
+        if self.fused:
+            # The Identity placeholders keep the convolutions at features.0 and features.3.
+            self.features = torch_nn.Sequential(
+                L.Conv2dReLUMaxPool2d(1, c1, 3, padding=1), torch_nn.Identity(), torch_nn.Identity(),
+                L.Conv2dReLUMaxPool2d(c1, c2, 3, padding=1), torch_nn.Identity(), torch_nn.Identity(),
+            )
+        else:
+            self.features = torch_nn.Sequential(
+                L.Conv2d(1, c1, 3, padding=1), L.ReLU(), L.MaxPool2d(2),
+                L.Conv2d(c1, c2, 3, padding=1), L.ReLU(), L.MaxPool2d(2),
+            )
         self.classifier = torch_nn.Sequential(
             torch_nn.Flatten(), torch_nn.Dropout(dropout),
             L.Linear(c2 * 7 * 7, hidden), L.ReLU(), torch_nn.Dropout(dropout),
@@ -43,12 +54,12 @@ class MnistNet(torch_nn.Module):
         self.config = {"channels": list(channels), "hidden": hidden, "dropout": dropout}
 
     @classmethod
-    def from_config(cls, backend: str, config: dict) -> "MnistNet":
+    def from_config(cls, backend: str, config: dict, fuse: bool = True) -> "MnistNet":
         """The model that a ``.config`` (as a checkpoint saves it) describes."""
         kwargs = dict(config)
         if "channels" in kwargs:
             kwargs["channels"] = tuple(kwargs["channels"])
-        return cls(backend, **kwargs)
+        return cls(backend, **kwargs, fuse=fuse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
