@@ -1,4 +1,5 @@
-"""Times torchcnn's ops against torch's built-ins on the MNIST model's shapes.
+"""Times torchcnn's ops against torch's built-ins on the MNIST model's shapes, and the fused
+conv–ReLU–pool op against torch's composition of the three.
 
     python benchmarks/bench_ops.py                 # CPU
     python benchmarks/bench_ops.py --device cuda   # GPU (torch uses cuDNN)
@@ -33,6 +34,11 @@ def cases(batch: int):
     yield ("conv 32→64 3×3, 26×26", CF.conv2d, TF.conv2d, [(batch, 32, 26, 26), (64, 32, 3, 3), (64,)])
     yield ("max_pool 2×2, 64×24×24", lambda x: CF.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2),
            [(batch, 64, 24, 24)])
+    # The MnistNet layers (padding 1), fused against torch's composition of the three.
+    fused = lambda x, w, b: CF.conv2d_relu_max_pool2d(x, w, b, padding=1)  # noqa: E731
+    composed = lambda x, w, b: TF.max_pool2d(TF.relu(TF.conv2d(x, w, b, padding=1)), 2)  # noqa: E731
+    yield ("conv+relu+pool 1→32, 28×28 (fused)", fused, composed, [(batch, 1, 28, 28), (32, 1, 3, 3), (32,)])
+    yield ("conv+relu+pool 32→64, 14×14 (fused)", fused, composed, [(batch, 32, 14, 14), (64, 32, 3, 3), (64,)])
 
 
 def median_ms(fn, device: str, min_run_time: float) -> float:

@@ -3,6 +3,7 @@
 // read; nothing in a kernel file re-derives an output size or re-checks an argument.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <torch/all.h>
 
 #include <string>
@@ -266,6 +267,69 @@ inline Conv2dPoolGeometry conv2d_relu_max_pool2d_geometry(
   p.out_width = window_output_size(p.width, 2, 2, 0, 1, ceil_mode);
   TORCH_CHECK_VALUE(p.out_height > 0 && p.out_width > 0, op, ": the 2×2 max pool needs a convolution output of at "
                     "least 2×2 (1×1 with ceil_mode) but the convolution gives ", p.height, "×", p.width);
+  return g;
+}
+
+// cross_entropy over rows of logits (rows, classes) with class-index targets.
+enum class CrossEntropyReduction { kNone, kMean, kSum };
+
+struct CrossEntropyGeometry {
+  int64_t rows, classes;
+  CrossEntropyReduction reduction;
+};
+
+inline CrossEntropyGeometry cross_entropy_geometry(
+    const char* op, const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    c10::string_view reduction, double label_smoothing) {
+  using namespace detail;
+  TORCH_CHECK_VALUE(input.dim() == 2 && input.size(1) > 0, op, ": expected input to be a 2-D (rows, classes) "
+                    "tensor with at least one class but got shape ", shape_str(input));
+  check_floating(op, "input", input);
+  TORCH_CHECK_VALUE(target.device() == input.device(), op, ": expected target to be on the same device as input (",
+                    input.device(), ") but got ", target.device());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, ": expected target to hold class indices as int64 but got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), op, ": expected target of shape [",
+                    input.size(0), "] but got ", shape_str(target));
+  if (weight.has_value() && weight->defined()) {
+    check_like(op, "weight", *weight, input);
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == input.size(1), op, ": expected weight to be a 1-D "
+                      "tensor of ", input.size(1), " elements but got shape ", shape_str(*weight));
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": expected label_smoothing to be in "
+                    "[0, 1] but got ", label_smoothing);
+  CrossEntropyGeometry g{input.size(0), input.size(1), CrossEntropyReduction::kMean};
+  if (reduction == "none") {
+    g.reduction = CrossEntropyReduction::kNone;
+  } else if (reduction == "sum") {
+    g.reduction = CrossEntropyReduction::kSum;
+  } else {
+    TORCH_CHECK_VALUE(reduction == "mean", op, ": expected reduction to be 'none', 'mean' or 'sum' but got '",
+                      reduction, "'");
+  }
+  return g;
+}
+
+// Checks cross_entropy_backward's arguments: the forward's, then grad_loss (the loss's shape) and
+// what the forward kept (per-row log Σ exp and the total weight, in the op-math type).
+inline CrossEntropyGeometry cross_entropy_backward_geometry(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& log_sum_exp, const at::Tensor& total_weight,
+    c10::string_view reduction, double label_smoothing) {
+  const auto g = cross_entropy_geometry(op, input, target, weight, reduction, label_smoothing);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  detail::check_like(op, "grad_loss", grad_loss, input);
+  const bool per_row = g.reduction == CrossEntropyReduction::kNone;
+  TORCH_CHECK_VALUE(per_row ? grad_loss.dim() == 1 && grad_loss.size(0) == g.rows : grad_loss.dim() == 0, op,
+                    ": expected grad_loss of the loss's shape (", per_row ? "[rows]" : "a scalar", ") but got ",
+                    detail::shape_str(grad_loss));
+  TORCH_CHECK_VALUE(log_sum_exp.device() == input.device() && log_sum_exp.scalar_type() == acc &&
+                    log_sum_exp.dim() == 1 && log_sum_exp.size(0) == g.rows, op,
+                    ": expected log_sum_exp as the forward returned it (", g.rows, " values of ", acc, ") but got ",
+                    log_sum_exp.scalar_type(), " of shape ", detail::shape_str(log_sum_exp));
+  TORCH_CHECK_VALUE(total_weight.device() == input.device() && total_weight.scalar_type() == acc &&
+                    total_weight.dim() == 0, op, ": expected total_weight as the forward returned it (a scalar of ",
+                    acc, ") but got ", total_weight.scalar_type(), " of shape ", detail::shape_str(total_weight));
   return g;
 }
 

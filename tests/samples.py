@@ -198,6 +198,21 @@ def max_pool2d_backward_sample_inputs(device, dtype, requires_grad=False, full=F
             yield (grad_output, x, indices, *params)
 
 
+def cross_entropy_sample_inputs(device, dtype, requires_grad=False, full=False):
+    """Logits (rows, classes) with class-index targets, over the reductions, class weights,
+    ignore_index (a row of it included) and label smoothing; a single row, a single class, no row."""
+    cases = [((8, 10), "mean", False, -100, 0.0), ((5, 3), "sum", True, 1, 0.0), ((6, 4), "none", True, -100, 0.2),
+             ((7, 5), "mean", True, 2, 0.1), ((1, 10), "mean", False, -100, 0.0), ((4, 1), "sum", False, -100, 0.3),
+             ((0, 3), "none", False, -100, 0.0)]
+    for shape, reduction, weighted, ignore_index, smoothing in cases:
+        x = torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
+        target = torch.randint(0, shape[1], shape[:1], device=device)
+        if ignore_index >= 0 and shape[0] > 1:
+            target[0] = ignore_index
+        weight = torch.rand(shape[1], dtype=dtype, device=device) + 0.5 if weighted else None
+        yield (x, target, weight, reduction, ignore_index, smoothing)
+
+
 SAMPLE_INPUTS = {
     "conv2d": conv2d_sample_inputs,
     "conv2d_relu": conv2d_relu_sample_inputs,
@@ -206,4 +221,5 @@ SAMPLE_INPUTS = {
     "conv2d_backward_weight": conv2d_backward_weight_sample_inputs,
     "max_pool2d_with_indices": max_pool2d_with_indices_sample_inputs,
     "max_pool2d_backward": max_pool2d_backward_sample_inputs,
+    "cross_entropy": cross_entropy_sample_inputs,
 }

@@ -72,6 +72,27 @@ def test_cuda_graph_capture_and_replay_with_new_inputs():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_training_step_never_synchronizes_with_the_host(fuse):
+    """Forward, loss and backward of the MNIST model, fused and not: no op reads anything back to
+    the host (torch raises on any synchronizing call in this mode), so a step can overlap the next
+    and a CUDA graph can capture it."""
+    from torchcnn.mnist.model import MnistNet
+
+    model = MnistNet("torchcnn", fuse=fuse).cuda()
+    loss_fn = torchcnn.nn.CrossEntropyLoss()
+    x = torch.randn(32, 1, 28, 28, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    loss_fn(model(x), y).backward()  # the first call loads the kernels, which may synchronize
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_fn(model(x), y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 def test_compile_reduce_overhead_matches_eager():
     torch.manual_seed(0)
     model = _mnist_model(torchcnn.nn).cuda()

@@ -1,8 +1,9 @@
 """torchcnn's functions, with the names and signatures of ``torch.nn.functional``.
 
-``conv2d`` and ``max_pool2d`` run torchcnn's operators (``torch.ops.torchcnn``, with their autograd,
-vmap and autocast rules: :mod:`torchcnn._ops`); ``relu``, ``linear`` and ``cross_entropy`` follow
-the design notes and are built from torch ops.
+``conv2d``, the fused ``conv2d_relu`` and ``conv2d_relu_max_pool2d``, ``max_pool2d`` and
+``cross_entropy`` (with class-index targets) run torchcnn's operators (``torch.ops.torchcnn``, with
+their autograd, vmap and autocast rules: :mod:`torchcnn._ops`); ``relu`` and ``linear`` follow the
+design notes and are built from torch ops.
 """
 
 from __future__ import annotations
@@ -193,6 +194,18 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 _REDUCTIONS = ("none", "mean", "sum")
 
 
+def _cross_entropy_op_applies(weight) -> bool:
+    """Whether class-index cross-entropy can take the op, whose gradient is with respect to the
+    logits only: not for a weight that takes a gradient or a tangent, nor under torch.func's
+    transforms (they differentiate the composition of torch ops below instead)."""
+    if torch._C._are_functorch_transforms_active():
+        return False
+    if weight is None:
+        return True
+    return not (weight.requires_grad and torch.is_grad_enabled()) and \
+        torch.autograd.forward_ad.unpack_dual(weight).tangent is None
+
+
 def _legacy_reduction(size_average, reduce) -> str:
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
@@ -262,8 +275,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         raise ValueError(f"{fn}: expected class-index targets of shape {tuple(expected)} but got "
                          f"{tuple(target.shape)}")
     target = target.long()
+    if _cross_entropy_op_applies(weight):
+        # One op forward, one backward (softmax − y): torch.ops.torchcnn.cross_entropy, over rows.
+        rows = input.unsqueeze(0) if class_dim == 0 else input.movedim(1, -1).reshape(-1, classes)
+        loss, _, _ = torch.ops.torchcnn.cross_entropy(rows, target.reshape(-1), None if weight is None else
+                                                      weight.to(input.dtype), reduction, ignore_index,
+                                                      float(label_smoothing))
+        return loss.view(target.shape) if reduction == "none" else loss
     ignored = target == ignore_index
-    if not torch.compiler.is_compiling():
+    if input.device.type == "cuda":
+        # Checked on the device, as torch's nll_loss does: a host synchronisation would stall every
+        # training step and break CUDA-graph capture. A bad target is a device-side assert.
+        out_of_range = ~ignored & ((target < 0) | (target >= classes))
+        torch._assert_async(~out_of_range.any(), f"{fn}: a target is out of bounds for {classes} classes")
+    elif not torch.compiler.is_compiling():
         out_of_range = ~ignored & ((target < 0) | (target >= classes))
         if bool(out_of_range.any()):
             bad = int(target[out_of_range].flatten()[0])

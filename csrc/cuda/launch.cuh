@@ -11,9 +11,11 @@
 //   launch(kernel, blocks, threads, args...)  the current stream + a launch check | the emulator
 //   max_blocks()                              32 per multiprocessor | 3, so grid-stride loops wrap
 //   DeviceGuard                               c10::cuda::CUDAGuard | nothing to switch
-//   stream_is_capturing()                     the current stream's CUDA-graph capture status | false
 //   bmm_out_dtype(out, a, b)                  at::bmm_out with out_dtype (CUDA only in ATen) |
 //                                             at::bmm on inputs converted to out's dtype
+//   KERNEL_CHECK_INDEX(cond, msg)             a device-side assert (no host synchronisation;
+//                                             reported at the next one, as torch's own index checks) |
+//                                             an IndexError with the message
 // Nothing else in csrc/cuda may include a CUDA header or use <<<…>>>.
 #pragma once
 
@@ -29,7 +31,6 @@
 #include "emulation.h"
 #else
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
@@ -52,7 +53,7 @@ struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
 
-inline bool stream_is_capturing() { return false; }
+#define KERNEL_CHECK_INDEX(cond, msg) TORCH_CHECK_INDEX(cond, msg)
 
 inline void bmm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   // Products of half-type values are exact in float: the same sums as cuBLAS's float accumulator.
@@ -75,9 +76,7 @@ void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads
 
 using DeviceGuard = c10::cuda::CUDAGuard;
 
-inline bool stream_is_capturing() {
-  return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-}
+#define KERNEL_CHECK_INDEX(cond, msg) CUDA_KERNEL_ASSERT_MSG(cond, msg)
 
 inline void bmm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   at::bmm_out(out, a, b, out.scalar_type());

@@ -63,7 +63,9 @@ __global__ void max_pool2d_2x2_kernel(const scalar_t* __restrict__ x, scalar_t* 
 // One thread per input pixel; it gathers from the outputs [i0, i1) × [j0, j1) whose windows can
 // reach it, so every pixel is written once: no atomics, no zeroing, deterministic. A window whose
 // taps step over (h, w) (dilation) does not hold it, and one with no real pixel holds none: they
-// pass it nothing, whatever their index says.
+// pass it nothing, whatever their index says. Each window's index is checked on the device by the
+// thread of the window's first real pixel (an index that is no pixel of its window would
+// otherwise be dropped silently): no host synchronisation, so CUDA graphs can capture it.
 template <typename scalar_t>
 __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_output,
                                            const int64_t* __restrict__ indices, scalar_t* __restrict__ grad_input,
@@ -88,23 +90,22 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_out
         continue;
       }
       for (int64_t j = j0; j < j1; ++j) {
+        if ((w + g.pad_w - j * g.stride_w) % g.dilation_w != 0) {
+          continue;
+        }
         const int64_t o = offset + i * g.out_width + j;
-        if (indices[o] == me && (w + g.pad_w - j * g.stride_w) % g.dilation_w == 0) {
+        const int64_t index = indices[o];
+        const PoolWindow win = pool_window(g, i, j);
+        if (h == win.h0 && w == win.w0) {
+          KERNEL_CHECK_INDEX(is_valid_argmax(g, i, j, index), "max_pool2d_backward: indices holds a value that is "
+                             "not a pixel of its pooling window (as flat index h·W + w in the input plane)");
+        }
+        if (index == me) {
           sum += static_cast<acc_t>(grad_output[o]);
         }
       }
     }
     grad_input[t] = static_cast<scalar_t>(sum);
-  }
-}
-
-// valid[t] = whether indices[t] obeys the backward's contract (is_valid_argmax).
-__global__ void max_pool2d_check_indices_kernel(const int64_t* __restrict__ indices, bool* __restrict__ valid,
-                                                int64_t total, Window2d g) {
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const int64_t ow = t % g.out_width;
-    const int64_t oh = (t / g.out_width) % g.out_height;
-    valid[t] = is_valid_argmax(g, oh, ow, indices[t]);
   }
 }
 
@@ -149,16 +150,6 @@ at::Tensor max_pool2d_backward_cuda(
   const DeviceGuard guard(input.device());
   const auto grad_output = grad_output_.contiguous();
   const auto indices = indices_.contiguous();
-  // An index that is not a pixel of its window would be silently dropped by the gather: refuse it,
-  // as the CPU op does. The check reads one bool back, so it is skipped while a CUDA graph is
-  // being captured (a sync is not allowed there; the graph replays indices made by its own forward).
-  if (indices.numel() > 0 && !stream_is_capturing()) {
-    auto valid = at::empty(indices.sizes(), indices.options().dtype(at::kBool));
-    launch(max_pool2d_check_indices_kernel, blocks_for(indices.numel()), kThreads,
-           indices.const_data_ptr<int64_t>(), valid.mutable_data_ptr<bool>(), indices.numel(), g);
-    TORCH_CHECK_INDEX(valid.all().item<bool>(), op, ": indices holds a value that is not a pixel of its pooling "
-                      "window (as flat index h·W + w in the input plane)");
-  }
   auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, grad_output.options());
   const int64_t total = grad_input.numel();
   if (total == 0) {

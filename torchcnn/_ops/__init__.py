@@ -14,16 +14,17 @@ import torch
 
 from . import autocast, autograd, schemas, vmap  # noqa: F401  (vmap registers its rules on import)
 from .autograd import (Conv2dBackwardInputFunction, Conv2dBackwardWeightFunction, Conv2dFunction, Conv2dParams,
-                       Conv2dPoolParams, Conv2dReLUFunction, Conv2dReLUMaxPool2dFunction, MaxPool2dBackwardFunction,
-                       MaxPool2dFunction, MaxPool2dParams)
+                       Conv2dPoolParams, Conv2dReLUFunction, Conv2dReLUMaxPool2dFunction, CrossEntropyFunction,
+                       CrossEntropyParams, MaxPool2dBackwardFunction, MaxPool2dFunction, MaxPool2dParams)
 from .schemas import ops
 
 __all__ = ["ops", "Conv2dFunction", "Conv2dBackwardInputFunction", "Conv2dBackwardWeightFunction",
-           "Conv2dReLUFunction", "Conv2dReLUMaxPool2dFunction", "MaxPool2dFunction", "MaxPool2dBackwardFunction",
-           "Conv2dParams", "Conv2dPoolParams", "MaxPool2dParams"]
+           "Conv2dReLUFunction", "Conv2dReLUMaxPool2dFunction", "CrossEntropyFunction", "MaxPool2dFunction",
+           "MaxPool2dBackwardFunction", "Conv2dParams", "Conv2dPoolParams", "CrossEntropyParams", "MaxPool2dParams"]
 
 _KERNELS = torch.library.Library(schemas.NAMESPACE, "IMPL")  # this package's kernel registrations
 autograd.register(_KERNELS)
 for name in autocast.AUTOCAST_OPS:
     autocast.register(_KERNELS, name)
+autocast.register(_KERNELS, "cross_entropy", float32=True)
 schemas.install_loader()

@@ -1,6 +1,7 @@
-"""Autocast for the ops: torch's policy for convolutions — inside torch.autocast, conv2d runs in
-the autocast dtype (its floating inputs cast to it, float64 left alone); max_pool2d has no autocast
-rule and runs in its input's dtype, as torch's does. The casts happen above autograd, so the
+"""Autocast for the ops: torch's policy for convolutions — inside torch.autocast, conv2d (and the
+fused ops that start with it) runs in the autocast dtype (its floating inputs cast to it, float64
+left alone); cross_entropy runs in float32, as torch's; max_pool2d has no autocast rule and runs in
+its input's dtype, as torch's does. The casts happen above autograd, so the
 gradients flow back through them to the original dtypes."""
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ def _cast(values, dtype):
             for v in values]
 
 
-def register(library: torch.library.Library, name: str) -> None:
+def register(library: torch.library.Library, name: str, float32: bool = False) -> None:
+    """Op `name` under autocast: in the autocast dtype, or, with `float32`, in float32 (torch's policy
+    for losses such as cross_entropy)."""
     op = getattr(ops, name).default
     for device_type in ("cpu", "cuda"):
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
         def kernel(*args, _device_type=device_type, _exclude=exclude):
-            dtype = torch.get_autocast_dtype(_device_type)
+            dtype = torch.float32 if float32 else torch.get_autocast_dtype(_device_type)
             with torch._C._ExcludeDispatchKeyGuard(_exclude):
                 return op(*_cast(args, dtype))
 

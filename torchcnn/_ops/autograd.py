@@ -76,6 +76,16 @@ class MaxPool2dParams:
         return (self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyParams:
+    reduction: str
+    ignore_index: int
+    label_smoothing: float
+
+    def args(self):
+        return (self.reduction, self.ignore_index, self.label_smoothing)
+
+
 def call(name, *args):
     """Run op `name` on its full argument list: the op itself, or, while torch.func transforms are
     active, its Function (with the Autocast key's casts, which applying a Function bypasses)."""
@@ -400,6 +410,84 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
         return call("max_pool2d_backward", grad_output_t, input, indices, *ctx.params.args())
 
 
+class CrossEntropyFunction(torch.autograd.Function):
+    """L = softmax + cross-entropy of logits z (rows, classes) and class-index targets, reduced:
+    ∂L/∂z = (ŷ − y) · w scaled by the reduction, one pass of cross_entropy_backward from the
+    forward's log Σ exp. Differentiated again (create_graph), the backward is the same formula in
+    torch's ops (:func:`cross_entropy_gradient`), which autograd can differentiate. The class weights
+    and targets take no gradient here: torchcnn.functional.cross_entropy computes a loss whose
+    weight requires one by its composition of torch ops instead."""
+
+    @staticmethod
+    def forward(input, target, weight, params):
+        return _below_autograd(ops.cross_entropy, input, target, weight, *params.args())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, params = inputs
+        _, log_sum_exp, total_weight = output
+        ctx.save_for_backward(input, target, weight, log_sum_exp, total_weight)
+        ctx.save_for_forward(input, target, weight, log_sum_exp, total_weight)
+        ctx.mark_non_differentiable(log_sum_exp, total_weight)
+        ctx.params = params
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_log_sum_exp, _grad_total_weight):
+        input, target, weight, log_sum_exp, total_weight = ctx.saved_tensors
+        if ctx.needs_input_grad[2]:
+            raise NotImplementedError("torch.ops.torchcnn.cross_entropy: no gradient with respect to weight; "
+                                      "torchcnn.functional.cross_entropy computes one")
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: a formula autograd can differentiate again
+            grad = cross_entropy_gradient(grad_loss, input, target, weight, total_weight, ctx.params)
+        else:
+            grad = _below_autograd(ops.cross_entropy_backward, grad_loss, input, target, weight, log_sum_exp,
+                                   total_weight, *ctx.params.args())
+        return grad, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_t, target_t, weight_t, _):
+        input, target, weight, log_sum_exp, total_weight = ctx.saved_tensors
+        if weight_t is not None:
+            raise NotImplementedError("torch.ops.torchcnn.cross_entropy: no derivative with respect to weight; "
+                                      "torchcnn.functional.cross_entropy computes one")
+        if input_t is None:
+            return None, None, None
+        reduction, ignore_index, smoothing = ctx.params.args()
+        rows = input.new_ones(input.shape[:1])
+        per_row = _below_autograd(ops.cross_entropy_backward, rows, input, target, weight, log_sum_exp, total_weight,
+                                  "none", ignore_index, smoothing)
+        tangent = (per_row * input_t).sum(1)
+        if reduction != "none":
+            tangent = tangent.sum() / (total_weight if reduction == "mean" else 1)
+        return tangent.to(input.dtype), None, None
+
+
+def cross_entropy_gradient(grad_loss, input, target, weight, total_weight, params):
+    """cross_entropy_backward's formula (csrc/cross_entropy_row.h) in torch's ops."""
+    reduction, ignore_index, smoothing = params.args()
+    classes = input.shape[1]
+    ignored = target == ignore_index
+    safe_target = target.masked_fill(ignored, 0)
+    weight = input.new_ones(classes) if weight is None else weight
+    probs = torch.softmax(input.to(_opmath(input.dtype)), 1)
+    onehot = torch.nn.functional.one_hot(safe_target, classes).to(probs.dtype)
+    hard = ((1 - smoothing) * weight[safe_target]).to(probs.dtype)
+    d = hard[:, None] * (probs - onehot)
+    if smoothing > 0:
+        d = d + smoothing / classes * (weight.sum() * probs - weight)
+    scale = grad_loss.to(probs.dtype)
+    if reduction == "mean":
+        scale = scale / total_weight
+    scale = scale.expand(input.shape[:1]) if reduction != "none" else scale
+    return torch.where(ignored[:, None], 0, d * scale[:, None]).to(input.dtype)
+
+
+def _opmath(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 # --------------------------------------------------------------------------------------------
 # The ops' Autograd kernels: the op's arguments are its Function's tensors followed by its other
 # arguments spelled out. Without a gradient or tangent to track, the call goes straight on to the
@@ -413,6 +501,7 @@ FUNCTIONS = {  # op name -> (Function, number of leading tensor arguments, param
     "conv2d_backward_weight": (Conv2dBackwardWeightFunction, 3, Conv2dParams),
     "max_pool2d_with_indices": (MaxPool2dFunction, 1, MaxPool2dParams),
     "max_pool2d_backward": (MaxPool2dBackwardFunction, 3, MaxPool2dParams),
+    "cross_entropy": (CrossEntropyFunction, 3, CrossEntropyParams),
 }
 
 
@@ -471,3 +560,14 @@ def register(library: torch.library.Library) -> None:
             return _function.apply(*args[:_tensors], params)
 
         library.impl(name, kernel, "Autograd", with_keyset=True)
+
+    def cross_entropy_backward(keyset, *args):
+        if _tracks_derivatives(args[:5]):
+            raise NotImplementedError(
+                "torch.ops.torchcnn.cross_entropy_backward is not differentiable itself: differentiate "
+                "torchcnn.functional.cross_entropy with create_graph=True, whose backward then uses a "
+                "differentiable formula")
+        with torch._C._AutoDispatchBelowAutograd():
+            return ops.cross_entropy_backward.default.redispatch(keyset & after_autograd, *args)
+
+    library.impl("cross_entropy_backward", cross_entropy_backward, "Autograd", with_keyset=True)

@@ -37,6 +37,13 @@ SCHEMAS = {
     # the convolution's output plane, and whether the gradient passes at it.
     "conv2d_relu_max_pool2d": "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
                               "int[2] dilation=1, int groups=1, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)",
+    # softmax + cross-entropy over rows of logits (rows, classes) with class-index targets: the loss
+    # (per row for reduction='none'), and, for the backward, each row's log Σ exp and Σ w_target.
+    "cross_entropy": "(Tensor input, Tensor target, Tensor? weight=None, str reduction='mean', "
+                     "int ignore_index=-100, float label_smoothing=0.0) -> (Tensor, Tensor, Tensor)",
+    # ∂L/∂input = (softmax(input) − y) · w, scaled by grad_loss and the reduction.
+    "cross_entropy_backward": "(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor log_sum_exp, "
+                              "Tensor total_weight, str reduction, int ignore_index, float label_smoothing) -> Tensor",
     # P[n, c, i, j] = max over the window, and the flat index h·W + w of that max in its plane.
     "max_pool2d_with_indices": "(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding=0, "
                                "int[2] dilation=1, bool ceil_mode=False) -> (Tensor, Tensor)",
@@ -312,3 +319,54 @@ def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, 
     torch._check_value(tuple(indices.shape) == tuple(shape),
                        lambda: f"{op}: expected indices of shape {list(shape)} but got {list(indices.shape)}")
     return _empty(input, input.shape, suggest_memory_format(input))
+
+
+def cross_entropy_checks(op, input, target, weight, reduction, label_smoothing):
+    """shapes.h's cross_entropy_geometry."""
+    torch._check_value(input.dim() == 2 and input.shape[1] > 0,
+                       lambda: f"{op}: expected input to be a 2-D (rows, classes) tensor with at least one class but "
+                               f"got shape {list(input.shape)}")
+    torch._check_type(input.dtype in KERNEL_DTYPES,
+                      lambda: f"{op}: expected input to have a floating-point dtype (float16, bfloat16, float32 or "
+                              f"float64) but got {_c10(input.dtype)}")
+    torch._check_value(target.device == input.device, lambda: f"{op}: expected target to be on the same device as "
+                                                               f"input ({input.device}) but got {target.device}")
+    torch._check_type(target.dtype == torch.long, lambda: f"{op}: expected target to hold class indices as int64 but "
+                                                          f"got {_c10(target.dtype)}")
+    torch._check_value(target.dim() == 1 and target.shape[0] == input.shape[0],
+                       lambda: f"{op}: expected target of shape [{input.shape[0]}] but got {list(target.shape)}")
+    if weight is not None:
+        _like(op, "weight", weight, input)
+        torch._check_value(weight.dim() == 1 and weight.shape[0] == input.shape[1],
+                           lambda: f"{op}: expected weight to be a 1-D tensor of {input.shape[1]} elements but got "
+                                   f"shape {list(weight.shape)}")
+    torch._check_value(0.0 <= label_smoothing <= 1.0,
+                       lambda: f"{op}: expected label_smoothing to be in [0, 1] but got {label_smoothing}")
+    torch._check_value(reduction in ("none", "mean", "sum"),
+                       lambda: f"{op}: expected reduction to be 'none', 'mean' or 'sum' but got '{reduction}'")
+
+
+def _opmath(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake("torchcnn::cross_entropy")
+def _cross_entropy_fake(input, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    cross_entropy_checks("cross_entropy", input, target, weight, reduction, label_smoothing)
+    rows = input.shape[0]
+    loss = input.new_empty((rows,) if reduction == "none" else ())
+    acc = _opmath(input.dtype)
+    return loss, input.new_empty((rows,), dtype=acc), input.new_empty((), dtype=acc)
+
+
+@torch.library.register_fake("torchcnn::cross_entropy_backward")
+def _cross_entropy_backward_fake(grad_loss, input, target, weight, log_sum_exp, total_weight, reduction, ignore_index,
+                                 label_smoothing):
+    op = "cross_entropy_backward"
+    cross_entropy_checks(op, input, target, weight, reduction, label_smoothing)
+    _like(op, "grad_loss", grad_loss, input)
+    expected = (input.shape[0],) if reduction == "none" else ()
+    torch._check_value(tuple(grad_loss.shape) == tuple(expected),
+                       lambda: f"{op}: expected grad_loss of the loss's shape "
+                               f"({'[rows]' if reduction == 'none' else 'a scalar'}) but got {list(grad_loss.shape)}")
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
