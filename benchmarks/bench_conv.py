@@ -51,9 +51,10 @@ def conv_cases():
 
 
 def interleaved_ms(fns: dict, device: str, rounds: int, seconds: float) -> dict:
-    """Milliseconds per call of torch's and torchcnn's fn, measured alternately round by round:
-    the median of each, and the median of the rounds' ratios (each round's pair ran back to back,
-    so a neighbour's load that comes and goes falls on both)."""
+    """Milliseconds per call of each fn (torch's, torchcnn's, and any others), measured alternately
+    round by round: the median of each, and for each but torch's the median of the rounds' ratios
+    to torch's, ``ratio_<name>`` (``ratio`` for torchcnn's; each round's calls ran back to back, so
+    a neighbour's load that comes and goes falls on both sides)."""
     for fn in fns.values():
         fn()  # warm-up: one-time allocations, oneDNN/cuDNN primitive creation
     times = {name: [] for name in fns}
@@ -62,8 +63,9 @@ def interleaved_ms(fns: dict, device: str, rounds: int, seconds: float) -> dict:
         for name in order if r % 2 == 0 else order[::-1]:
             timer = benchmark.Timer(stmt="fn()", globals={"fn": fns[name]})
             times[name].append(timer.blocked_autorange(min_run_time=seconds / rounds).median * 1e3)
-    ratio = statistics.median(c / t for c, t in zip(times["torchcnn"], times["torch"]))
-    return {**{name: statistics.median(t) for name, t in times.items()}, "ratio": ratio}
+    ratios = {f"ratio_{name}": statistics.median(c / t for c, t in zip(times[name], times["torch"]))
+              for name in fns if name != "torch"}
+    return {**{name: statistics.median(t) for name, t in times.items()}, **ratios, "ratio": ratios["ratio_torchcnn"]}
 
 
 def conv_rows(device: str, rounds: int, seconds: float) -> list[dict]:

@@ -5,8 +5,9 @@ conv–ReLU–pool op against torch's composition of the three.
     python benchmarks/bench_ops.py --device cuda   # GPU (torch uses cuDNN)
 
 Forward is timed as in training (inputs require grad, so max_pool2d computes its indices in both
-libraries); backward is one ``torch.autograd.grad`` over the same graph for every input. Each
-figure is the median of ``torch.utils.benchmark`` blocked runs; ratio = torchcnn / torch.
+libraries); backward is one ``torch.autograd.grad`` over the same graph for every input. The two
+libraries are timed interleaved, round by round (as bench_conv.py): each figure is a median, and
+ratio = torchcnn / torch the median of the rounds' paired ratios.
 """
 
 from __future__ import annotations
@@ -41,27 +42,27 @@ def cases(batch: int):
     yield ("conv+relu+pool 32→64, 14×14 (fused)", fused, composed, [(batch, 32, 14, 14), (64, 32, 3, 3), (64,)])
 
 
-def median_ms(fn, device: str, min_run_time: float) -> float:
-    fn()  # warm-up (and one-time allocations)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5) -> list[dict]:
+    """Each case's forward, then its backward, torch's and torchcnn's interleaved round by round
+    (bench_conv.interleaved_ms): the times are medians, the ratios medians of paired ratios."""
+    from bench_conv import interleaved_ms
 
-
-def run(device: str, batches: list[int], min_run_time: float) -> list[dict]:
     rows = []
     for batch in batches:
         for name, ours, theirs, shapes in cases(batch):
             gen = torch.Generator().manual_seed(0)
             inputs = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
             row = {"case": name, "batch": batch}
+            forward = {"torch": lambda fn=theirs: fn(*inputs), "torchcnn": lambda fn=ours: fn(*inputs)}
+            backward = {}
             for which, fn in (("torch", theirs), ("torchcnn", ours)):
                 out = fn(*inputs)
                 grad = torch.randn_like(out)
-                row[f"{which}_fwd"] = median_ms(lambda: fn(*inputs), device, min_run_time)
-                row[f"{which}_bwd"] = median_ms(
-                    lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True), device, min_run_time)
+                backward[which] = lambda out=out, grad=grad: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+            for pass_, fns in (("fwd", forward), ("bwd", backward)):
+                ms = interleaved_ms(fns, device, rounds, min_run_time)
+                row.update({f"torch_{pass_}": ms["torch"], f"torchcnn_{pass_}": ms["torchcnn"],
+                            f"ratio_{pass_}": ms["ratio"]})
             rows.append(row)
     return rows
 
@@ -85,7 +86,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         for pass_ in ("fwd", "bwd"):
             t, c = r[f"torch_{pass_}"], r[f"torchcnn_{pass_}"]
-            lines.append(f"| {r['case']} | {r['batch']} | {pass_} | {t:.3f} | {c:.3f} | {c / t:.2f}× |")
+            lines.append(f"| {r['case']} | {r['batch']} | {pass_} | {t:.3f} | {c:.3f} | {r[f'ratio_{pass_}']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -113,11 +114,12 @@ def setup(description: str, batch_sizes: bool = True, more_arguments=None) -> ar
 
 
 def main() -> None:
-    args = setup(__doc__)
-    rows = run(args.device, args.batch_sizes, args.min_run_time)
+    args = setup(__doc__, more_arguments=lambda p: p.add_argument("--rounds", type=int, default=5,
+                                                                  help="interleaved rounds per figure"))
+    rows = run(args.device, args.batch_sizes, args.min_run_time, args.rounds)
     print(f"device: {describe(args.device)}")
     print(table(rows))
-    worst = max(max(r["torchcnn_fwd"] / r["torch_fwd"], r["torchcnn_bwd"] / r["torch_bwd"]) for r in rows)
+    worst = max(max(r["ratio_fwd"], r["ratio_bwd"]) for r in rows)
     print(f"worst ratio: {worst:.2f}×")
     if args.json:
         args.json.write_text(json.dumps({"device": describe(args.device), "rows": rows, "worst_ratio": worst}, indent=1))

@@ -4,8 +4,10 @@ against the identical model built from torch.nn's, on the same batch.
     python benchmarks/bench_train_step.py                 # CPU
     python benchmarks/bench_train_step.py --device cuda   # GPU (torch uses cuDNN)
 
-A step is forward, loss, backward and an Adam update, as in train.py. Each figure is the median
-of ``torch.utils.benchmark`` blocked runs (it synchronizes the GPU); ratio = torchcnn / torch.
+A step is forward, loss, backward and an Adam update, as in train.py: torchcnn's with its fused
+conv–ReLU–pool layers (the default) and without (``--no-fuse``). The three are timed interleaved,
+round by round (bench_conv.py): each figure is a median of ``torch.utils.benchmark`` blocked runs,
+each ratio (to torch) the median of the rounds' paired ratios.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import describe, setup  # noqa: E402  (imports torchcnn before torch.utils.benchmark)
-from torch.utils import benchmark  # noqa: E402
+from bench_conv import interleaved_ms  # noqa: E402
 
 from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
 
 
-def step_ms(backend: str, batch: int, device: str, min_run_time: float) -> float:
+def make_step(backend: str, batch: int, device: str, fuse: bool = True):
+    """One training step of train.py's model on a fixed batch, as a function."""
     torch.manual_seed(0)
-    model = MnistNet(backend).to(device)
+    model = MnistNet(backend, fuse=fuse).to(device)
     loss_fn = loss_function(backend)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
@@ -37,25 +40,27 @@ def step_ms(backend: str, batch: int, device: str, min_run_time: float) -> float
         loss_fn(model(images), labels).backward()
         optimizer.step()
 
-    for _ in range(3):  # warm-up: allocator, cuBLAS/cuDNN handles and algorithm choice
+    for _ in range(2):  # warm-up: allocator, cuBLAS/cuDNN handles and algorithm choice
         step()
-    timer = benchmark.Timer(stmt="step()", globals={"step": step})
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    return step
 
 
 def main() -> None:
-    args = setup(__doc__)
+    args = setup(__doc__, more_arguments=lambda p: p.add_argument("--rounds", type=int, default=5))
     rows = []
     for batch in args.batch_sizes:
-        t = step_ms("torch", batch, args.device, args.min_run_time)
-        c = step_ms("torchcnn", batch, args.device, args.min_run_time)
-        rows.append({"case": "MNIST train step (Adam)", "batch": batch, "torch_ms": t, "torchcnn_ms": c})
+        steps = {"torch": make_step("torch", batch, args.device), "torchcnn": make_step("torchcnn", batch, args.device),
+                 "unfused": make_step("torchcnn", batch, args.device, fuse=False)}
+        ms = interleaved_ms(steps, args.device, args.rounds, args.min_run_time)
+        rows.append({"case": "MNIST train step (Adam)", "batch": batch, "torch_ms": ms["torch"],
+                     "torchcnn_ms": ms["torchcnn"], "ratio": ms["ratio"], "unfused_ms": ms["unfused"],
+                     "unfused_ratio": ms["ratio_unfused"]})
     print(f"device: {describe(args.device)}")
-    print("| case | batch | torch ms | torchcnn ms | ratio | torchcnn img/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| case | batch | torch ms | torchcnn ms (fused) | ratio | torchcnn --no-fuse ms | ratio | torchcnn img/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['batch']} | {r['torch_ms']:.3f} | {r['torchcnn_ms']:.3f} | "
-              f"{r['torchcnn_ms'] / r['torch_ms']:.2f}× | {r['batch'] / r['torchcnn_ms'] * 1e3:,.0f} |")
+        print(f"| {r['case']} | {r['batch']} | {r['torch_ms']:.3f} | {r['torchcnn_ms']:.3f} | {r['ratio']:.2f}× | "
+              f"{r['unfused_ms']:.3f} | {r['unfused_ratio']:.2f}× | {r['batch'] / r['torchcnn_ms'] * 1e3:,.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": describe(args.device), "rows": rows}, indent=1))
 

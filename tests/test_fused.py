@@ -296,3 +296,21 @@ def test_mnist_model_fused_and_unfused_train_alike(device):
     reference = MnistNet("torch", dropout=0.0).to(device).eval()
     fused.load_state_dict(reference.state_dict())
     torch.testing.assert_close(fused.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [64, 75, 5])
+def test_relu_pool_over_many_windows_matches_torch(width, device):
+    """The fused pool's rows (vector steps of 16 and their tails, and ceil_mode's partial windows)
+    against torch's own ops: the design notes' ReLU as torch.threshold, then torch's max pool —
+    values and indices exactly, with ties (zeros after the ReLU), NaN and −inf."""
+    x = torch.randint(-3, 4, (2, 1, 11, width), device=device).float()
+    x.view(-1)[::29] = float("nan")
+    x.view(-1)[3::31] = float("-inf")
+    w = torch.ones(3, 1, 1, 1, device=device)
+    w[1] = -1
+    for ceil_mode in (False, True):
+        out, indices = F.conv2d_relu_max_pool2d(x, w, ceil_mode=ceil_mode, return_indices=True)
+        relu = torch.threshold(torch.nn.functional.conv2d(x, w), -torch.finfo(x.dtype).tiny * torch.finfo(x.dtype).eps, 0)
+        expected, expected_indices = torch.nn.functional.max_pool2d(relu, 2, ceil_mode=ceil_mode, return_indices=True)
+        torch.testing.assert_close(out, expected, equal_nan=True)
+        assert torch.equal(indices, expected_indices)

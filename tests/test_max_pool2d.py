@@ -157,3 +157,16 @@ def test_2x2_pool_at_any_alignment(device, dtype, width, offset):
     assert torch.equal(ours, theirs) and torch.equal(oi, ti)
     grad = torch.randn_like(ours)
     assert torch.equal(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0])
+
+
+@pytest.mark.parametrize("width", [64, 75, 2])
+def test_2x2_rows_of_many_windows_match_torch(device, width):
+    """The 2×2 fast path over rows of 1 to 37 windows (vector steps of 16 and their tails), with
+    ties, NaN and −inf sprinkled in: torch's values and indices (first max, NaN wins)."""
+    x = torch.randint(-3, 4, (2, 3, 9, width), device=device).float()  # few distinct values: many ties
+    x.view(-1)[::37] = float("nan")
+    x.view(-1)[5::41] = float("-inf")
+    out, idx = F.max_pool2d(x, 2, return_indices=True)
+    expected, expected_idx = TF.max_pool2d(x, 2, return_indices=True)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    assert torch.equal(idx, expected_idx)

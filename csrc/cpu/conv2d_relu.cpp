@@ -12,9 +12,12 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../max_pool2d_window.h"
 #include "../relu.h"
 #include "conv2d_algorithms.h"
+#include "max_pool_2x2.h"
 
 namespace torchcnn::cpu {
 namespace {
@@ -72,16 +75,26 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_cpu(
 }
 
 // One plane of Y (rounded and through the ReLU as it is read) into its pooled plane: full windows
-// as four loads and three compares, the partial ones of ceil_mode by the general scan; both in
-// max_pool2d's scan order.
+// as four loads and three compares (float rows 16 windows at a time in AVX-512, max_pool_2x2.h),
+// the partial ones of ceil_mode by the general scan; all in max_pool2d's scan order.
 template <typename scalar_t>
 void relu_pool_plane(const at::opmath_type<scalar_t>* y, scalar_t* out, int64_t* idx, bool* pass,
                      const Window2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const RoundedRelu<scalar_t> act;
   const int64_t W = p.width;
+  const int64_t full_rows = std::min(p.out_height, p.height / 2), full_columns = std::min(p.out_width, W / 2);
   for (int64_t oh = 0; oh < p.out_height; ++oh) {
-    for (int64_t ow = 0; ow < p.out_width; ++ow) {
+    int64_t ow = 0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (oh < full_rows && cpu_has_avx512()) {
+        const int64_t o = oh * p.out_width;
+        max_pool_2x2_row_avx512<true>(y + 2 * oh * W, y + (2 * oh + 1) * W, full_columns, 2 * oh * W, W, out + o,
+                                      idx + o, pass + o);
+        ow = full_columns;
+      }
+    }
+    for (; ow < p.out_width; ++ow) {
       const int64_t j = oh * p.out_width + ow;
       const int64_t first = 2 * oh * W + 2 * ow;
       acc_t m;

@@ -9,8 +9,11 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../max_pool2d_window.h"
 #include "../shapes.h"
+#include "max_pool_2x2.h"
 
 namespace torchcnn {
 namespace {
@@ -32,7 +35,8 @@ void max_pool_plane(const scalar_t* x, scalar_t* y, int64_t* idx, const Window2d
 }
 
 // The design notes' 2×2 stride-2 pool: two input rows give one output row; each window is four
-// loads and three compares, scanned in the same order as the general kernel.
+// loads and three compares, scanned in the same order as the general kernel (float rows 16
+// windows at a time in AVX-512: max_pool_2x2.h).
 template <typename scalar_t>
 void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Window2d& g) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -43,6 +47,12 @@ void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Wind
     scalar_t* yr = y + oh * g.out_width;
     int64_t* ir = idx + oh * g.out_width;
     const int64_t base = 2 * oh * W;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (cpu::cpu_has_avx512()) {
+        cpu::max_pool_2x2_row_avx512<false>(r0, r1, g.out_width, base, W, yr, ir, nullptr);
+        continue;
+      }
+    }
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const acc_t a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
       acc_t m = a;
@@ -75,6 +85,24 @@ template <typename scalar_t>
 void max_pool_backward_plane_2x2(const scalar_t* go, const int64_t* idx, scalar_t* gi, const Window2d& g,
                                  const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cpu::cpu_has_avx512()) {  // rows written whole, then the pixels no window covers zeroed
+      const int64_t W = g.width, covered = 2 * g.out_width;
+      uint32_t invalid = 0;
+      for (int64_t oh = 0; oh < g.out_height; ++oh) {
+        float* g0 = gi + 2 * oh * W;
+        invalid |= cpu::max_pool_2x2_backward_row_avx512(go + oh * g.out_width, idx + oh * g.out_width, g.out_width,
+                                                         2 * oh * W, W, g0, g0 + W);
+        std::fill(g0 + covered, g0 + W, 0.0f);
+        std::fill(g0 + W + covered, g0 + 2 * W, 0.0f);
+      }
+      std::fill(gi + 2 * g.out_height * W, gi + g.in_plane(), 0.0f);
+      if (invalid != 0) {
+        throw_invalid_index(idx, g, op);
+      }
+      return;
+    }
+  }
   std::fill(gi, gi + g.in_plane(), scalar_t(0));
   const uint64_t W = g.width;
   uint64_t invalid = 0;
