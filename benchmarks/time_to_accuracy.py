@@ -1,0 +1,118 @@
+"""Training seconds until the MNIST model first reaches 99 % test accuracy, from scratch.
+
+    python benchmarks/time_to_accuracy.py --device cpu --backend torchcnn
+    python benchmarks/time_to_accuracy.py --device cpu --backend torch --json torch.json
+
+Trains train.py's model with one of its recipes (``--recipe``: ``fast``, the default here, or
+``default``, train.py's 12-epoch one) and evaluates the whole test set at fixed points — every
+``--eval-every`` of an epoch (a quarter by default) — until the accuracy reaches ``--target``.
+Only the training steps are timed: evaluation, data loading and building the model are not. The
+two backends run the same recipe with the same seed, so they can be run side by side.
+``--json`` writes {"backend", "device", "target", "reached", "seconds_to_target", "test_accuracy",
+...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout works without installing
+
+import torch  # noqa: E402
+
+import torchcnn  # noqa: E402
+from torchcnn.mnist import data, engine  # noqa: E402
+from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
+from torchcnn.mnist.recipes import RECIPES  # noqa: E402
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--backend", default="torchcnn", choices=["torchcnn", "torch"])
+    parser.add_argument("--recipe", default="fast", choices=sorted(RECIPES), help="train.py's recipe (default: fast)")
+    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $TORCHCNN_DATA_DIR, else ./data)")
+    parser.add_argument("--target", type=float, default=0.99, help="test accuracy to reach (default: 0.99)")
+    parser.add_argument("--eval-every", type=float, default=0.25, help="epochs between evaluations (default: 0.25)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-fuse", action="store_true", help="torchcnn backend: the unfused ops")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    args = parser.parse_args()
+    if not 0 < args.target <= 1:
+        parser.error(f"argument --target: must be in (0, 1], got {args.target}")
+    if args.eval_every <= 0:
+        parser.error(f"argument --eval-every: must be positive, got {args.eval_every}")
+    return args
+
+
+def main() -> int:
+    args = arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = RECIPES[args.recipe]
+    device = engine.parse_device(args.device)
+    try:
+        mnist = data.load(args.data_dir or data.default_data_dir(), download=False).to(device)
+    except (data.MNISTNotFoundError, data.MNISTCorruptError) as e:
+        print(f"time_to_accuracy.py: {e}", file=sys.stderr)
+        return 2
+    if args.backend == "torchcnn":
+        torchcnn.load()  # compiled now if need be, not inside the timing
+
+    torch.manual_seed(args.seed)
+    model = MnistNet(args.backend, **recipe.model, dropout=recipe.dropout, fuse=not args.no_fuse).to(device)
+    loss_fn = loss_function(args.backend)
+    optimizer = engine.make_optimizer(recipe.optimizer, model.parameters(), recipe.lr)
+    steps_per_epoch = data.Batches.per_epoch(mnist.train_images.shape[0], recipe.batch_size)
+    schedule = engine.make_schedule(recipe.schedule, optimizer, lr=recipe.lr, epochs=recipe.epochs,
+                                    steps_per_epoch=steps_per_epoch)
+    generator = torch.Generator().manual_seed(args.seed)
+    test_batches = data.Batches(mnist.test_images, mnist.test_labels, 1000)
+    every = max(1, round(args.eval_every * steps_per_epoch))
+
+    seconds, accuracy, reached, history = 0.0, 0.0, False, []
+    for epoch in range(recipe.epochs):
+        batches = data.Batches(mnist.train_images, mnist.train_labels, recipe.batch_size, generator,
+                               max_shift=recipe.shift)
+        step = 0
+        while step < len(batches):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            _, step = engine.train_epoch(model, loss_fn, optimizer, schedule, batches, start=step,
+                                         stop=lambda s: s % every == 0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - started
+            accuracy = engine.evaluate(model, loss_fn, test_batches).accuracy
+            history.append({"epochs": round(epoch + step / len(batches), 3), "seconds": round(seconds, 2),
+                            "test_accuracy": accuracy})
+            print(f"epoch {epoch + step / len(batches):5.2f}  {seconds:6.1f} s  test accuracy {100 * accuracy:.2f}%")
+            if accuracy >= args.target:
+                reached = True
+                break
+        if reached:
+            break
+        schedule.step_epoch()
+
+    where = engine.device_name(device)
+    print(f"{args.backend} on {where}: " + (f"{100 * args.target:g}% after {seconds:.1f} s of training" if reached else
+                                           f"{100 * args.target:g}% not reached ({100 * accuracy:.2f}% after "
+                                           f"{seconds:.1f} s)"))
+    if args.json:
+        result = {"backend": args.backend, "device": where, "recipe": args.recipe, "fused": not args.no_fuse,
+                  "target": args.target, "reached": reached, "seconds_to_target": seconds if reached else None,
+                  "training_seconds": seconds, "test_accuracy": accuracy, "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "history": history}
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0 if reached else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
