@@ -93,12 +93,12 @@ def parser() -> argparse.ArgumentParser:
                         "(default: $TORCHCNN_DATA_DIR, else ./data)")
     p.add_argument("--no-download", action="store_true",
                    help="never try to download MNIST (default: download when it is not found)")
-    default, fast = RECIPES["default"], RECIPES["fast"]
-    p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
-                   help="default: 12 epochs, 99.4–99.5 %%; fast: a narrower model (channels "
+    default, fast = RECIPES["standard"], RECIPES["fast"]
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="standard",
+                   help="standard: 12 epochs, 99.4–99.5 %%; fast: a narrower model (channels "
                         f"{'/'.join(map(str, fast.model['channels']))}, hidden {fast.model['hidden']}) for one "
-                        "epoch, 99 %% in seconds. The flags below default to the recipe's values "
-                        "(default: default)")
+                        "epoch, 99 %% in seconds; the flags below take the recipe's values unless given "
+                        "(default: standard)")
     p.add_argument("--epochs", type=positive_int, default=default.epochs, metavar="N",
                    help=f"epochs to train (default: {default.epochs}; fast: {fast.epochs})")
     p.add_argument("--batch-size", type=positive_int, default=default.batch_size, metavar="N",
@@ -110,8 +110,8 @@ def parser() -> argparse.ArgumentParser:
                    help="sgd is plain gradient descent θ ← θ − η∂L/∂θ; momentum is Nesterov SGD "
                         f"(default: {default.optimizer})")
     p.add_argument("--lr", type=number(float, "positive", lambda v: v > 0),
-                   help="(peak) learning rate (default: the recipe's with its optimizer — default "
-                        f"{default.lr:g}, fast {fast.lr:g} — else per optimizer: "
+                   help=f"(peak) learning rate (default: the recipe's — standard {default.lr:g}, fast "
+                        f"{fast.lr:g} — or, with another --optimizer, that optimizer's: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--schedule", choices=SCHEDULES, default=default.schedule,
                    help="onecycle: up to --lr and down to ~0 over the run, per batch; step: times "

@@ -4,7 +4,7 @@
     python benchmarks/time_to_accuracy.py --device cpu --backend torch --json torch.json
 
 Trains train.py's model with one of its recipes (``--recipe``: ``fast``, the default here, or
-``default``, train.py's 12-epoch one) and evaluates the whole test set at fixed points — every
+``standard``, train.py's 12-epoch default) and evaluates the whole test set at fixed points — every
 ``--eval-every`` of an epoch (a quarter by default) — until the accuracy reaches ``--target``.
 Only the training steps are timed: evaluation, data loading and building the model are not. The
 two backends run the same recipe with the same seed, so they can be run side by side.

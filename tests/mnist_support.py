@@ -54,7 +54,7 @@ def metrics(out) -> dict:
 
 
 def short_run(tmp_path_factory) -> Path:
-    """One epoch on 12,000 images (the README's promise: 96% or more), run once per session and
+    """One epoch on 12,000 images (about 96 %), run once per session and
     shared by the modules that need a trained checkpoint."""
     if MNIST_DIR is None:
         pytest.skip(f"MNIST files not found: set {data.ENV_VAR}")

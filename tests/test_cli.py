@@ -3,6 +3,7 @@
 errors answer without torch or a build."""
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -316,3 +317,34 @@ def test_fewer_training_images_than_processes_are_refused(tmp_path, monkeypatch,
     assert ("train.py: error: argument --limit-train: 3 training images cannot be shared among 4 processes "
             "(each needs one at least)") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_sets_the_defaults_the_command_line_leaves():
+    args, _ = train.parse_args(["--recipe", "fast"])
+    fast = train.RECIPES["fast"]
+    assert (args.epochs, args.batch_size, args.optimizer, args.lr, args.schedule, args.dropout, args.shift) == (
+        fast.epochs, fast.batch_size, fast.optimizer, fast.lr, fast.schedule, fast.dropout, fast.shift)
+    args, _ = train.parse_args(["--recipe", "fast", "--epochs", "3", "--lr", "0.02"])
+    assert (args.epochs, args.lr, args.batch_size) == (3, 0.02, fast.batch_size)
+    args, _ = train.parse_args(["--recipe", "fast", "--optimizer", "sgd"])
+    assert args.lr is None  # sgd's own rate, not the recipe's Adam one
+    args, _ = train.parse_args([])
+    assert args.recipe == "standard" and (args.epochs, args.batch_size, args.lr) == (12, 64, 5e-3)
+
+
+def test_the_recipes_are_the_packages():
+    from torchcnn.mnist import recipes
+
+    # train.py reads the same file by path (before torch is imported): the same values, another class.
+    assert {k: dataclasses.asdict(v) for k, v in train.RECIPES.items()} == \
+        {k: dataclasses.asdict(v) for k, v in recipes.RECIPES.items()}
+    for recipe in recipes.RECIPES.values():
+        assert recipe.optimizer in engine.OPTIMIZERS and recipe.schedule in engine.SCHEDULES
+        model.MnistNet("torch", **recipe.model, dropout=recipe.dropout)  # a size MnistNet takes
+
+
+def test_resume_holds_the_recipe():
+    args, given = train.parse_args(["--recipe", "fast"])
+    saved = {"backend": "torchcnn", "epoch": 1, "step": 0, "recipe": {"recipe": "standard", "epochs": 12}}
+    with pytest.raises(ValueError, match="argument --recipe: fast contradicts the checkpoint's standard"):
+        train.resume_args(args, given, saved)
