@@ -213,6 +213,17 @@ def cross_entropy_sample_inputs(device, dtype, requires_grad=False, full=False):
         yield (x, target, weight, reduction, ignore_index, smoothing)
 
 
+def relu_sample_inputs(device, dtype, requires_grad=False, full=False):
+    """Any shape and layout: a vector, an image batch (contiguous, channels_last and transposed), a
+    scalar, no element."""
+    def make(*shape):
+        return torch.randn(shape, dtype=dtype, device=device)
+
+    for x in (make(7), make(2, 3, 4, 5), make(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+              make(3, 6).t(), make(), make(0, 3)):
+        yield (x.requires_grad_(requires_grad),)
+
+
 SAMPLE_INPUTS = {
     "conv2d": conv2d_sample_inputs,
     "conv2d_relu": conv2d_relu_sample_inputs,
@@ -222,4 +233,5 @@ SAMPLE_INPUTS = {
     "max_pool2d_with_indices": max_pool2d_with_indices_sample_inputs,
     "max_pool2d_backward": max_pool2d_backward_sample_inputs,
     "cross_entropy": cross_entropy_sample_inputs,
+    "relu": relu_sample_inputs,
 }

@@ -1,4 +1,5 @@
-"""relu, linear, cross_entropy and the torchcnn.nn layers against torch."""
+"""relu, linear, cross_entropy and the torchcnn.nn layers against torch (relu and class-index
+cross_entropy are ops of ours; linear, in-place relu and probability targets are built from torch's)."""
 
 import pytest
 import torch
@@ -7,19 +8,32 @@ import torch.nn.functional as TF
 import torchcnn
 import torchcnn.functional as F
 
-# relu, linear and cross_entropy are built from torch ops: no kernel of ours to emulate.
+# Tests of what is built from torch ops: no kernel of ours to emulate.
 no_emulation = pytest.mark.no_emulation
 
 
 # ---------------------------------------------------------------- ReLU: the design notes' convention
 
-@no_emulation
 def test_relu_forward_matches_torch(device):
     x = torch.randn(3, 4, 5, device=device)
     assert torch.equal(F.relu(x), torch.relu(x))
 
 
-@no_emulation
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_relu_keeps_a_byte_per_value_and_the_layout(device, layout):
+    """The op's backward keeps where the gradient passes (bool), not the input; dense inputs keep
+    their strides."""
+    x = torch.randn(2, 3, 4, 5, device=device)
+    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+         "transposed": x.transpose(1, 3)}[layout].requires_grad_()
+    out = F.relu(x)
+    assert out.stride() == x.stride() and torch.equal(out, torch.relu(x))
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].dtype == torch.bool and saved[0].shape == x.shape
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(g, (x >= 0).float())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_relu_gradient_passes_at_zero_and_above_but_not_below(device, dtype):
     info = torch.finfo(dtype)
@@ -30,6 +44,8 @@ def test_relu_gradient_passes_at_zero_and_above_but_not_below(device, dtype):
     torch.testing.assert_close(out, torch.relu(x), equal_nan=True, rtol=0, atol=0)
     (g,) = torch.autograd.grad(out, x, torch.full_like(x, 5.0), create_graph=True)
     assert g[:6].tolist() == [0.0, 0.0, 5.0, 5.0, 5.0, 5.0] and g[7] == 0  # torch's passes 0 at exactly 0
+    assert g[6] == 5.0  # NaN propagates, and so does its gradient (as torch.threshold's)
+    assert torch.equal(out.signbit(), torch.threshold(x, -subnormal, 0).signbit())  # −0 stays −0
 
 
 @no_emulation
@@ -43,7 +59,6 @@ def test_relu_inplace(device):
     assert torch.equal(g, (before >= 0).float())
 
 
-@no_emulation
 def test_relu_gradcheck(device):
     x = torch.randn(20, dtype=torch.float64, device=device)
     x = (x + x.sign() * 0.1).requires_grad_()  # stay clear of the kink for finite differences

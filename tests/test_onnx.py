@@ -10,7 +10,8 @@ ort = pytest.importorskip("onnxruntime", reason="running the exported model need
 import torchcnn.onnx  # noqa: E402
 from models import ResNetBlock, SmallCNN, twins  # noqa: E402
 
-STANDARD = {"Conv", "MaxPool", "Gemm", "MatMul", "Add", "LessOrEqual", "Where", "ReduceMean", "Reshape", "Flatten"}
+STANDARD = {"Conv", "MaxPool", "Gemm", "MatMul", "Add", "Relu", "LessOrEqual", "Where", "ReduceMean", "Reshape",
+            "Flatten"}
 
 
 @pytest.mark.parametrize("model_class,shape", [(SmallCNN, (3, 1, 10, 10)), (ResNetBlock, (2, 3, 16, 16))])
@@ -50,5 +51,5 @@ def test_fused_layers_export_to_conv_relu_maxpool(tmp_path):
 def test_translation_table_covers_the_forward_ops():
     table = torchcnn.onnx.translation_table()
     ops = torch.ops.torchcnn
-    assert set(table) == {ops.conv2d.default, ops.conv2d_relu.default, ops.conv2d_relu_max_pool2d.default,
-                          ops.max_pool2d_with_indices.default}
+    assert set(table) == {ops.relu.default, ops.conv2d.default, ops.conv2d_relu.default,
+                          ops.conv2d_relu_max_pool2d.default, ops.max_pool2d_with_indices.default}

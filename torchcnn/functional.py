@@ -1,9 +1,9 @@
 """torchcnn's functions, with the names and signatures of ``torch.nn.functional``.
 
-``conv2d``, the fused ``conv2d_relu`` and ``conv2d_relu_max_pool2d``, ``max_pool2d`` and
+``conv2d``, the fused ``conv2d_relu`` and ``conv2d_relu_max_pool2d``, ``max_pool2d``, ``relu`` and
 ``cross_entropy`` (with class-index targets) run torchcnn's operators (``torch.ops.torchcnn``, with
-their autograd, vmap and autocast rules: :mod:`torchcnn._ops`); ``relu`` and ``linear`` follow the
-design notes and are built from torch ops.
+their autograd, vmap and autocast rules: :mod:`torchcnn._ops`); ``linear``, in-place ``relu`` and
+the other cases of ``cross_entropy`` follow the design notes with torch's ops.
 """
 
 from __future__ import annotations
@@ -157,16 +157,20 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
     ``torchcnn`` gives ∂L/∂z = ∂L/∂a. Everywhere else the two agree (NaN propagates).
     """
     _check_tensor("relu", "input", input)
-    # torch.threshold(z, t, 0) is z where z > t, else 0, and its gradient passes where z > t.
-    # With t the largest float below zero (minus the dtype's smallest subnormal), "z > t" is
-    # exactly "z ≥ 0": the design notes' ReLU from torch's own ReLU kernels, so it is as fast as
-    # torch.relu and works under every autograd mode, vmap, torch.compile and export. (With
-    # torch.set_flush_denormal(True) the CPU reads t as 0, and the gradient at z = 0 is torch's.)
     if not input.is_floating_point():
         raise TypeError(f"relu: expected input to have a floating-point dtype but got {input.dtype}")
+    if not inplace:
+        # torchcnn's relu op: one pass, and the backward keeps a byte per value (where the gradient
+        # passes) instead of the input.
+        output, _ = call("relu", input)
+        return output
+    # In place, torch.threshold_(z, t, 0): z where z > t, else 0, its gradient passing where z > t.
+    # With t the largest float below zero (minus the dtype's smallest subnormal), "z > t" is exactly
+    # "z ≥ 0": the design notes' ReLU from torch's own kernel, which autograd, vmap, torch.compile
+    # and export take in place. (With torch.set_flush_denormal(True) the CPU reads t as 0, and the
+    # gradient at z = 0 is torch's.)
     info = torch.finfo(input.dtype)
-    below_zero = -info.tiny * info.eps
-    return torch.threshold_(input, below_zero, 0) if inplace else torch.threshold(input, below_zero, 0)
+    return torch.threshold_(input, -info.tiny * info.eps, 0)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -42,7 +42,11 @@ def translation_table() -> dict:
         at_max = op.GatherElements(op.Reshape(y, planes), op.Reshape(indices, planes), axis=2)
         return pooled, indices, passes(op.Reshape(at_max, op.Shape(pooled)))
 
+    def relu(input):
+        return op.Relu(input), passes(input)
+
     return {
+        torch.ops.torchcnn.relu.default: relu,
         torch.ops.torchcnn.conv2d.default: core.aten_conv2d,
         torch.ops.torchcnn.conv2d_relu.default: conv2d_relu,
         torch.ops.torchcnn.conv2d_relu_max_pool2d.default: conv2d_relu_max_pool2d,

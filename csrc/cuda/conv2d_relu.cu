@@ -12,21 +12,10 @@
 #include "../shapes.h"
 #include "conv2d.cuh"
 #include "launch.cuh"
+#include "relu.cuh"
 
 namespace torchcnn {
 namespace {
-
-// One thread per element of Y: A = relu(Y) in place, and whether the gradient passes there.
-template <typename scalar_t>
-__global__ void relu_kernel(scalar_t* __restrict__ y, bool* __restrict__ passes, int64_t total) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const acc_t z = static_cast<acc_t>(y[t]);
-    const bool p = relu_passes(z);
-    y[t] = p ? y[t] : scalar_t(0);
-    passes[t] = p;
-  }
-}
 
 // One thread per pooled output (n, k, i, j): the max of relu(Y) over its window, the flat index of
 // that max in Y's plane, and whether the gradient passes at it (Y there ≥ 0).
@@ -57,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_cuda(
   const int64_t total = output.numel();
   if (total > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "torchcnn::conv2d_relu_cuda", [&] {
-      launch(relu_kernel<scalar_t>, blocks_for(total), kThreads, output.mutable_data_ptr<scalar_t>(),
-             passes.mutable_data_ptr<bool>(), total);
+      scalar_t* y = output.mutable_data_ptr<scalar_t>();
+      launch(relu_kernel<scalar_t>, blocks_for(total), kThreads, y, y, passes.mutable_data_ptr<bool>(), total);
     });
   }
   return {output.contiguous(format), passes.contiguous(format)};

@@ -410,6 +410,41 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
         return call("max_pool2d_backward", grad_output_t, input, indices, *ctx.params.args())
 
 
+@dataclasses.dataclass(frozen=True)
+class NoParams:
+    """The parameters of an op that has none (relu)."""
+
+    def args(self):
+        return ()
+
+
+class ReLUFunction(torch.autograd.Function):
+    """A = relu(Z) and M = (Z ≥ 0), where the design notes' ReLU passes its gradient: ∂L/∂Z = M ⊙ ∂L/∂A,
+    and the tangent of A is M ⊙ Ż. Only M is kept for the backward, not Z."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, params):
+        return _below_autograd(ops.relu, input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.save_for_forward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_passes):
+        (passes,) = ctx.saved_tensors
+        return torch.where(passes, grad_output, 0), None
+
+    @staticmethod
+    def jvp(ctx, input_t, _):
+        (passes,) = ctx.saved_tensors
+        return torch.where(passes, input_t, 0), None
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """L = softmax + cross-entropy of logits z (rows, classes) and class-index targets, reduced:
     ∂L/∂z = (ŷ − y) · w scaled by the reduction, one pass of cross_entropy_backward from the
@@ -502,6 +537,7 @@ FUNCTIONS = {  # op name -> (Function, number of leading tensor arguments, param
     "max_pool2d_with_indices": (MaxPool2dFunction, 1, MaxPool2dParams),
     "max_pool2d_backward": (MaxPool2dBackwardFunction, 3, MaxPool2dParams),
     "cross_entropy": (CrossEntropyFunction, 3, CrossEntropyParams),
+    "relu": (ReLUFunction, 1, NoParams),
 }
 
 

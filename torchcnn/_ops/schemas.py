@@ -14,7 +14,7 @@ library for the same schemas in ``torchcnn_emulated``.
 from __future__ import annotations
 
 import torch
-from torch._prims_common import suggest_memory_format
+from torch._prims_common import is_non_overlapping_and_dense_or_false, suggest_memory_format
 
 from .. import _extension
 
@@ -37,6 +37,8 @@ SCHEMAS = {
     # the convolution's output plane, and whether the gradient passes at it.
     "conv2d_relu_max_pool2d": "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
                               "int[2] dilation=1, int groups=1, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)",
+    # A = relu(Z) with the design notes' ReLU, and where its gradient passes (Z ≥ 0), for the backward.
+    "relu": "(Tensor input) -> (Tensor, Tensor)",
     # softmax + cross-entropy over rows of logits (rows, classes) with class-index targets: the loss
     # (per row for reduction='none'), and, for the backward, each row's log Σ exp and Σ w_target.
     "cross_entropy": "(Tensor input, Tensor target, Tensor? weight=None, str reduction='mean', "
@@ -370,3 +372,12 @@ def _cross_entropy_backward_fake(grad_loss, input, target, weight, log_sum_exp, 
                        lambda: f"{op}: expected grad_loss of the loss's shape "
                                f"({'[rows]' if reduction == 'none' else 'a scalar'}) but got {list(grad_loss.shape)}")
     return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("torchcnn::relu")
+def _relu_fake(input):
+    torch._check_type(input.dtype in KERNEL_DTYPES,
+                      lambda: f"relu: expected input to have a floating-point dtype (float16, bfloat16, float32 or "
+                              f"float64) but got {_c10(input.dtype)}")
+    dense = input if is_non_overlapping_and_dense_or_false(input) else input.contiguous()
+    return torch.empty_like(dense), torch.empty_like(dense, dtype=torch.bool)

@@ -135,3 +135,9 @@ def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, kernel
     return _from_batch(grad_input, size, x.shape[0]), 0
 
 
+
+
+@torch.library.register_vmap("torchcnn::relu")
+def _relu_vmap(info, in_dims, input):
+    out, passes = ops.relu(input)  # elementwise: the vmapped dimension stays where it is
+    return (out, passes), (in_dims[0], in_dims[0])
