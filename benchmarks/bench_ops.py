@@ -30,7 +30,8 @@ from torch.utils import benchmark  # noqa: E402  (after torchcnn.load(): it woul
 
 
 def cases(batch: int):
-    """(name, torchcnn fn, torch fn, input shapes) for the MNIST model's layers."""
+    """(name, torchcnn fn, torch fn, inputs) for the MNIST model's layers: each input a shape (a
+    random float tensor that takes a gradient) or a function of a generator (a tensor that does not)."""
     yield ("conv 1→32 3×3, 28×28", CF.conv2d, TF.conv2d, [(batch, 1, 28, 28), (32, 1, 3, 3), (32,)])
     yield ("conv 32→64 3×3, 26×26", CF.conv2d, TF.conv2d, [(batch, 32, 26, 26), (64, 32, 3, 3), (64,)])
     yield ("max_pool 2×2, 64×24×24", lambda x: CF.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2),
@@ -40,6 +41,9 @@ def cases(batch: int):
     composed = lambda x, w, b: TF.max_pool2d(TF.relu(TF.conv2d(x, w, b, padding=1)), 2)  # noqa: E731
     yield ("conv+relu+pool 1→32, 28×28 (fused)", fused, composed, [(batch, 1, 28, 28), (32, 1, 3, 3), (32,)])
     yield ("conv+relu+pool 32→64, 14×14 (fused)", fused, composed, [(batch, 32, 14, 14), (64, 32, 3, 3), (64,)])
+    # softmax + cross-entropy of the 10 logits against class indices (an int64 input: no gradient).
+    labels = lambda gen: torch.randint(0, 10, (batch,), generator=gen)  # noqa: E731
+    yield ("softmax + cross-entropy, 10 classes", CF.cross_entropy, TF.cross_entropy, [(batch, 10), labels])
 
 
 def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5) -> list[dict]:
@@ -51,14 +55,16 @@ def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5) -
     for batch in batches:
         for name, ours, theirs, shapes in cases(batch):
             gen = torch.Generator().manual_seed(0)
-            inputs = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
+            inputs = [s(gen).to(device) if callable(s) else torch.randn(s, generator=gen).to(device).requires_grad_()
+                      for s in shapes]
+            leaves = [t for t in inputs if t.requires_grad]
             row = {"case": name, "batch": batch}
             forward = {"torch": lambda fn=theirs: fn(*inputs), "torchcnn": lambda fn=ours: fn(*inputs)}
             backward = {}
             for which, fn in (("torch", theirs), ("torchcnn", ours)):
                 out = fn(*inputs)
                 grad = torch.randn_like(out)
-                backward[which] = lambda out=out, grad=grad: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+                backward[which] = lambda out=out, grad=grad: torch.autograd.grad(out, leaves, grad, retain_graph=True)
             for pass_, fns in (("fwd", forward), ("bwd", backward)):
                 ms = interleaved_ms(fns, device, rounds, min_run_time)
                 row.update({f"torch_{pass_}": ms["torch"], f"torchcnn_{pass_}": ms["torchcnn"],

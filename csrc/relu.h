@@ -1,7 +1,7 @@
 // The design notes' ReLU on one value, written once for the CPU and the CUDA kernels
 // (C10_HOST_DEVICE): A = max(0, Z), and ∂L/∂Z = ∂L/∂A where Z ≥ 0, 0 where Z < 0 — at exactly
-// Z = 0 the gradient passes (torch's ReLU passes 0 there). NaN propagates and passes its gradient,
-// as torch.threshold, which torchcnn.functional.relu is built on, does.
+// Z = 0 the gradient passes (torch's ReLU gives a zero gradient there). −0 stays −0; NaN
+// propagates and passes its gradient, as torch.threshold (in-place relu) does.
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -2,9 +2,11 @@
 # The GPU verification run: on a machine with a CUDA GPU and torch installed (no network needed),
 #   1. builds the extension from this checkout (CUDA kernels for the GPU present),
 #   2. runs the whole test suite (every op test runs on CUDA too),
-#   3. benchmarks the ops against cuDNN (MNIST shapes, then bench_conv.py's ResNet/depthwise
-#      table) and a training step of the MNIST model against torch.nn,
-#   4. trains one epoch with `train.py --device cuda` when the MNIST files are found,
+#   3. benchmarks the ops against cuDNN (MNIST shapes and the fused conv–ReLU–pool, then
+#      bench_conv.py's ResNet/depthwise table) and a training step of the MNIST model (fused and not)
+#      against torch.nn,
+#   4. with the MNIST files: the time to 99 % test accuracy (--recipe fast) for both backends, and
+#      one epoch of `train.py --device cuda`,
 #   5. with --sanitize, runs the CUDA op tests under compute-sanitizer (memcheck and racecheck),
 # and prints a summary table last (also written to $OUT_DIR/summary.md).
 #
@@ -23,7 +25,7 @@ for arg in "$@"; do
   case "$arg" in
     --sanitize) sanitize=1 ;;
     --sanitize-only) sanitize=1; main=0 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -162,11 +164,34 @@ if "$PYTHON" benchmarks/bench_train_step.py --device cuda --min-run-time 0.5 --j
 import json, sys
 d = json.load(open(sys.argv[1]))
 print(", ".join(f"batch {r['batch']}: {r['torchcnn_ms']:.2f} ms vs {r['torch_ms']:.2f} ms "
-                f"({r['torchcnn_ms'] / r['torch_ms']:.2f}x)" for r in d["rows"]))
+                f"({r['ratio']:.2f}x; --no-fuse {r['unfused_ratio']:.2f}x)" for r in d["rows"]))
 EOF
 )"
 else
   note "train step" "FAILED (see $OUT_DIR/bench_train_step.log)"; status=1
+fi
+
+stage "time to 99 % test accuracy, --recipe fast: torchcnn vs torch"
+if "$PYTHON" -c "import sys; from torchcnn.mnist import data; sys.exit(0 if data.find_files(data.default_data_dir()) else 1)"; then
+  for backend in torchcnn torch; do
+    "$PYTHON" benchmarks/time_to_accuracy.py --device cuda --backend "$backend" --json "$OUT_DIR/tta_$backend.json" \
+      2>&1 | tee "$OUT_DIR/tta_$backend.log"
+  done
+  note "time to 99%" "$("$PYTHON" - "$OUT_DIR" <<'EOF'
+import json, os, sys
+parts = []
+for backend in ("torchcnn", "torch"):
+    path = os.path.join(sys.argv[1], f"tta_{backend}.json")
+    if not os.path.exists(path):
+        parts.append(f"{backend}: FAILED"); continue
+    d = json.load(open(path))
+    parts.append(f"{backend}: {d['seconds_to_target']:.1f} s" if d["reached"] else
+                 f"{backend}: not reached ({d['test_accuracy']:.2%} in {d['training_seconds']:.1f} s)")
+print(", ".join(parts))
+EOF
+)"
+else
+  note "time to 99%" "skipped: no MNIST files (set TORCHCNN_DATA_DIR)"
 fi
 
 stage "train.py --device cuda --epochs 1"
@@ -198,6 +223,7 @@ if [ "$sanitize" -eq 1 ]; then
       start=$SECONDS
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 99 \
         "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_conv2d.py tests/test_max_pool2d.py \
+        tests/test_fused.py tests/test_cross_entropy.py tests/test_layers.py \
         -k "cuda and not emulated and not gradcheck" 2>&1 | tee "$OUT_DIR/sanitize_$tool.log"
       rc=${PIPESTATUS[0]}
       errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$OUT_DIR/sanitize_$tool.log" | tail -1)

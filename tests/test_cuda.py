@@ -93,6 +93,34 @@ def test_a_training_step_never_synchronizes_with_the_host(fuse):
     torch.cuda.synchronize()
 
 
+DEVICE_CHECKS = {
+    "pool indices": """
+x = torch.randn(1, 2, 4, 4, device="cuda")
+out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x, [2, 2], [2, 2])
+idx[0, 1, 1, 1] = 0  # another window's pixel
+torch.ops.torchcnn.max_pool2d_backward(out, x, idx, [2, 2], [2, 2], [0, 0], [1, 1], False)
+""",
+    "loss targets": """
+torchcnn.functional.cross_entropy(torch.randn(3, 4, device="cuda"), torch.tensor([0, 4, 1], device="cuda"))
+""",
+}
+
+
+@pytest.mark.parametrize("case", DEVICE_CHECKS)
+def test_bad_indices_and_targets_stop_on_the_device(case):
+    """Checked on the device, without a host synchronisation: a device-side assert, reported at
+    the next synchronisation (as torch's own index checks). It poisons the CUDA context, hence a
+    process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch, torchcnn\ntorchcnn.load()\n" + DEVICE_CHECKS[case] + "torch.cuda.synchronize()\n"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode != 0 and "device-side assert" in done.stderr, done.stderr[-2000:]
+
+
 def test_compile_reduce_overhead_matches_eager():
     torch.manual_seed(0)
     model = _mnist_model(torchcnn.nn).cuda()

@@ -102,6 +102,9 @@ def test_empty_batch_gives_empty_result(device):
 @pytest.mark.parametrize("where,index", [((0, 1, 1, 1), 16), ((0, 1, 1, 1), 0), ((0, 0, 0, 1), -1)],
                          ids=["past the plane", "another window's pixel", "negative"])
 def test_backward_rejects_indices_outside_their_window(device, where, index):
+    if device == "cuda":
+        pytest.skip("on a GPU a device-side assert, which poisons the process's CUDA context: test_cuda.py checks it "
+                    "in a process of its own")
     x = torch.randn(1, 2, 4, 4, device=device)
     out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x, [2, 2], [2, 2])
     idx[where] = index

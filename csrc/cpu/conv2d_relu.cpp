@@ -87,7 +87,7 @@ void relu_pool_plane(const at::opmath_type<scalar_t>* y, scalar_t* out, int64_t*
   for (int64_t oh = 0; oh < p.out_height; ++oh) {
     int64_t ow = 0;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (oh < full_rows && cpu_has_avx512()) {
+      if (oh < full_rows && max_pool_2x2_vectorizes(W)) {
         const int64_t o = oh * p.out_width;
         max_pool_2x2_row_avx512<true>(y + 2 * oh * W, y + (2 * oh + 1) * W, full_columns, 2 * oh * W, W, out + o,
                                       idx + o, pass + o);

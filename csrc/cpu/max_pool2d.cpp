@@ -48,7 +48,7 @@ void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Wind
     int64_t* ir = idx + oh * g.out_width;
     const int64_t base = 2 * oh * W;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (cpu::cpu_has_avx512()) {
+      if (cpu::max_pool_2x2_vectorizes(W)) {
         cpu::max_pool_2x2_row_avx512<false>(r0, r1, g.out_width, base, W, yr, ir, nullptr);
         continue;
       }
@@ -86,7 +86,7 @@ void max_pool_backward_plane_2x2(const scalar_t* go, const int64_t* idx, scalar_
                                  const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu::cpu_has_avx512()) {  // rows written whole, then the pixels no window covers zeroed
+    if (cpu::max_pool_2x2_vectorizes(g.width)) {  // rows written whole, then the pixels no window covers zeroed
       const int64_t W = g.width, covered = 2 * g.out_width;
       uint32_t invalid = 0;
       for (int64_t oh = 0; oh < g.out_height; ++oh) {

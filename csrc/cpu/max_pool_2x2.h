@@ -35,8 +35,13 @@ __attribute__((target("avx512f"))) inline void take16(__m512 value, __m512 raw, 
 
 }  // namespace detail
 
+// Whether a row of this width takes the vector kernels, whose column arithmetic is in int32.
+inline bool max_pool_2x2_vectorizes(int64_t width) {
+  return cpu_has_avx512() && width < (int64_t{1} << 29);
+}
+
 // `count` windows of rows r0 and r1 (each ≥ 2·count floats); with kRelu the max is over relu(tap)
-// and pass[j] says whether the ReLU passes its gradient at the argmax (the tap there ≥ 0).
+// and pass[j] says whether the ReLU passes its gradient at the argmax (the tap there ≥ 0, or NaN).
 template <bool kRelu>
 __attribute__((target("avx512f"))) inline void max_pool_2x2_row_avx512(const float* r0, const float* r1,
                                                                         int64_t count, int64_t first, int64_t width,

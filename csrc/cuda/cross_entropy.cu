@@ -13,8 +13,8 @@
 namespace torchcnn {
 namespace {
 
-constexpr const char* kBadTarget =
-    "cross_entropy: a target is out of bounds (expected 0 ≤ target < classes, or ignore_index)";
+// A string literal where it is used: a device-side assert takes its message from device code.
+#define BAD_TARGET "cross_entropy: a target is out of bounds (expected 0 ≤ target < classes, or ignore_index)"
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void cross_entropy_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ target,
@@ -22,7 +22,7 @@ __global__ void cross_entropy_kernel(const scalar_t* __restrict__ z, const int64
                                      acc_t* __restrict__ lse, acc_t* __restrict__ weights, int64_t rows,
                                      int64_t classes, int64_t ignore_index, acc_t smoothing) {
   for (int64_t i = grid_start(); i < rows; i += grid_step()) {
-    KERNEL_CHECK_INDEX(is_valid_target(target[i], classes, ignore_index), kBadTarget);
+    KERNEL_CHECK_INDEX(is_valid_target(target[i], classes, ignore_index), BAD_TARGET);
     cross_entropy_row(z + i * classes, classes, target[i], weight, ignore_index, smoothing, losses[i], lse[i],
                       weights[i]);
   }
@@ -34,7 +34,7 @@ __global__ void cross_entropy_backward_kernel(const scalar_t* __restrict__ z, co
                                               const acc_t* __restrict__ scale, scalar_t* __restrict__ grad,
                                               int64_t rows, int64_t classes, int64_t ignore_index, acc_t smoothing) {
   for (int64_t i = grid_start(); i < rows; i += grid_step()) {
-    KERNEL_CHECK_INDEX(is_valid_target(target[i], classes, ignore_index), kBadTarget);
+    KERNEL_CHECK_INDEX(is_valid_target(target[i], classes, ignore_index), BAD_TARGET);
     cross_entropy_backward_row(z + i * classes, classes, target[i], weight, ignore_index, smoothing, lse[i], scale[i],
                                grad + i * classes);
   }

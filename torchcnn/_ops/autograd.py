@@ -26,7 +26,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .autocast import AUTOCAST_OPS, autocast
-from .schemas import conv2d_output_shape, ops
+from .schemas import _opmath, conv2d_output_shape, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,7 +474,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                                       "torchcnn.functional.cross_entropy computes one")
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        if torch.is_grad_enabled():  # create_graph: a formula autograd can differentiate again
+        if torch.is_grad_enabled() or _tracks_derivatives((grad_loss, input, weight)):
+            # create_graph, or tangents to carry (forward-over-reverse): a formula autograd can
+            # differentiate again; the op below autograd would drop them.
             grad = cross_entropy_gradient(grad_loss, input, target, weight, total_weight, ctx.params)
         else:
             grad = _below_autograd(ops.cross_entropy_backward, grad_loss, input, target, weight, log_sum_exp,
@@ -517,10 +519,6 @@ def cross_entropy_gradient(grad_loss, input, target, weight, total_weight, param
         scale = scale / total_weight
     scale = scale.expand(input.shape[:1]) if reduction != "none" else scale
     return torch.where(ignored[:, None], 0, d * scale[:, None]).to(input.dtype)
-
-
-def _opmath(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # --------------------------------------------------------------------------------------------

@@ -371,6 +371,14 @@ def _cross_entropy_backward_fake(grad_loss, input, target, weight, log_sum_exp, 
     torch._check_value(tuple(grad_loss.shape) == tuple(expected),
                        lambda: f"{op}: expected grad_loss of the loss's shape "
                                f"({'[rows]' if reduction == 'none' else 'a scalar'}) but got {list(grad_loss.shape)}")
+    acc = _opmath(input.dtype)
+    torch._check_value(log_sum_exp.device == input.device and log_sum_exp.dtype == acc and log_sum_exp.dim() == 1
+                       and log_sum_exp.shape[0] == input.shape[0],
+                       lambda: f"{op}: expected log_sum_exp as the forward returned it ({input.shape[0]} values of "
+                               f"{_c10(acc)}) but got {_c10(log_sum_exp.dtype)} of shape {list(log_sum_exp.shape)}")
+    torch._check_value(total_weight.device == input.device and total_weight.dtype == acc and total_weight.dim() == 0,
+                       lambda: f"{op}: expected total_weight as the forward returned it (a scalar of {_c10(acc)}) but "
+                               f"got {_c10(total_weight.dtype)} of shape {list(total_weight.shape)}")
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
