@@ -333,6 +333,23 @@ inline CrossEntropyGeometry cross_entropy_backward_geometry(
   return g;
 }
 
+// relu_backward's arguments: a floating gradient and a bool mask of its shape on its device, both
+// returned laid out alike (as they are when dense with the same strides, else contiguous).
+inline std::pair<at::Tensor, at::Tensor> relu_backward_layout(const char* op, const at::Tensor& grad_output,
+                                                              const at::Tensor& passes) {
+  detail::check_floating(op, "grad_output", grad_output);
+  TORCH_CHECK_TYPE(passes.scalar_type() == at::kBool, op, ": expected passes to be a bool tensor but got ",
+                   passes.scalar_type());
+  TORCH_CHECK_VALUE(passes.device() == grad_output.device(), op, ": expected passes to be on the same device as "
+                    "grad_output (", grad_output.device(), ") but got ", passes.device());
+  TORCH_CHECK_VALUE(passes.sizes() == grad_output.sizes(), op, ": expected passes of grad_output's shape ",
+                    grad_output.sizes(), " but got ", detail::shape_str(passes));
+  if (grad_output.is_non_overlapping_and_dense() && passes.strides() == grad_output.strides()) {
+    return {grad_output, passes};
+  }
+  return {grad_output.contiguous(), passes.contiguous()};
+}
+
 // Checks max_pool2d_backward's arguments: the forward's, then grad_output and indices against the
 // forward's output. Returns the forward's geometry.
 inline Window2d max_pool2d_backward_geometry(

@@ -224,6 +224,15 @@ def relu_sample_inputs(device, dtype, requires_grad=False, full=False):
         yield (x.requires_grad_(requires_grad),)
 
 
+def relu_backward_sample_inputs(device, dtype, requires_grad=False, full=False):
+    """relu's samples as gradients, with masks of their shape (and, once, of other strides)."""
+    for (x,) in relu_sample_inputs(device, dtype):
+        passes = torch.rand(x.shape, device=device) > 0.5
+        yield (x.detach().requires_grad_(requires_grad), passes)
+    g = torch.randn(4, 6, dtype=dtype, device=device, requires_grad=requires_grad)
+    yield (g, (torch.rand(6, 4, device=device) > 0.5).t())
+
+
 SAMPLE_INPUTS = {
     "conv2d": conv2d_sample_inputs,
     "conv2d_relu": conv2d_relu_sample_inputs,
@@ -234,4 +243,5 @@ SAMPLE_INPUTS = {
     "max_pool2d_backward": max_pool2d_backward_sample_inputs,
     "cross_entropy": cross_entropy_sample_inputs,
     "relu": relu_sample_inputs,
+    "relu_backward": relu_backward_sample_inputs,
 }

@@ -28,10 +28,36 @@ std::tuple<at::Tensor, at::Tensor> relu_cuda(const at::Tensor& input_) {
   return {output, passes};
 }
 
+// One thread per value: ∂L/∂Z = ∂L/∂A where the ReLU passes, else exactly 0.
+template <typename scalar_t>
+__global__ void relu_backward_kernel(const scalar_t* __restrict__ grad, const bool* __restrict__ passes,
+                                     scalar_t* __restrict__ out, int64_t total) {
+  for (int64_t t = grid_start(); t < total; t += grid_step()) {
+    out[t] = passes[t] ? grad[t] : scalar_t(0);
+  }
+}
+
+at::Tensor relu_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& passes_) {
+  const auto layout = relu_backward_layout("relu_backward", grad_output_, passes_);
+  const auto grad_output = layout.first, passes = layout.second;
+  const DeviceGuard guard(grad_output.device());
+  auto grad_input = at::empty_like(grad_output);
+  const int64_t total = grad_output.numel();
+  if (total > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "torchcnn::relu_backward_cuda",
+                                    [&] {
+      launch(relu_backward_kernel<scalar_t>, blocks_for(total), kThreads, grad_output.const_data_ptr<scalar_t>(),
+             passes.const_data_ptr<bool>(), grad_input.mutable_data_ptr<scalar_t>(), total);
+    });
+  }
+  return grad_input;
+}
+
 }  // namespace
 
 TORCHCNN_CUDA_KERNELS(m) {
   m.impl("relu", &relu_cuda);
+  m.impl("relu_backward", &relu_backward_cuda);
 }
 
 }  // namespace torchcnn

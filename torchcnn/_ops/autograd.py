@@ -198,13 +198,13 @@ class Conv2dReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_passes):
         input, weight, passes = ctx.saved_tensors
-        return _conv2d_gradients(ctx, torch.where(passes, grad_output, 0), input, weight, ctx.params)
+        return _conv2d_gradients(ctx, call("relu_backward", grad_output, passes), input, weight, ctx.params)
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, _):
         input, weight, passes = ctx.saved_tensors
         tangent = _conv2d_tangent(input, weight, input_t, weight_t, bias_t, ctx.params, passes.shape)
-        return torch.where(passes, tangent, 0), None
+        return call("relu_backward", tangent, passes), None
 
 
 class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
@@ -235,7 +235,7 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         conv = ctx.params.conv()
         # max_pool2d_backward reads only the shape of its `input`, Y here: a stand-in of no storage.
         y_shape = grad_output.new_empty(()).expand(_conv2d_output_shape(input, weight, conv))
-        grad_y = call("max_pool2d_backward", torch.where(passes, grad_output, 0), y_shape, indices,
+        grad_y = call("max_pool2d_backward", call("relu_backward", grad_output, passes), y_shape, indices,
                       *ctx.params.pool().args())
         return _conv2d_gradients(ctx, grad_y, input, weight, conv)
 
@@ -245,7 +245,7 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         conv = ctx.params.conv()
         tangent = _conv2d_tangent(input, weight, input_t, weight_t, bias_t, conv,
                                   _conv2d_output_shape(input, weight, conv))
-        return torch.where(passes, gather_at_argmax(tangent, indices, ctx.params.pool()), 0), None, None
+        return call("relu_backward", gather_at_argmax(tangent, indices, ctx.params.pool()), passes), None, None
 
 
 class _Conv2dGradientFunction(torch.autograd.Function):
@@ -437,12 +437,38 @@ class ReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_passes):
         (passes,) = ctx.saved_tensors
-        return torch.where(passes, grad_output, 0), None
+        return call("relu_backward", grad_output, passes), None
 
     @staticmethod
     def jvp(ctx, input_t, _):
         (passes,) = ctx.saved_tensors
-        return torch.where(passes, input_t, 0), None
+        return call("relu_backward", input_t, passes), None
+
+
+class ReLUBackwardFunction(torch.autograd.Function):
+    """∂L/∂Z = M ⊙ ∂L/∂A (M where the ReLU passes): linear in ∂L/∂A, so its gradient and tangent are
+    the same masking; M is a constant."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, passes, params):
+        return _below_autograd(ops.relu_backward, grad_output, passes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        (passes,) = ctx.saved_tensors
+        return call("relu_backward", grad_grad_input, passes), None, None
+
+    @staticmethod
+    def jvp(ctx, grad_output_t, _passes_t, _):
+        (passes,) = ctx.saved_tensors
+        return call("relu_backward", grad_output_t, passes)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -536,6 +562,7 @@ FUNCTIONS = {  # op name -> (Function, number of leading tensor arguments, param
     "max_pool2d_backward": (MaxPool2dBackwardFunction, 3, MaxPool2dParams),
     "cross_entropy": (CrossEntropyFunction, 3, CrossEntropyParams),
     "relu": (ReLUFunction, 1, NoParams),
+    "relu_backward": (ReLUBackwardFunction, 2, NoParams),
 }
 
 

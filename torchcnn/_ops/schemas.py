@@ -39,6 +39,8 @@ SCHEMAS = {
                               "int[2] dilation=1, int groups=1, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)",
     # A = relu(Z) with the design notes' ReLU, and where its gradient passes (Z ≥ 0), for the backward.
     "relu": "(Tensor input) -> (Tensor, Tensor)",
+    # ∂L/∂Z = ∂L/∂A where the ReLU passes (the mask relu and the fused ops return), else 0.
+    "relu_backward": "(Tensor grad_output, Tensor passes) -> Tensor",
     # softmax + cross-entropy over rows of logits (rows, classes) with class-index targets: the loss
     # (per row for reduction='none'), and, for the backward, each row's log Σ exp and Σ w_target.
     "cross_entropy": "(Tensor input, Tensor target, Tensor? weight=None, str reduction='mean', "
@@ -389,3 +391,21 @@ def _relu_fake(input):
                               f"float64) but got {_c10(input.dtype)}")
     dense = input if is_non_overlapping_and_dense_or_false(input) else input.contiguous()
     return torch.empty_like(dense), torch.empty_like(dense, dtype=torch.bool)
+
+
+@torch.library.register_fake("torchcnn::relu_backward")
+def _relu_backward_fake(grad_output, passes):
+    op = "relu_backward"
+    torch._check_type(grad_output.dtype in KERNEL_DTYPES,
+                      lambda: f"{op}: expected grad_output to have a floating-point dtype (float16, bfloat16, float32 "
+                              f"or float64) but got {_c10(grad_output.dtype)}")
+    torch._check_type(passes.dtype == torch.bool, lambda: f"{op}: expected passes to be a bool tensor but got "
+                                                          f"{_c10(passes.dtype)}")
+    torch._check_value(passes.device == grad_output.device,
+                       lambda: f"{op}: expected passes to be on the same device as grad_output ({grad_output.device}) "
+                               f"but got {passes.device}")
+    torch._check_value(tuple(passes.shape) == tuple(grad_output.shape),
+                       lambda: f"{op}: expected passes of grad_output's shape {list(grad_output.shape)} but got "
+                               f"{list(passes.shape)}")
+    same = is_non_overlapping_and_dense_or_false(grad_output) and passes.stride() == grad_output.stride()
+    return torch.empty_like(grad_output if same else grad_output.contiguous())

@@ -141,3 +141,10 @@ def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, kernel
 def _relu_vmap(info, in_dims, input):
     out, passes = ops.relu(input)  # elementwise: the vmapped dimension stays where it is
     return (out, passes), (in_dims[0], in_dims[0])
+
+
+@torch.library.register_vmap("torchcnn::relu_backward")
+def _relu_backward_vmap(info, in_dims, grad_output, passes):
+    size = info.batch_size
+    g_dim, p_dim = in_dims[:2]
+    return ops.relu_backward(_front(grad_output, g_dim, size), _front(passes, p_dim, size)), 0
