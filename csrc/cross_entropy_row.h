@@ -99,8 +99,26 @@ C10_HOST_DEVICE inline void cross_entropy_backward_row(const scalar_t* z, int64_
   }
 }
 
-// Host side, shared by the CPU and CUDA ops: the reductions, as ATen ops on the device (no host
-// synchronisation). `losses` and `weights` are the rows' loss and w_t in the op-math type.
+// Host side, shared by the CPU and CUDA ops: the operands as the kernels read them, and the
+// reductions, as ATen ops on the device (no host synchronisation).
+
+// input, target and weight contiguous (weight undefined when not given).
+struct CrossEntropyOperands {
+  at::Tensor input, target, weight;
+};
+
+inline CrossEntropyOperands cross_entropy_operands(const at::Tensor& input, const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& weight) {
+  return {input.contiguous(), target.contiguous(),
+          weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor()};
+}
+
+// One value per row in the op-math type (the rows' losses, log Σ exp and weights w_t).
+inline at::Tensor per_row(const at::Tensor& input, int64_t rows) {
+  return at::empty({rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
+}
+
+// `losses` and `weights` are the rows' loss and w_t in the op-math type.
 
 // The loss in the input's dtype: per row (reduction 'none'), their sum, or Σ loss / Σ w_t ('mean').
 inline at::Tensor reduce_cross_entropy(const at::Tensor& losses, const at::Tensor& total_weight,

@@ -30,13 +30,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_cpu(
     const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
     c10::string_view reduction, int64_t ignore_index, double label_smoothing) {
   const auto g = cross_entropy_geometry("cross_entropy", input_, target_, weight_, reduction, label_smoothing);
-  const auto input = input_.contiguous();
-  const auto target = target_.contiguous();
-  const auto weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
-  const auto acc = at::toOpMathType(input.scalar_type());
-  auto losses = at::empty({g.rows}, input.options().dtype(acc));
-  auto lse = at::empty({g.rows}, input.options().dtype(acc));
-  auto weights = at::empty({g.rows}, input.options().dtype(acc));
+  const auto operands = cross_entropy_operands(input_, target_, weight_);
+  const at::Tensor &input = operands.input, &target = operands.target, &weight = operands.weight;
+  auto losses = per_row(input, g.rows), lse = per_row(input, g.rows), weights = per_row(input, g.rows);
   check_targets(target.const_data_ptr<int64_t>(), g, ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "torchcnn::cross_entropy", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -63,9 +59,8 @@ at::Tensor cross_entropy_backward_cpu(
     c10::string_view reduction, int64_t ignore_index, double label_smoothing) {
   const auto g = cross_entropy_backward_geometry("cross_entropy_backward", grad_loss, input_, target_, weight_,
                                                  log_sum_exp, total_weight, reduction, label_smoothing);
-  const auto input = input_.contiguous();
-  const auto target = target_.contiguous();
-  const auto weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
+  const auto operands = cross_entropy_operands(input_, target_, weight_);
+  const at::Tensor &input = operands.input, &target = operands.target, &weight = operands.weight;
   const auto lse = log_sum_exp.contiguous();
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto scales = cross_entropy_scales(grad_loss, total_weight, g.reduction, g.rows, acc);

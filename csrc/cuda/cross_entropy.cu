@@ -45,13 +45,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_cuda(
     c10::string_view reduction, int64_t ignore_index, double label_smoothing) {
   const auto g = cross_entropy_geometry("cross_entropy", input_, target_, weight_, reduction, label_smoothing);
   const DeviceGuard guard(input_.device());
-  const auto input = input_.contiguous();
-  const auto target = target_.contiguous();
-  const auto weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
-  const auto acc = at::toOpMathType(input.scalar_type());
-  auto losses = at::empty({g.rows}, input.options().dtype(acc));
-  auto lse = at::empty({g.rows}, input.options().dtype(acc));
-  auto weights = at::empty({g.rows}, input.options().dtype(acc));
+  const auto operands = cross_entropy_operands(input_, target_, weight_);
+  const at::Tensor &input = operands.input, &target = operands.target, &weight = operands.weight;
+  auto losses = per_row(input, g.rows), lse = per_row(input, g.rows), weights = per_row(input, g.rows);
   if (g.rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::cross_entropy_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -72,9 +68,8 @@ at::Tensor cross_entropy_backward_cuda(
   const auto g = cross_entropy_backward_geometry("cross_entropy_backward", grad_loss, input_, target_, weight_,
                                                  log_sum_exp, total_weight, reduction, label_smoothing);
   const DeviceGuard guard(input_.device());
-  const auto input = input_.contiguous();
-  const auto target = target_.contiguous();
-  const auto weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
+  const auto operands = cross_entropy_operands(input_, target_, weight_);
+  const at::Tensor &input = operands.input, &target = operands.target, &weight = operands.weight;
   const auto lse = log_sum_exp.contiguous();
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto scales = cross_entropy_scales(grad_loss, total_weight, g.reduction, g.rows, acc);
