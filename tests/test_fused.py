@@ -314,3 +314,14 @@ def test_relu_pool_over_many_windows_matches_torch(width, device):
         expected, expected_indices = torch.nn.functional.max_pool2d(relu, 2, ceil_mode=ceil_mode, return_indices=True)
         torch.testing.assert_close(out, expected, equal_nan=True)
         assert torch.equal(indices, expected_indices)
+
+
+def test_an_empty_batch_gives_empty_results_and_gradients(device):
+    x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    out, indices = F.conv2d_relu_max_pool2d(x, w, b, padding=1, return_indices=True)
+    assert out.shape == indices.shape == (0, 4, 4, 4)
+    grads = torch.autograd.grad(out.sum() + F.conv2d_relu(x, w, b).sum(), (x, w, b))
+    assert grads[0].shape == x.shape and torch.equal(grads[1], torch.zeros_like(w))
+    assert torch.equal(grads[2], torch.zeros_like(b))

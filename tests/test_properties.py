@@ -206,3 +206,34 @@ def test_max_pool2d_gradient_fake_kernel_agrees_with_the_kernel(device, data):
         indices = indices.int()
     case = f"input {tuple(x.shape)}, grad_output {tuple(grad.shape)} {grad.dtype}, indices {indices.dtype}, {kwargs}"
     _fake_agrees(lambda g, x, i: torch.ops.torchcnn.max_pool2d_backward(g, x, i, *params), (grad, x, indices), case)
+
+
+@pytest.mark.no_emulation
+@SETTINGS
+@given(data=st.data())
+def test_fused_fake_kernels_agree_with_the_kernels(device, data):
+    """conv2d_relu and conv2d_relu_max_pool2d over conv2d's draws (ceil_mode drawn too): the fake
+    kernels' shapes, strides and errors are the kernels' — the pool's "at least 2×2" included."""
+    x, w, b, kwargs = data.draw(conv2d_cases(device))
+    ceil_mode = data.draw(st.booleans())
+    case = f"input {tuple(x.shape)}, weight {tuple(w.shape)}, bias {b is not None}, {kwargs}, ceil_mode {ceil_mode}"
+    _fake_agrees(lambda x, w, b: F.conv2d_relu(x, w, b, **kwargs), (x, w, b), f"conv2d_relu: {case}")
+    _fake_agrees(lambda x, w, b: F.conv2d_relu_max_pool2d(x, w, b, **kwargs, ceil_mode=ceil_mode, return_indices=True),
+                 (x, w, b), f"conv2d_relu_max_pool2d: {case}")
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fused_ops_are_the_composition(device, data):
+    """Over conv2d's draws: the fused op raises as the composition does, or gives its values and
+    indices exactly."""
+    x, w, b, kwargs = data.draw(conv2d_cases(device))
+    ceil_mode = data.draw(st.booleans())
+    case = f"input {tuple(x.shape)}, weight {tuple(w.shape)}, {kwargs}, ceil_mode {ceil_mode}"
+    fused, error = _outcome(lambda: F.conv2d_relu_max_pool2d(x, w, b, **kwargs, ceil_mode=ceil_mode,
+                                                             return_indices=True))
+    composed, composed_error = _outcome(lambda: F.max_pool2d(F.relu(F.conv2d(x, w, b, **kwargs)), 2,
+                                                             ceil_mode=ceil_mode, return_indices=True))
+    assert (error is None) == (composed_error is None), f"{case}: fused {error!r}, composed {composed_error!r}"
+    if error is None:
+        assert torch.equal(fused[0], composed[0]) and torch.equal(fused[1], composed[1]), case
