@@ -17,11 +17,11 @@
 #ifdef TORCHCNN_EMULATE_CUDA
 #define TORCHCNN_NAMESPACE torchcnn_emulated
 #define TORCHCNN_CUDA_KEY CPU
-#define TORCHCNN_CUDA_SHARED cuda_emulated
+#define TORCHCNN_CUDA_SHARED cuda_kernels_emulated
 #else
 #define TORCHCNN_NAMESPACE torchcnn
 #define TORCHCNN_CUDA_KEY CUDA
-#define TORCHCNN_CUDA_SHARED cuda
+#define TORCHCNN_CUDA_SHARED cuda_kernels
 #endif
 
 // TORCH_LIBRARY pastes its arguments, which stops their expansion: one level of indirection.
