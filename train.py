@@ -183,6 +183,7 @@ def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> list[
     Returns the notes to print about what was honoured.
     """
     recipe = {**saved["recipe"], "backend": saved["backend"]}
+    recipe.setdefault("recipe", "standard")  # checkpoints from before --recipe
     for name in ("backend", *RECIPE):
         if name not in recipe or (name == "epochs" and name in given):
             continue

@@ -334,7 +334,8 @@ inline CrossEntropyGeometry cross_entropy_backward_geometry(
 }
 
 // relu_backward's arguments: a floating gradient and a bool mask of its shape on its device, both
-// returned laid out alike (as they are when dense with the same strides, else contiguous).
+// returned laid out alike — as the mask is when it is dense (as relu and the fused ops make it; the
+// gradient copied into its layout if need be), else contiguous.
 inline std::pair<at::Tensor, at::Tensor> relu_backward_layout(const char* op, const at::Tensor& grad_output,
                                                               const at::Tensor& passes) {
   detail::check_floating(op, "grad_output", grad_output);
@@ -344,10 +345,13 @@ inline std::pair<at::Tensor, at::Tensor> relu_backward_layout(const char* op, co
                     "grad_output (", grad_output.device(), ") but got ", passes.device());
   TORCH_CHECK_VALUE(passes.sizes() == grad_output.sizes(), op, ": expected passes of grad_output's shape ",
                     grad_output.sizes(), " but got ", detail::shape_str(passes));
-  if (grad_output.is_non_overlapping_and_dense() && passes.strides() == grad_output.strides()) {
+  if (!passes.is_non_overlapping_and_dense()) {
+    return {grad_output.contiguous(), passes.contiguous()};
+  }
+  if (grad_output.strides() == passes.strides()) {
     return {grad_output, passes};
   }
-  return {grad_output.contiguous(), passes.contiguous()};
+  return {at::empty_like(passes, grad_output.options()).copy_(grad_output), passes};
 }
 
 // Checks max_pool2d_backward's arguments: the forward's, then grad_output and indices against the

@@ -230,7 +230,11 @@ def relu_backward_sample_inputs(device, dtype, requires_grad=False, full=False):
         passes = torch.rand(x.shape, device=device) > 0.5
         yield (x.detach().requires_grad_(requires_grad), passes)
     g = torch.randn(4, 6, dtype=dtype, device=device, requires_grad=requires_grad)
-    yield (g, (torch.rand(6, 4, device=device) > 0.5).t())
+    yield (g, (torch.rand(6, 4, device=device) > 0.5).t())  # a mask of other strides
+    mask = torch.rand(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last) > 0.5
+    yield (torch.randn(2, 3, 4, 5, dtype=dtype, device=device, requires_grad=requires_grad), mask)
+    yield (torch.randn(2, 3, dtype=dtype, device=device, requires_grad=requires_grad),
+           (torch.rand(1, 3, device=device) > 0.5).expand(2, 3))  # a mask that is not dense
 
 
 SAMPLE_INPUTS = {

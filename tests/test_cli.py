@@ -348,3 +348,6 @@ def test_resume_holds_the_recipe():
     saved = {"backend": "torchcnn", "epoch": 1, "step": 0, "recipe": {"recipe": "standard", "epochs": 12}}
     with pytest.raises(ValueError, match="argument --recipe: fast contradicts the checkpoint's standard"):
         train.resume_args(args, given, saved)
+    before_recipes = {**saved, "recipe": {"epochs": 12}}  # a checkpoint from before --recipe: standard
+    with pytest.raises(ValueError, match="argument --recipe: fast contradicts the checkpoint's standard"):
+        train.resume_args(args, given, before_recipes)

@@ -30,8 +30,11 @@ def test_relu_keeps_a_byte_per_value_and_the_layout(device, layout):
     assert out.stride() == x.stride() and torch.equal(out, torch.relu(x))
     saved = out.grad_fn.saved_tensors
     assert len(saved) == 1 and saved[0].dtype == torch.bool and saved[0].shape == x.shape
-    (g,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out), retain_graph=True)
     assert torch.equal(g, (x >= 0).float())
+    # A gradient of another layout (here expanded, as .sum() hands it back) is laid out as the mask.
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(g, (x >= 0).float()) and g.stride() == x.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

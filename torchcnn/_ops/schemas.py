@@ -14,7 +14,12 @@ library for the same schemas in ``torchcnn_emulated``.
 from __future__ import annotations
 
 import torch
-from torch._prims_common import is_non_overlapping_and_dense_or_false, suggest_memory_format
+from torch._prims_common import suggest_memory_format
+
+try:
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+except ImportError:  # older torch: symbolic shapes answer "not dense" less often there
+    from torch._prims_common import is_non_overlapping_and_dense as is_non_overlapping_and_dense_or_false
 
 from .. import _extension
 
@@ -407,5 +412,6 @@ def _relu_backward_fake(grad_output, passes):
     torch._check_value(tuple(passes.shape) == tuple(grad_output.shape),
                        lambda: f"{op}: expected passes of grad_output's shape {list(grad_output.shape)} but got "
                                f"{list(passes.shape)}")
-    same = is_non_overlapping_and_dense_or_false(grad_output) and passes.stride() == grad_output.stride()
-    return torch.empty_like(grad_output if same else grad_output.contiguous())
+    if is_non_overlapping_and_dense_or_false(passes):  # laid out as the mask (shapes.h)
+        return torch.empty_like(passes, dtype=grad_output.dtype)
+    return torch.empty(grad_output.shape, dtype=grad_output.dtype, device=grad_output.device)
