@@ -28,6 +28,8 @@ from pathlib import Path
 BACKENDS = ("torchcnn", "torch")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adadelta")
 SCHEDULES = ("onecycle", "step", "none")
+# The optimizers whose update can be captured in a CUDA graph (torchcnn/mnist/cuda_graph.py).
+GRAPHED_OPTIMIZERS = ("adam", "adadelta")
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
 
 # The arguments that define a run. A checkpoint keeps them, and --resume holds the run to them:
@@ -146,6 +148,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true",
                    help="torchcnn backend: run conv, ReLU and pool as separate ops, for comparison "
                         "(default: one fused op each)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the training step in a CUDA graph and replay it for every batch (needs a "
+                        f"CUDA device, one process and --optimizer {' or '.join(GRAPHED_OPTIMIZERS)}; default: "
+                        "launch kernel by kernel)")
     p.add_argument("--no-plots", action="store_true", help="skip the pictures (default: draw them)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (default: bars when stderr is a terminal)")
@@ -166,6 +172,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
             setattr(args, name, value)
     if "lr" not in given and "optimizer" in given and args.optimizer != recipe.optimizer:
         args.lr = None  # the optimizer's own default
+    if args.cuda_graphs and args.optimizer not in GRAPHED_OPTIMIZERS and not args.resume:
+        p.error(f"argument --cuda-graphs: {args.optimizer}'s update reads its learning rate on the host, so it "
+                f"cannot be captured; use --optimizer {' or '.join(GRAPHED_OPTIMIZERS)}")
     if args.eval:
         extra = sorted(given - EVAL_ARGS)
         if extra:
@@ -279,12 +288,15 @@ def main(argv=None) -> int:
 
     import torchcnn
     from torchcnn.mnist import checkpoint, data, engine, plots
+    from torchcnn.mnist.cuda_graph import GraphedTrainStep
     from torchcnn.mnist.model import MnistNet, loss_function
 
     try:
         device = engine.parse_device(args.device)
     except ValueError as e:
         fail(f"argument --device: {e}")
+    if args.cuda_graphs and device.type != "cuda":
+        fail(f"argument --cuda-graphs: needs a CUDA device, and this run is on {device}")
 
     # Ctrl-C and SIGTERM from here on ask the loop to stop and save; the process group is torn
     # down, and a folder made for this run removed if it is still empty, however this block is left.
@@ -368,6 +380,18 @@ def main(argv=None) -> int:
             for note in notes:
                 say(note)
 
+        # The training step: kernel by kernel, or (--cuda-graphs) captured once and replayed, set up
+        # after the state is loaded, since a graph holds on to the tensors it was captured with.
+        step = None
+        if args.cuda_graphs:
+            if world_size > 1:
+                fail("argument --cuda-graphs: not under torchrun (a graph cannot hold the gradient all-reduce); "
+                     "run one process")
+            try:
+                step = GraphedTrainStep(net, loss_fn, optimizer)
+            except ValueError as e:  # a resumed run's optimizer
+                fail(f"argument --cuda-graphs: {e}")
+
         # Where the outputs go: rank 0 decides, every rank abides (a folder given is made when the
         # first file is written; the default one at once, and removed if nothing is written).
         out, problem, made = output_folder(args, saved) if is_main else (None, None, False)
@@ -377,6 +401,7 @@ def main(argv=None) -> int:
         if problem:
             fail(f"--out {out}: {problem}")
         where = str(device) if world_size == 1 else f"{world_size} processes on {device.type}"
+        where += " (CUDA graphs)" if args.cuda_graphs else ""
         say(f"torchcnn {torchcnn.__version__} | torch {torch.__version__} | {where} | backend {args.backend} | "
             f"data {mnist.source} | {mnist.train_images.shape[0]} train / {mnist.test_images.shape[0]} test "
             f"images | output {out}", flush=True)
@@ -409,7 +434,7 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             state.totals, state.step = engine.train_epoch(model, loss_fn, optimizer, schedule, batches,
                                                           start=state.step, totals=state.totals, stop=stop,
-                                                          progress=progress)
+                                                          progress=progress, step=step)
             progress.close()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -72,7 +72,7 @@ class TrainingState:
         mid_epoch = self.step > 0
         return {
             "backend": self.model.backend, "model_config": self.model.config,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.model.state_dict(), "optimizer": portable_optimizer_state(self.optimizer),
             "scheduler": self.schedule.state_dict(), "recipe": dict(self.recipe),
             "epoch": self.epoch, "step": self.step,
             "totals": self.totals.state_dict() if mid_epoch and self.totals is not None else None,
@@ -102,6 +102,30 @@ class TrainingState:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.epoch_train_seconds = state.get("epoch_train_seconds", 0.0) if self.step else 0.0
         self.best_accuracy = state.get("best_accuracy", -1.0)
+
+
+def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` as an optimizer built with plain arguments loads it on any device:
+    hyperparameters that live in device tensors (``train.py --cuda-graphs``: cuda_graph.py) as Python
+    numbers, ``capturable`` off, step counts on the CPU."""
+    def plain(value):
+        if torch.is_tensor(value) and value.numel() == 1:
+            return value.item()
+        if isinstance(value, tuple):
+            return tuple(plain(v) for v in value)
+        return value
+
+    saved = optimizer.state_dict()
+    groups = []
+    for group in saved["param_groups"]:
+        group = {name: plain(value) if name != "params" else value for name, value in group.items()}
+        if group.get("capturable"):
+            group["capturable"] = False
+        groups.append(group)
+    state = {key: {name: value.cpu() if name == "step" and torch.is_tensor(value) else value
+                   for name, value in entry.items()}
+             for key, entry in saved["state"].items()}
+    return {"state": state, "param_groups": groups}
 
 
 def require_training_state(checkpoint: dict, path="checkpoint") -> None:

@@ -271,20 +271,32 @@ class Progress:
             self.bar.close()
 
 
-def train_epoch(model, loss_fn, optimizer, schedule: Schedule, batches, *, start: int = 0,
-                totals: Totals | None = None, stop=lambda step: False, progress: Progress | None = None):
-    """Train on ``batches`` from batch ``start``; returns (totals, next batch). Stops early, after a
-    complete optimizer step, when ``stop(step)`` is true."""
-    model.train()
-    device = next(model.parameters()).device
-    totals = Totals.zeros(device) if totals is None else totals
-    for i in range(start, len(batches)):
-        images, labels = batches.batch(i)
+def eager_step(model, loss_fn, optimizer):
+    """``step(images, labels) -> (logits, loss)``: one optimizer step on the batch, kernel by kernel
+    (cuda_graph.GraphedTrainStep replays the same step from a CUDA graph)."""
+    def step(images, labels):
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
         loss = loss_fn(logits, labels)
         loss.backward()
         optimizer.step()
+        return logits, loss
+    return step
+
+
+def train_epoch(model, loss_fn, optimizer, schedule: Schedule, batches, *, start: int = 0,
+                totals: Totals | None = None, stop=lambda step: False, progress: Progress | None = None,
+                step=None):
+    """Train on ``batches`` from batch ``start``; returns (totals, next batch). Stops early, after a
+    complete optimizer step, when ``stop(step)`` is true. ``step`` takes each optimizer step
+    (default: ``eager_step``)."""
+    model.train()
+    device = next(model.parameters()).device
+    totals = Totals.zeros(device) if totals is None else totals
+    step = eager_step(model, loss_fn, optimizer) if step is None else step
+    for i in range(start, len(batches)):
+        images, labels = batches.batch(i)
+        logits, loss = step(images, labels)
         schedule.step_batch()
         totals.add(logits, loss, labels)
         if progress is not None:
