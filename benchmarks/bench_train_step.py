@@ -5,7 +5,8 @@ against the identical model built from torch.nn's, on the same batch.
     python benchmarks/bench_train_step.py --device cuda   # GPU (torch uses cuDNN)
 
 A step is forward, loss, backward and an Adam update, as in train.py: torchcnn's with its fused
-conv–ReLU–pool layers (the default) and without (``--no-fuse``). The three are timed interleaved,
+conv–ReLU–pool layers (the default) and without (``--no-fuse``); on a GPU also both models' steps
+captured in a CUDA graph and replayed (``train.py --cuda-graphs``). The three are timed interleaved,
 round by round (bench_conv.py): each figure is a median of ``torch.utils.benchmark`` blocked runs,
 each ratio (to torch) the median of the rounds' paired ratios.
 """
@@ -22,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import describe, setup  # noqa: E402  (imports torchcnn before torch.utils.benchmark)
 from bench_conv import interleaved_ms  # noqa: E402
 
+from torchcnn.mnist.cuda_graph import GraphedTrainStep  # noqa: E402
 from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
 
 
-def make_step(backend: str, batch: int, device: str, fuse: bool = True):
-    """One training step of train.py's model on a fixed batch, as a function."""
+def make_step(backend: str, batch: int, device: str, fuse: bool = True, graphed: bool = False):
+    """One training step of train.py's model on a fixed batch, as a function (``graphed``: replayed
+    from a CUDA graph)."""
     torch.manual_seed(0)
     model = MnistNet(backend, fuse=fuse).to(device)
     loss_fn = loss_function(backend)
@@ -35,12 +38,18 @@ def make_step(backend: str, batch: int, device: str, fuse: bool = True):
     images = torch.randn(batch, 1, 28, 28, generator=gen).to(device)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
-        optimizer.step()
+    if graphed:
+        graphed_step = GraphedTrainStep(model, loss_fn, optimizer)
 
-    for _ in range(2):  # warm-up: allocator, cuBLAS/cuDNN handles and algorithm choice
+        def step():
+            graphed_step(images, labels)
+    else:
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(images), labels).backward()
+            optimizer.step()
+
+    for _ in range(5):  # warm-up: allocator, cuBLAS/cuDNN handles and algorithm choice, graph capture
         step()
     return step
 
@@ -51,16 +60,30 @@ def main() -> None:
     for batch in args.batch_sizes:
         steps = {"torch": make_step("torch", batch, args.device), "torchcnn": make_step("torchcnn", batch, args.device),
                  "unfused": make_step("torchcnn", batch, args.device, fuse=False)}
+        if args.device == "cuda":
+            steps["torch_graph"] = make_step("torch", batch, args.device, graphed=True)
+            steps["torchcnn_graph"] = make_step("torchcnn", batch, args.device, graphed=True)
         ms = interleaved_ms(steps, args.device, args.rounds, args.min_run_time)
         rows.append({"case": "MNIST train step (Adam)", "batch": batch, "torch_ms": ms["torch"],
                      "torchcnn_ms": ms["torchcnn"], "ratio": ms["ratio"], "unfused_ms": ms["unfused"],
                      "unfused_ratio": ms["ratio_unfused"]})
+        if "torch_graph" in ms:
+            rows[-1].update(torch_graph_ms=ms["torch_graph"], torchcnn_graph_ms=ms["torchcnn_graph"],
+                            graph_ratio=ms["ratio_torchcnn_graph"] / ms["ratio_torch_graph"])
     print(f"device: {describe(args.device)}")
     print("| case | batch | torch ms | torchcnn ms (fused) | ratio | torchcnn --no-fuse ms | ratio | torchcnn img/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['batch']} | {r['torch_ms']:.3f} | {r['torchcnn_ms']:.3f} | {r['ratio']:.2f}× | "
               f"{r['unfused_ms']:.3f} | {r['unfused_ratio']:.2f}× | {r['batch'] / r['torchcnn_ms'] * 1e3:,.0f} |")
+    graphed = [r for r in rows if "graph_ratio" in r]
+    if graphed:
+        print("\nCaptured in a CUDA graph and replayed (train.py --cuda-graphs):")
+        print("| case | batch | torch ms | torchcnn ms | ratio |")
+        print("|---|---:|---:|---:|---:|")
+        for r in graphed:
+            print(f"| {r['case']} | {r['batch']} | {r['torch_graph_ms']:.3f} | {r['torchcnn_graph_ms']:.3f} | "
+                  f"{r['graph_ratio']:.2f}× |")
     if args.json:
         args.json.write_text(json.dumps({"device": describe(args.device), "rows": rows}, indent=1))
 

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 import torchcnn  # noqa: E402
 from torchcnn.mnist import data, engine  # noqa: E402
+from torchcnn.mnist.cuda_graph import GraphedTrainStep  # noqa: E402
 from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
 from torchcnn.mnist.recipes import RECIPES  # noqa: E402
 
@@ -41,6 +42,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=float, default=0.25, help="epochs between evaluations (default: 0.25)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-fuse", action="store_true", help="torchcnn backend: the unfused ops")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each training step from a CUDA graph (train.py --cuda-graphs)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
@@ -75,6 +78,10 @@ def main() -> int:
     generator = torch.Generator().manual_seed(args.seed)
     test_batches = data.Batches(mnist.test_images, mnist.test_labels, 1000)
     every = max(1, round(args.eval_every * steps_per_epoch))
+    if args.cuda_graphs and device.type != "cuda":
+        print(f"time_to_accuracy.py: argument --cuda-graphs: needs a CUDA device, not {device}", file=sys.stderr)
+        return 2
+    train_step = GraphedTrainStep(model, loss_fn, optimizer) if args.cuda_graphs else None
 
     seconds, accuracy, reached, history = 0.0, 0.0, False, []
     for epoch in range(recipe.epochs):
@@ -86,7 +93,7 @@ def main() -> int:
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
             _, step = engine.train_epoch(model, loss_fn, optimizer, schedule, batches, start=step,
-                                         stop=lambda s: s % every == 0)
+                                         stop=lambda s: s % every == 0, step=train_step)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - started
@@ -107,6 +114,7 @@ def main() -> int:
                                            f"{seconds:.1f} s)"))
     if args.json:
         result = {"backend": args.backend, "device": where, "recipe": args.recipe, "fused": not args.no_fuse,
+                  "cuda_graphs": args.cuda_graphs,
                   "target": args.target, "reached": reached, "seconds_to_target": seconds if reached else None,
                   "training_seconds": seconds, "test_accuracy": accuracy, "threads": torch.get_num_threads(),
                   "torch": torch.__version__, "history": history}

@@ -6,7 +6,7 @@
 #      bench_conv.py's ResNet/depthwise table) and a training step of the MNIST model (fused and not)
 #      against torch.nn,
 #   4. with the MNIST files: the time to 99 % test accuracy (--recipe fast) for both backends, and
-#      one epoch of `train.py --device cuda`,
+#      one epoch of `train.py --device cuda`, without and with --cuda-graphs,
 #   5. with --sanitize, runs the CUDA op tests under compute-sanitizer (memcheck and racecheck),
 # and prints a summary table last (also written to $OUT_DIR/summary.md).
 #
@@ -164,18 +164,20 @@ if "$PYTHON" benchmarks/bench_train_step.py --device cuda --min-run-time 0.5 --j
 import json, sys
 d = json.load(open(sys.argv[1]))
 print(", ".join(f"batch {r['batch']}: {r['torchcnn_ms']:.2f} ms vs {r['torch_ms']:.2f} ms "
-                f"({r['ratio']:.2f}x; --no-fuse {r['unfused_ratio']:.2f}x)" for r in d["rows"]))
+                f"({r['ratio']:.2f}x; --no-fuse {r['unfused_ratio']:.2f}x; CUDA graph "
+                f"{r['torchcnn_graph_ms']:.2f} vs {r['torch_graph_ms']:.2f} ms, {r['graph_ratio']:.2f}x)"
+                for r in d["rows"]))
 EOF
 )"
 else
   note "train step" "FAILED (see $OUT_DIR/bench_train_step.log)"; status=1
 fi
 
-stage "time to 99 % test accuracy, --recipe fast: torchcnn vs torch"
+stage "time to 99 % test accuracy, --recipe fast, steps from CUDA graphs: torchcnn vs torch"
 if "$PYTHON" -c "import sys; from torchcnn.mnist import data; sys.exit(0 if data.find_files(data.default_data_dir()) else 1)"; then
   for backend in torchcnn torch; do
-    "$PYTHON" benchmarks/time_to_accuracy.py --device cuda --backend "$backend" --json "$OUT_DIR/tta_$backend.json" \
-      2>&1 | tee "$OUT_DIR/tta_$backend.log"
+    "$PYTHON" benchmarks/time_to_accuracy.py --device cuda --backend "$backend" --cuda-graphs \
+      --json "$OUT_DIR/tta_$backend.json" 2>&1 | tee "$OUT_DIR/tta_$backend.log"
   done
   note "time to 99%" "$("$PYTHON" - "$OUT_DIR" <<'EOF'
 import json, os, sys
@@ -204,6 +206,14 @@ print(f\"1 epoch: test accuracy {m['test_accuracy']:.2%}, {m['train_seconds']:.1
   else
     note "train.py cuda" "FAILED (see $OUT_DIR/train.log)"; status=1
   fi
+  if "$PYTHON" train.py --device cuda --epochs 1 --cuda-graphs --no-download --quiet --out "$OUT_DIR/train_graphs" \
+      2>&1 | tee "$OUT_DIR/train_graphs.log"; then
+    note "train.py cuda --cuda-graphs" "$("$PYTHON" -c "
+import json; m = json.load(open('$OUT_DIR/train_graphs/metrics.json'))
+print(f\"1 epoch: test accuracy {m['test_accuracy']:.2%}, {m['train_seconds']:.1f} s, {m['images_per_second']:,.0f} img/s\")")"
+  else
+    note "train.py cuda --cuda-graphs" "FAILED (see $OUT_DIR/train_graphs.log)"; status=1
+  fi
 else
   note "train.py cuda" "skipped: no MNIST files (set TORCHCNN_DATA_DIR)"
 fi
@@ -223,7 +233,7 @@ if [ "$sanitize" -eq 1 ]; then
       start=$SECONDS
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 99 \
         "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_conv2d.py tests/test_max_pool2d.py \
-        tests/test_fused.py tests/test_cross_entropy.py tests/test_layers.py \
+        tests/test_fused.py tests/test_cross_entropy.py tests/test_layers.py tests/test_cuda_graph.py \
         -k "cuda and not emulated and not gradcheck" 2>&1 | tee "$OUT_DIR/sanitize_$tool.log"
       rc=${PIPESTATUS[0]}
       errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$OUT_DIR/sanitize_$tool.log" | tail -1)

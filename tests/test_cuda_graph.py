@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from mnist_support import run_train
+from mnist_support import TINY, metrics, needs_mnist, run_train
 
 from torchcnn.mnist import checkpoint, data, engine
 from torchcnn.mnist.cuda_graph import GraphedTrainStep
@@ -199,3 +199,18 @@ def test_cuda_graph_trains_as_eager_steps():
     graphed = run(True)
     assert_same_training(run(False), graphed, rtol=1e-3, atol=1e-4)
     assert graphed[3].replays == 2 * 7 - 3 - 2
+
+
+@needs_cuda
+@needs_mnist
+def test_train_py_with_cuda_graphs(tmp_path):
+    """A short run of train.py --cuda-graphs; its checkpoint loads into a plain CPU optimizer."""
+    out = tmp_path / "run"
+    assert run_train([*TINY, "--device", "cuda", "--cuda-graphs", "--no-plots", "--out", out]) == 0
+    m = metrics(out)
+    assert m["args"]["cuda_graphs"] and m["test_accuracy"] > 0.5
+    saved = checkpoint.load(out / "last.pt")
+    group = saved["optimizer"]["param_groups"][0]
+    assert isinstance(group["lr"], float) and group["capturable"] is False
+    model = checkpoint.load_model(saved, out / "last.pt", backend="torchcnn")
+    torch.optim.Adam(model.parameters()).load_state_dict(saved["optimizer"])
