@@ -10,6 +10,7 @@
 // The seams, each with its GPU and its emulated form below:
 //   launch(kernel, blocks, threads, args...)  the current stream + a launch check | the emulator
 //   max_blocks()                              32 per multiprocessor | 3, so grid-stride loops wrap
+//   l2_cache_bytes()                          the device's L2 cache | 50 MB, an H100's
 //   DeviceGuard                               c10::cuda::CUDAGuard | nothing to switch
 //   bmm_out_dtype(out, a, b)                  at::bmm_out with out_dtype (CUDA only in ATen) |
 //                                             at::bmm on inputs converted to out's dtype
@@ -43,6 +44,7 @@ namespace {  // each library keeps its own copy: the real and the emulated ones 
 // Small blocks and few of them, so that every grid-stride loop in the test sweeps wraps.
 constexpr int kThreads = 32;
 inline int64_t max_blocks() { return 3; }
+inline int64_t l2_cache_bytes() { return int64_t{50} << 20; }
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, Args&&... args) {
@@ -66,6 +68,9 @@ constexpr int kThreads = 256;
 // Enough blocks to fill the device several times over; the grid-stride loop does the rest.
 inline int64_t max_blocks() {
   return int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 32;
+}
+inline int64_t l2_cache_bytes() {
+  return std::max<int64_t>(at::cuda::getCurrentDeviceProperties()->l2CacheSize, int64_t{1} << 20);
 }
 
 template <typename... Params, typename... Args>
