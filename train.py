@@ -449,7 +449,7 @@ def main(argv=None) -> int:
                 say(f"\n{stop.name} in epoch {state.epoch + 1} at step {state.step}/{len(batches)}: "
                     f"saved {resume_from}")
                 break
-            epoch_lr = optimizer.param_groups[0]["lr"]  # the epoch's (under onecycle: after its last step)
+            epoch_lr = float(optimizer.param_groups[0]["lr"])  # the epoch's (under onecycle: after its last step)
             schedule.step_epoch()
             train = state.totals.all_reduced()
             test = engine.evaluate(net, loss_fn, test_batches)

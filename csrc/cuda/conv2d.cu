@@ -120,14 +120,16 @@ __global__ void conv2d_depthwise_kernel(const scalar_t* __restrict__ x, const sc
 }
 
 // The most bytes of column buffers one chunk may take, when set (the tests lower it to force many
-// chunks); 0: half the L2 cache (launch.cuh's l2_cache_bytes).
+// chunks); 0: half the L2 cache (launch.cuh's l2_cache_bytes), 16 MiB at least.
 std::atomic<int64_t> chunk_budget{0};
 
 // Images per chunk: as many as keep the chunk's buffers (`bytes_per_image` each) within the
 // budget (at least one).
 int64_t chunk_images(const Conv2dGeometry& g, int64_t bytes_per_image) {
   const int64_t set = chunk_budget.load();
-  const int64_t budget = set > 0 ? set : l2_cache_bytes() / 2;
+  // At least 16 MiB: on a GPU with a small L2 (4 MiB on a T4) chunks of a few images would cost
+  // more in launches and thin GEMMs than the round trip they save.
+  const int64_t budget = set > 0 ? set : std::max<int64_t>(l2_cache_bytes() / 2, int64_t{16} << 20);
   return std::max<int64_t>(1, std::min<int64_t>(g.batch, budget / std::max<int64_t>(bytes_per_image, 1)));
 }
 

@@ -73,7 +73,7 @@ class TrainingState:
         return {
             "backend": self.model.backend, "model_config": self.model.config,
             "model": self.model.state_dict(), "optimizer": portable_optimizer_state(self.optimizer),
-            "scheduler": self.schedule.state_dict(), "recipe": dict(self.recipe),
+            "scheduler": plain_numbers(self.schedule.state_dict()), "recipe": dict(self.recipe),
             "epoch": self.epoch, "step": self.step,
             "totals": self.totals.state_dict() if mid_epoch and self.totals is not None else None,
             "data_rng": self.epoch_rng if mid_epoch else self.data_rng.get_state(),
@@ -104,21 +104,25 @@ class TrainingState:
         self.best_accuracy = state.get("best_accuracy", -1.0)
 
 
+def plain_numbers(value):
+    """``value`` with every one-element tensor in it (in lists, tuples and dicts) as a Python number."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return type(value)(plain_numbers(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    return value
+
+
 def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` as an optimizer built with plain arguments loads it on any device:
     hyperparameters that live in device tensors (``train.py --cuda-graphs``: cuda_graph.py) as Python
     numbers, ``capturable`` off, step counts on the CPU."""
-    def plain(value):
-        if torch.is_tensor(value) and value.numel() == 1:
-            return value.item()
-        if isinstance(value, tuple):
-            return tuple(plain(v) for v in value)
-        return value
-
     saved = optimizer.state_dict()
     groups = []
     for group in saved["param_groups"]:
-        group = {name: plain(value) if name != "params" else value for name, value in group.items()}
+        group = {name: plain_numbers(value) if name != "params" else value for name, value in group.items()}
         if group.get("capturable"):
             group["capturable"] = False
         groups.append(group)

@@ -9,8 +9,9 @@ replay would silently train on something else:
 - each batch is copied into the captured input tensors; a batch of another shape (an epoch's last,
   short one) and a model whose train/eval modes differ from the captured ones step eagerly;
 - the optimizer's learning rate and Adam's β₁, which a schedule changes every step (OneCycleLR cycles
-  β₁ too), live in device tensors that the update reads; a schedule's new Python value is copied in
-  before each replay. Any other hyperparameter that changes after capture is an error;
+  β₁ too), live in device tensors that the update reads (Adam then takes its single-tensor update,
+  the one that reads β₁ without a host read); a schedule's new Python value is copied in before
+  each replay. Any other hyperparameter that changes after capture (β₂ included) is an error;
 - parameters and optimizer state must stay the tensors that were captured: loading a state_dict into
   them in place is fine, replacing them (``optimizer.load_state_dict`` after capture) is an error.
 
@@ -26,8 +27,6 @@ import contextlib
 
 import torch
 
-# The hyperparameters a schedule may change and a captured update reads from device tensors.
-MIRRORED = ("lr", "betas")
 # Optimizers whose step can be captured (their ``capturable`` option), by class.
 CAPTURABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adadelta)
 
@@ -96,51 +95,60 @@ class GraphedTrainStep:
         self.eager_steps = 0  # steps taken eagerly so far (warm-up and fallbacks)
         self.replays = 0
         self._captured = None  # what the graph was captured with: see _capture
+        self._previous = None  # the shapes of the last batch before capture
         self._mirrors = [self._mirror(group) for group in optimizer.param_groups]
 
     def _mirror(self, group: dict) -> dict:
-        """Puts the group's mirrored hyperparameters into device tensors (the same tensors from now
-        on) and, on CUDA, makes its update capturable; returns the tensors by name."""
+        """Puts the group's mirrored hyperparameters — the learning rate and Adam's β₁ — into device
+        tensors (the same tensors from now on) and, on CUDA, makes its update capturable; returns the
+        tensors by name. β₂ stays a number: only Adam's single-tensor update reads β₁ through tensor
+        ops without a host read, and none reads β₂ so, hence ``foreach`` off for Adam."""
         if self.device.type == "cuda":
             group["capturable"] = True
             for p in group["params"]:  # capturable updates keep their step counts on the device
                 state = self.optimizer.state.get(p, {})
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(self.device, torch.float32)
-        mirrors = {}
-        for name in MIRRORED:
-            if name not in group:
-                continue
-            value = group[name]
-            if name == "betas":
-                mirrors[name] = tuple(self._tensor(v) for v in value)
-                group[name] = mirrors[name]
-            else:
-                mirrors[name] = self._tensor(value)
-                group[name] = mirrors[name]
+        mirrors = {"lr": self._tensor(group["lr"])}
+        group["lr"] = mirrors["lr"]
+        if "betas" in group:
+            group["foreach"] = False
+            mirrors["beta1"] = self._tensor(group["betas"][0])
+            group["betas"] = (mirrors["beta1"], float(group["betas"][1]))
         return mirrors
 
     def _tensor(self, value) -> torch.Tensor:
         return torch.tensor(float(value), dtype=torch.float32, device=self.device)
 
+    @staticmethod
+    def _fixed(group: dict) -> dict:
+        """The group's hyperparameters that a replay holds fixed, by value."""
+        def plain(value):
+            if torch.is_tensor(value):
+                return value.tolist()
+            return tuple(plain(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+        fixed = {name: plain(value) for name, value in group.items() if name not in ("params", "lr", "betas")}
+        if "betas" in group:
+            fixed["betas[1]"] = plain(group["betas"][1])
+        return fixed
+
     def _refresh_hyperparameters(self) -> None:
         """Copies what a schedule wrote into the groups since the last step into the device tensors
         the captured update reads, and refuses changes that a replay would ignore."""
         for i, (group, mirrors) in enumerate(zip(self.optimizer.param_groups, self._mirrors)):
-            for name, mirror in mirrors.items():
-                value = group[name]
-                if name == "betas":
-                    for m, v in zip(mirror, value):
-                        if v is not m:
-                            m.fill_(float(v))
-                elif value is not mirror:
-                    mirror.fill_(float(value))
-                group[name] = mirror
+            if group["lr"] is not mirrors["lr"]:  # schedulers fill a tensor lr in place; others assign
+                mirrors["lr"].fill_(float(group["lr"]))
+                group["lr"] = mirrors["lr"]
+            if "beta1" in mirrors and group["betas"][0] is not mirrors["beta1"]:  # OneCycleLR assigns β₁
+                mirrors["beta1"].fill_(float(group["betas"][0]))
+                group["betas"] = (mirrors["beta1"], group["betas"][1])
             if self._captured is not None:
+                now = self._fixed(group)
                 for name, was in self._captured["hyperparameters"][i].items():
-                    if group[name] != was:
+                    if now.get(name) != was:
                         raise RuntimeError(
-                            f"GraphedTrainStep: param group {i}'s {name} changed from {was!r} to {group[name]!r} "
+                            f"GraphedTrainStep: param group {i}'s {name} changed from {was!r} to {now.get(name)!r} "
                             "after the step was captured, and a CUDA graph replays the captured value; set it "
                             "before the first step, or step eagerly")
 
@@ -181,20 +189,21 @@ class GraphedTrainStep:
             return logits, loss
 
         self.graph.capture(step)
-        mirrored = set(MIRRORED)
         self._captured = {
             "images": static_images, "labels": static_labels, "modes": self._modes(), "tensors": self._tensors(),
             "grads": [p.grad for p in self._params()],
-            "hyperparameters": [{k: v for k, v in group.items() if k != "params" and k not in mirrored}
-                                for group in self.optimizer.param_groups],
+            "hyperparameters": [self._fixed(group) for group in self.optimizer.param_groups],
         }
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
         self._refresh_hyperparameters()
-        if self.eager_steps < self.warmup and self._captured is None:
-            with self.graph.warmup():
-                return self._eager(images, labels)
         if self._captured is None:
+            # Captured once the warm-up is over, with a batch shaped like the one before (not an
+            # epoch's short last batch, which would leave every full batch stepping eagerly).
+            shapes, self._previous = self._previous, (images.shape, labels.shape)
+            if self.eager_steps < self.warmup or shapes != self._previous:
+                with self.graph.warmup():
+                    return self._eager(images, labels)
             self._capture(images, labels)
         captured = self._captured
         if (images.shape != captured["images"].shape or labels.shape != captured["labels"].shape
