@@ -49,13 +49,12 @@ C10_HOST_DEVICE inline bool is_valid_target(int64_t target, int64_t classes, int
   return target == ignore_index || (target >= 0 && target < classes);
 }
 
-// One row's forward: its loss, lse (kept for the backward) and weight w_t (the mean's divisor).
-// The target must be valid (is_valid_target).
+// One row's loss and weight w_t (the mean's divisor), given its lse. The target must be valid
+// (is_valid_target).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-C10_HOST_DEVICE inline void cross_entropy_row(const scalar_t* z, int64_t classes, int64_t target,
-                                              const scalar_t* weight, int64_t ignore_index, acc_t smoothing,
-                                              acc_t& loss, acc_t& lse, acc_t& target_weight) {
-  lse = log_sum_exp(z, classes);
+C10_HOST_DEVICE inline void cross_entropy_row_loss(const scalar_t* z, int64_t classes, int64_t target,
+                                                   const scalar_t* weight, int64_t ignore_index, acc_t smoothing,
+                                                   acc_t lse, acc_t& loss, acc_t& target_weight) {
   if (target == ignore_index) {
     loss = 0;
     target_weight = 0;
@@ -70,6 +69,15 @@ C10_HOST_DEVICE inline void cross_entropy_row(const scalar_t* z, int64_t classes
     }
     loss += smoothing / static_cast<acc_t>(classes) * smooth;
   }
+}
+
+// One row's forward: its loss, lse (kept for the backward) and weight w_t.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+C10_HOST_DEVICE inline void cross_entropy_row(const scalar_t* z, int64_t classes, int64_t target,
+                                              const scalar_t* weight, int64_t ignore_index, acc_t smoothing,
+                                              acc_t& loss, acc_t& lse, acc_t& target_weight) {
+  lse = log_sum_exp(z, classes);
+  cross_entropy_row_loss(z, classes, target, weight, ignore_index, smoothing, lse, loss, target_weight);
 }
 
 // One row's gradient ∂L/∂z = scale · ∂loss/∂z, from the forward's lse.

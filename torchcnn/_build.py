@@ -50,8 +50,10 @@ class BuildConfig:
 
 
 def sources(with_cuda: bool) -> list[str]:
-    """Every translation unit: the module, the CPU kernels and, with CUDA, the CUDA kernels."""
-    files = [os.path.join(CSRC, "module.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    """Every translation unit: the module, the C++ Autograd kernels, the CPU kernels and, with CUDA,
+    the CUDA kernels."""
+    files = [os.path.join(CSRC, "module.cpp")] + sorted(glob.glob(os.path.join(CSRC, "autograd", "*.cpp")))
+    files += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     if with_cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     return files

@@ -196,6 +196,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 _REDUCTIONS = ("none", "mean", "sum")
+_CROSS_ENTROPY = torch.ops.torchcnn.cross_entropy.default
 
 
 def _cross_entropy_op_applies(weight) -> bool:
@@ -208,6 +209,17 @@ def _cross_entropy_op_applies(weight) -> bool:
         return True
     return not (weight.requires_grad and torch.is_grad_enabled()) and \
         torch.autograd.forward_ad.unpack_dual(weight).tangent is None
+
+
+def _log_probs(input, class_dim, weight):
+    """ln ŷ = z − logsumexp(z) over the class dimension, and the class weights shaped to broadcast
+    along it (None without weight)."""
+    log_probs = input - torch.logsumexp(input, dim=class_dim, keepdim=True)
+    if weight is None:
+        return log_probs, None
+    class_shape = [1] * input.dim()
+    class_shape[class_dim] = input.shape[class_dim]
+    return log_probs, weight.to(input.dtype).view(class_shape)
 
 
 def _legacy_reduction(size_average, reduce) -> str:
@@ -252,15 +264,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
             raise ValueError(f"{fn}: expected weight to be a floating-point tensor of shape ({classes},) on "
                              f"{input.device} but got {weight.dtype} of shape {tuple(weight.shape)} on {weight.device}")
 
-    log_probs = input - torch.logsumexp(input, dim=class_dim, keepdim=True)
-    class_shape = [1] * input.dim()
-    class_shape[class_dim] = classes
-    class_weight = None if weight is None else weight.to(input.dtype).view(class_shape)
-
     if target.is_floating_point():
         if target.shape != input.shape:
             raise ValueError(f"{fn}: expected probability targets of input's shape {tuple(input.shape)} but got "
                              f"{tuple(target.shape)}")
+        log_probs, class_weight = _log_probs(input, class_dim, weight)
         if label_smoothing > 0:
             target = target * (1 - label_smoothing) + label_smoothing / classes
         terms = log_probs * target
@@ -271,21 +279,28 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
             return loss.sum() / (input.numel() // max(classes, 1))
         return loss.sum() if reduction == "sum" else loss
 
-    if target.dtype in (torch.bool, torch.complex64, torch.complex128) or target.is_complex():
-        raise TypeError(f"{fn}: expected target to hold class indices (an integer dtype) or probabilities "
-                        f"(a floating dtype) but got {target.dtype}")
-    expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
-    if target.shape != expected:
-        raise ValueError(f"{fn}: expected class-index targets of shape {tuple(expected)} but got "
-                         f"{tuple(target.shape)}")
-    target = target.long()
+    if target.dtype is not torch.int64:
+        if target.dtype in (torch.bool, torch.complex64, torch.complex128) or target.is_complex():
+            raise TypeError(f"{fn}: expected target to hold class indices (an integer dtype) or probabilities "
+                            f"(a floating dtype) but got {target.dtype}")
+        target = target.long()
+    rows_given = input.dim() == 2  # (rows, classes), as the op takes them
+    if rows_given and target.dim() == 1 and target.shape[0] == input.shape[0]:
+        pass
+    elif target.shape != input.shape[:class_dim] + input.shape[class_dim + 1:]:
+        raise ValueError(f"{fn}: expected class-index targets of shape "
+                         f"{tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])} but got {tuple(target.shape)}")
     if _cross_entropy_op_applies(weight):
         # One op forward, one backward (softmax − y): torch.ops.torchcnn.cross_entropy, over rows.
-        rows = input.unsqueeze(0) if class_dim == 0 else input.movedim(1, -1).reshape(-1, classes)
-        loss, _, _ = torch.ops.torchcnn.cross_entropy(rows, target.reshape(-1), None if weight is None else
-                                                      weight.to(input.dtype), reduction, ignore_index,
-                                                      float(label_smoothing))
-        return loss.view(target.shape) if reduction == "none" else loss
+        if rows_given:
+            rows, row_targets = input, target
+        else:
+            rows = input.unsqueeze(0) if class_dim == 0 else input.movedim(1, -1).reshape(-1, classes)
+            row_targets = target.reshape(-1)
+        loss, _, _ = _CROSS_ENTROPY(rows, row_targets, None if weight is None else weight.to(input.dtype), reduction,
+                                    ignore_index, float(label_smoothing))
+        return loss.view(target.shape) if reduction == "none" and not rows_given else loss
+    log_probs, class_weight = _log_probs(input, class_dim, weight)
     ignored = target == ignore_index
     if input.device.type == "cuda":
         # Checked on the device, as torch's nll_loss does: a host synchronisation would stall every

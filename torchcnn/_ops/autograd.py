@@ -11,6 +11,12 @@ and their mixes all run torchcnn's kernels, and ``torch.compile`` traces the sam
 (:mod:`torchcnn._ops.vmap`). ``Conv2dFunction.apply(x, w, b, Conv2dParams(...))`` is the same
 computation as the op.
 
+cross_entropy's Autograd kernel for CPU and CUDA tensors is C++ (csrc/autograd/cross_entropy_function.cpp):
+for an op this small the Python kernel cost more than the op. It records the same backward as
+:class:`CrossEntropyFunction` (cross_entropy_backward, or :func:`cross_entropy_gradient` through
+the op ``_cross_entropy_gradient`` when differentiated again) and hands forward-mode tangents and
+torch.func's transforms to the Python kernel registered here.
+
 One exception to the single route: torch.func's differentiating transforms (grad, jvp, jacrev,
 ...) can take a Function only where it is applied from Python, not from inside a dispatcher
 kernel, so while any torch.func transform is active :mod:`torchcnn.functional` applies the
@@ -632,3 +638,9 @@ def register(library: torch.library.Library) -> None:
             return ops.cross_entropy_backward.default.redispatch(keyset & after_autograd, *args)
 
     library.impl("cross_entropy_backward", cross_entropy_backward, "Autograd", with_keyset=True)
+
+    def gradient(grad_loss, input, target, weight, total_weight, reduction, ignore_index, label_smoothing):
+        params = CrossEntropyParams(reduction, ignore_index, label_smoothing)
+        return cross_entropy_gradient(grad_loss, input, target, weight, total_weight, params)
+
+    library.impl("_cross_entropy_gradient", gradient, "CompositeImplicitAutograd")

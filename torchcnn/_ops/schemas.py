@@ -73,6 +73,12 @@ def define(namespace: str) -> torch.library.Library:
 
 
 _DEFINITIONS = define(NAMESPACE)
+# cross_entropy_backward's formula in torch's ops, which autograd can differentiate again: the
+# gradient of cross_entropy when the backward is itself differentiated. A composite of torch ops
+# (torchcnn._ops.autograd registers it) for the C++ Autograd kernel of cross_entropy
+# (csrc/autograd/cross_entropy_function.cpp) to call; no compiled kernel, no loader.
+_DEFINITIONS.define("_cross_entropy_gradient(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+                    "Tensor total_weight, str reduction, int ignore_index, float label_smoothing) -> Tensor")
 ops = torch.ops.torchcnn
 _LOADER = torch.library.Library(NAMESPACE, "IMPL")
 
