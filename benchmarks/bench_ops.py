@@ -46,14 +46,17 @@ def cases(batch: int):
     yield ("softmax + cross-entropy, 10 classes", CF.cross_entropy, TF.cross_entropy, [(batch, 10), labels])
 
 
-def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5) -> list[dict]:
+def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, only: str | None = None) -> list[dict]:
     """Each case's forward, then its backward, torch's and torchcnn's interleaved round by round
-    (bench_conv.interleaved_ms): the times are medians, the ratios medians of paired ratios."""
+    (bench_conv.interleaved_ms): the times are medians, the ratios medians of paired ratios. `only`:
+    the cases whose name contains it."""
     from bench_conv import interleaved_ms
 
     rows = []
     for batch in batches:
         for name, ours, theirs, shapes in cases(batch):
+            if only is not None and only not in name:
+                continue
             gen = torch.Generator().manual_seed(0)
             inputs = [s(gen).to(device) if callable(s) else torch.randn(s, generator=gen).to(device).requires_grad_()
                       for s in shapes]
@@ -120,9 +123,14 @@ def setup(description: str, batch_sizes: bool = True, more_arguments=None) -> ar
 
 
 def main() -> None:
-    args = setup(__doc__, more_arguments=lambda p: p.add_argument("--rounds", type=int, default=5,
-                                                                  help="interleaved rounds per figure"))
-    rows = run(args.device, args.batch_sizes, args.min_run_time, args.rounds)
+    def more_arguments(parser):
+        parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure")
+        parser.add_argument("--only", default=None, help="only the cases whose name contains this, e.g. cross-entropy")
+
+    args = setup(__doc__, more_arguments=more_arguments)
+    rows = run(args.device, args.batch_sizes, args.min_run_time, args.rounds, args.only)
+    if not rows:
+        raise SystemExit(f"bench_ops.py: no case's name contains {args.only!r}")
     print(f"device: {describe(args.device)}")
     print(table(rows))
     worst = max(max(r["ratio_fwd"], r["ratio_bwd"]) for r in rows)

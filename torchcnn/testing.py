@@ -99,9 +99,26 @@ class _ToEmulated(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "torchcnn":
             name = func._opname
-            func = getattr(getattr(self.ops, name), func._overloadname)
             self.calls[name] += 1
+            if name in _CPU_ONLY:
+                with self:  # the route the GPU takes instead, whose ops come back through this mode
+                    return _CPU_ONLY[name](*args, **(kwargs or {}))
+            func = getattr(getattr(self.ops, name), func._overloadname)
         return func(*args, **(kwargs or {}))
+
+
+def _dense_conv2d_relu_max_pool2d_backward(grad_output, input, weight, indices, passes, stride, padding, dilation,
+                                           groups, ceil_mode, output_mask):
+    from ._ops.autograd import Conv2dPoolParams, conv2d_relu_max_pool2d_gradients
+
+    params = Conv2dPoolParams(tuple(stride), tuple(padding), tuple(dilation), groups, ceil_mode)
+    grads = conv2d_relu_max_pool2d_gradients(grad_output, input, weight, indices, passes, params, output_mask)
+    return tuple(input.new_empty((0,)) if grad is None else grad for grad in grads)
+
+
+# Ops with CPU kernels only (csrc/cpu), which CPU tensors reach on routes the GPU does not take:
+# under emulation, the GPU's route.
+_CPU_ONLY = {"_cpu_conv2d_relu_max_pool2d_backward": _dense_conv2d_relu_max_pool2d_backward}
 
 
 @contextlib.contextmanager

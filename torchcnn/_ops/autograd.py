@@ -238,12 +238,13 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_indices, _grad_passes):
         input, weight, indices, passes = ctx.saved_tensors
-        conv = ctx.params.conv()
-        # max_pool2d_backward reads only the shape of its `input`, Y here: a stand-in of no storage.
-        y_shape = grad_output.new_empty(()).expand(_conv2d_output_shape(input, weight, conv))
-        grad_y = call("max_pool2d_backward", call("relu_backward", grad_output, passes), y_shape, indices,
-                      *ctx.params.pool().args())
-        return _conv2d_gradients(ctx, grad_y, input, weight, conv)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        if _sparse_backward_applies(grad_output, input, weight, ctx.params):
+            # On the CPU, one op from the pooled gradient: the non-zeros of ∂L/∂Y, one per window.
+            grads = _below_autograd(ops._cpu_conv2d_relu_max_pool2d_backward, grad_output, input, weight, indices,
+                                    passes, *ctx.params.args(), mask)
+            return *(grad if wanted else None for grad, wanted in zip(grads, mask)), None
+        return *conv2d_relu_max_pool2d_gradients(grad_output, input, weight, indices, passes, ctx.params, mask), None
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, _):
@@ -252,6 +253,35 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         tangent = _conv2d_tangent(input, weight, input_t, weight_t, bias_t, conv,
                                   _conv2d_output_shape(input, weight, conv))
         return call("relu_backward", gather_at_argmax(tangent, indices, ctx.params.pool()), passes), None, None
+
+
+def conv2d_relu_max_pool2d_gradients(grad_output, input, weight, indices, passes, params, mask):
+    """conv2d_relu_max_pool2d's gradients (input, weight, bias; None where `mask` is off) by the
+    dense route, which the GPU takes and which autograd can differentiate again: ∂L/∂Y =
+    max_pool2d_backward(M ⊙ ∂L/∂P), then conv2d's gradient ops."""
+    conv = params.conv()
+    # max_pool2d_backward reads only the shape of its `input`, Y here: a stand-in of no storage.
+    y_shape = grad_output.new_empty(()).expand(_conv2d_output_shape(input, weight, conv))
+    grad_y = call("max_pool2d_backward", call("relu_backward", grad_output, passes), y_shape, indices,
+                  *params.pool().args())
+    args = conv.args()
+    return (call("conv2d_backward_input", grad_y, input, weight, *args) if mask[0] else None,
+            call("conv2d_backward_weight", grad_y, input, weight, *args) if mask[1] else None,
+            grad_y.sum((0, 2, 3)) if mask[2] else None)
+
+
+def _sparse_backward_applies(grad_output, input, weight, params) -> bool:
+    """Whether conv2d_relu_max_pool2d's backward takes the CPU's sparse op: CPU tensors, a backward
+    that is not itself differentiated (no create_graph, no tangents, no torch.func transform: the
+    dense route's ops carry those derivatives), and filters whose contiguous pieces are at least
+    16 values long (a filter row, KW · C, with one group and no horizontal dilation; else one
+    tap's C/groups), which the sparse op's vector loops need to beat the dense route's GEMMs (the
+    MNIST model's second layer: 3 · 32 = 96; its first, 3 · 1 = 3, takes the dense route)."""
+    if grad_output.device.type != "cpu" or torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    group_channels = input.shape[1] // params.groups
+    piece = group_channels * weight.shape[3] if params.groups == 1 and params.dilation[1] == 1 else group_channels
+    return piece >= 16 and not _tracks_derivatives((grad_output, input, weight))
 
 
 class _Conv2dGradientFunction(torch.autograd.Function):

@@ -42,6 +42,12 @@ SCHEMAS = {
     # the convolution's output plane, and whether the gradient passes at it.
     "conv2d_relu_max_pool2d": "(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
                               "int[2] dilation=1, int groups=1, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)",
+    # conv2d_relu_max_pool2d's gradients (input, weight, bias; each only if its output_mask entry is
+    # set, else an empty tensor) from the pooled gradient, its indices and passes: the sparse ∂L/∂Y
+    # (one value per window) taken as it is. CPU only: the backward's route there (autograd.py).
+    "_cpu_conv2d_relu_max_pool2d_backward": "(Tensor grad_output, Tensor input, Tensor weight, Tensor indices, "
+                                            "Tensor passes, int[2] stride, int[2] padding, int[2] dilation, "
+                                            "int groups, bool ceil_mode, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
     # A = relu(Z) with the design notes' ReLU, and where its gradient passes (Z ≥ 0), for the backward.
     "relu": "(Tensor input) -> (Tensor, Tensor)",
     # ∂L/∂Z = ∂L/∂A where the ReLU passes (the mask relu and the fused ops return), else 0.
@@ -292,6 +298,19 @@ def _conv2d_relu_max_pool2d_fake(input, weight, bias=None, stride=(1, 1), paddin
     memory_format = conv2d_memory_format(input, weight)
     return (_empty(input, shape, memory_format), _empty(input, shape, memory_format, dtype=torch.long),
             _empty(input, shape, memory_format, dtype=torch.bool))
+
+
+@torch.library.register_fake("torchcnn::_cpu_conv2d_relu_max_pool2d_backward")
+def _conv2d_relu_max_pool2d_backward_fake(grad_output, input, weight, indices, passes, stride, padding, dilation,
+                                          groups, ceil_mode, output_mask):
+    op = "_cpu_conv2d_relu_max_pool2d_backward"
+    shape = conv2d_relu_max_pool2d_output_shape(op, input, weight, None, stride, padding, dilation, groups, ceil_mode)
+    _grad_output(op, grad_output, input, shape)
+    memory_format = conv2d_memory_format(input, weight)
+    nothing = input.new_empty((0,))
+    return (_empty(input, input.shape, memory_format) if output_mask[0] else nothing,
+            _empty(input, weight.shape, memory_format) if output_mask[1] else nothing,
+            input.new_empty((weight.shape[0],)) if output_mask[2] else nothing)
 
 
 def _conv2d_gradient_fake(op, grad_output, input, weight, stride, padding, dilation, groups):
