@@ -208,3 +208,25 @@ def test_the_softmax_exp_is_correctly_rounded_to_an_ulp_over_floats_range():
     subnormal = expected < torch.finfo(torch.float32).tiny
     assert ((got.double()[subnormal] - expected[subnormal]).abs() <= 2.0 ** -149).all()
     assert torch.equal(got.isinf(), torch.exp(z).isinf()) and torch.equal(got.isnan(), z.isnan())
+
+
+def test_compiled_autograd_takes_the_cpp_node():
+    """torch.compile's compiled autograd runs the C++ node's backward (which therefore marks no
+    output non-differentiable: it hands log Σ exp and the total weight on detached)."""
+    torchcnn.load()
+    x = torch.randn(8, 5, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+    loss, lse, total = torch.ops.torchcnn.cross_entropy(x, target)
+    assert loss.requires_grad and not lse.requires_grad and not total.requires_grad
+
+    @torch.compile(backend="eager")
+    def step(x):
+        loss = F.cross_entropy(x, target)
+        loss.backward()
+        return loss
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        step(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(TF.cross_entropy(x, target), x)[0])

@@ -431,3 +431,16 @@ def test_the_sparse_ops_sums_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, more))
+
+
+def test_the_fake_kernel_of_the_sparse_op_refuses_what_the_kernel_refuses():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    grad, x, w, indices, passes, *rest = _sparse_op_arguments()
+    for bad in ((grad, x, w, indices.int(), passes), (grad, x, w, indices, passes.float()),
+                (grad, x, w, indices, passes[:1])):
+        with pytest.raises(TypeError) as real:
+            SPARSE_OP(*bad, *rest, [True, True, True])
+        with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(TypeError) as fake:
+            SPARSE_OP(*bad, *rest, [True, True, True])
+        assert str(fake.value) == str(real.value).split("\n")[0]

@@ -62,8 +62,10 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
       return cross_entropy_op().call(input, target, weight, reduction, ignore_index, label_smoothing);
     }();
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), log_sum_exp, total_weight});
-    ctx->mark_non_differentiable({log_sum_exp, total_weight});
-    ctx->set_materialize_grads(false);  // log_sum_exp and total_weight take no gradient: no zeros for them
+    // log_sum_exp and total_weight take no gradient: the kernel below hands them on detached (as
+    // mark_non_differentiable would, which compiled autograd refuses in a C++ node), and their
+    // gradients, always undefined, are not materialised as zeros.
+    ctx->set_materialize_grads(false);
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
@@ -118,7 +120,7 @@ Outputs cross_entropy_autograd(c10::DispatchKeySet keys, const at::Tensor& input
     return cross_entropy_op().redispatch(below, input, target, weight, reduction, ignore_index, label_smoothing);
   }
   auto outputs = CrossEntropy::apply(input, target, weight, reduction, ignore_index, label_smoothing);
-  return {outputs[0], outputs[1], outputs[2]};
+  return {outputs[0], outputs[1].detach(), outputs[2].detach()};
 }
 
 }  // namespace

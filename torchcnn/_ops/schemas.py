@@ -306,6 +306,12 @@ def _conv2d_relu_max_pool2d_backward_fake(grad_output, input, weight, indices, p
     op = "_cpu_conv2d_relu_max_pool2d_backward"
     shape = conv2d_relu_max_pool2d_output_shape(op, input, weight, None, stride, padding, dilation, groups, ceil_mode)
     _grad_output(op, grad_output, input, shape)
+    for name, tensor, dtype in (("indices", indices, torch.long), ("passes", passes, torch.bool)):
+        kind = "an int64" if dtype == torch.long else "a bool"
+        torch._check_type(tensor.dtype == dtype and tensor.device == input.device and tuple(tensor.shape) == tuple(shape),
+                          lambda name=name, tensor=tensor, kind=kind:
+                          f"{op}: expected {name} to be {kind} tensor of shape {list(shape)} on {input.device} but "
+                          f"got {_c10(tensor.dtype)} of shape {list(tensor.shape)} on {tensor.device}")
     memory_format = conv2d_memory_format(input, weight)
     nothing = input.new_empty((0,))
     return (_empty(input, input.shape, memory_format) if output_mask[0] else nothing,
