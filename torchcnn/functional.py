@@ -285,11 +285,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
                             f"(a floating dtype) but got {target.dtype}")
         target = target.long()
     rows_given = input.dim() == 2  # (rows, classes), as the op takes them
-    if rows_given and target.dim() == 1 and target.shape[0] == input.shape[0]:
-        pass
-    elif target.shape != input.shape[:class_dim] + input.shape[class_dim + 1:]:
-        raise ValueError(f"{fn}: expected class-index targets of shape "
-                         f"{tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])} but got {tuple(target.shape)}")
+    if not (rows_given and target.dim() == 1 and target.shape[0] == input.shape[0]):
+        expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
+        if target.shape != expected:
+            raise ValueError(f"{fn}: expected class-index targets of shape {tuple(expected)} but got "
+                             f"{tuple(target.shape)}")
     if _cross_entropy_op_applies(weight):
         # One op forward, one backward (softmax − y): torch.ops.torchcnn.cross_entropy, over rows.
         if rows_given:

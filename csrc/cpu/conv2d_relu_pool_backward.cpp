@@ -242,7 +242,7 @@ void input_grad(const SparseGrad<T>& s, const T* filters, int64_t batch, int64_t
   });
 }
 
-// A zeroed (N, H + 2·pad_h, W + 2·pad_w, C) tensor of `dtype` in this thread's workspace slot
+// A zeroed (N, H + 2·pad_h, W + 2·pad_w, C) tensor of `like`'s dtype in this thread's workspace slot
 // (conv2d_algorithms.h: no page faults on every call), and its (N, C, H, W) interior.
 std::pair<at::Tensor, at::Tensor> padded_channels_last(Slot slot, const Conv2dGeometry& g, const at::Tensor& like) {
   auto padded = workspace_tensor(slot, {g.batch, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.channels}, like);

@@ -145,7 +145,7 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        return _conv2d_gradients(ctx, grad_output, input, weight, ctx.params)
+        return *_conv2d_gradients(grad_output, input, weight, ctx.params, _gradient_mask(ctx)), None
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, _):
@@ -153,17 +153,17 @@ class Conv2dFunction(torch.autograd.Function):
         return _conv2d_tangent(input, weight, input_t, weight_t, bias_t, ctx.params, ctx.output_shape)
 
 
-def _conv2d_gradients(ctx, grad_output, input, weight, params):
-    """conv2d's gradients (input, weight, bias, params) from ∂L/∂Y, for the inputs that need one."""
+def _gradient_mask(ctx):
+    """Which of a convolution Function's (input, weight, bias) need a gradient."""
+    return [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+
+
+def _conv2d_gradients(grad_output, input, weight, params, mask):
+    """conv2d's gradients (input, weight, bias) from ∂L/∂Y, None where `mask` is off."""
     args = params.args()
-    grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = call("conv2d_backward_input", grad_output, input, weight, *args)
-    if ctx.needs_input_grad[1]:
-        grad_weight = call("conv2d_backward_weight", grad_output, input, weight, *args)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad_output.sum((0, 2, 3))
-    return grad_input, grad_weight, grad_bias, None
+    return (call("conv2d_backward_input", grad_output, input, weight, *args) if mask[0] else None,
+            call("conv2d_backward_weight", grad_output, input, weight, *args) if mask[1] else None,
+            grad_output.sum((0, 2, 3)) if mask[2] else None)
 
 
 def _conv2d_tangent(input, weight, input_t, weight_t, bias_t, params, output_shape):
@@ -204,7 +204,8 @@ class Conv2dReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_passes):
         input, weight, passes = ctx.saved_tensors
-        return _conv2d_gradients(ctx, call("relu_backward", grad_output, passes), input, weight, ctx.params)
+        return *_conv2d_gradients(call("relu_backward", grad_output, passes), input, weight, ctx.params,
+                                  _gradient_mask(ctx)), None
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, _):
@@ -238,7 +239,7 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_indices, _grad_passes):
         input, weight, indices, passes = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        mask = _gradient_mask(ctx)
         if _sparse_backward_applies(grad_output, input, weight, ctx.params):
             # On the CPU, one op from the pooled gradient: the non-zeros of ∂L/∂Y, one per window.
             grads = _below_autograd(ops._cpu_conv2d_relu_max_pool2d_backward, grad_output, input, weight, indices,
@@ -264,10 +265,7 @@ def conv2d_relu_max_pool2d_gradients(grad_output, input, weight, indices, passes
     y_shape = grad_output.new_empty(()).expand(_conv2d_output_shape(input, weight, conv))
     grad_y = call("max_pool2d_backward", call("relu_backward", grad_output, passes), y_shape, indices,
                   *params.pool().args())
-    args = conv.args()
-    return (call("conv2d_backward_input", grad_y, input, weight, *args) if mask[0] else None,
-            call("conv2d_backward_weight", grad_y, input, weight, *args) if mask[1] else None,
-            grad_y.sum((0, 2, 3)) if mask[2] else None)
+    return _conv2d_gradients(grad_y, input, weight, conv, mask)
 
 
 def _sparse_backward_applies(grad_output, input, weight, params) -> bool:
