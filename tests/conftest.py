@@ -63,6 +63,13 @@ def kernels(request, device):
     return "cpu" if request.node.callspec.params["device"] == "cpu" else "cuda"
 
 
+@pytest.fixture(scope="session")
+def built():
+    """The kernels compiled (if need be) and loaded before a test starts processes that run them, so
+    that no wait of the test on such a process includes a cold build."""
+    return torchcnn.load()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -71,21 +71,43 @@ def from_rank0(value):
 @contextlib.contextmanager
 def process_group(device: torch.device):
     """Yields (rank, world_size, device). Under torchrun (WORLD_SIZE > 1) it joins the process
-    group, gloo on CPU and nccl on CUDA with one GPU per rank (cuda:LOCAL_RANK), and destroys the
-    group on the way out, whichever way that is. A single process yields (0, 1, device)."""
+    group, gloo on CPU and nccl on CUDA with one GPU per rank (cuda:LOCAL_RANK), and tears it down
+    on the way out. A single process yields (0, 1, device).
+
+    Every rank leaves the same way: when the block returns, or exits (SystemExit) with an error
+    that every rank has reached alike, the ranks meet at a barrier and each then destroys the
+    group, before the interpreter shuts down. Any other exception is one rank's own: it skips the
+    barrier, which the other ranks would never reach, and torchrun stops them.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield 0, 1, device
         return
+    # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, evaluated
+    # when the module is first imported, as DistributedDataParallel's constructor imports it.
+    # Imported once the group is up, they would hold it for the life of the interpreter:
+    # destroy_process_group would leave gloo's threads running, to be torn down during interpreter
+    # exit, where that teardown can abort the process. Imported first, they hold None.
+    import torch.distributed.nn  # noqa: F401
+
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+    agreed = False
     try:
         yield dist.get_rank(), dist.get_world_size(), device
+        agreed = True
+    except SystemExit:
+        agreed = True
+        raise
     finally:
-        dist.destroy_process_group()
+        try:
+            if agreed:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 class StopRequest:
