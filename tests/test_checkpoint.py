@@ -4,7 +4,6 @@ for files that are not checkpoints, and checkpoints of format 1 (a real one, fix
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -92,22 +91,38 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
 
 
 def test_killed_writer_leaves_a_loadable_checkpoint(tmp_path):
+    """A process killed in the middle of writing a checkpoint: its third save writes half of the
+    real bytes, says so, and waits to be killed (SIGKILL: no handler runs, the temporary file is
+    left as it was). The file on disk is the second save, whole."""
     path = tmp_path / "last.pt"
     writer = subprocess.Popen([sys.executable, "-c", f"""
-import sys, torch
+import io, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
 from torchcnn.mnist import checkpoint
-for i in range(10**6):
-    checkpoint.save({{"backend": "torch", "model": {{"w": torch.full((4_000_000,), float(i))}}}}, {str(path)!r})
-    print(i, flush=True)
-"""], stdout=subprocess.PIPE, text=True)
-    for _ in range(3):  # let a few saves complete, then kill it in the middle of another one
-        writer.stdout.readline()
-    time.sleep(0.05)
+real_save = torch.save
+
+def save_half_then_wait(obj, f):
+    whole = io.BytesIO()
+    real_save(obj, whole)
+    f.write(whole.getvalue()[: whole.tell() // 2])
+    f.flush()
+    print("in the middle of save 3", flush=True)
+    time.sleep(600)
+
+for i in (1, 2, 3):
+    if i == 3:
+        torch.save = save_half_then_wait
+    checkpoint.save({{"backend": "torch", "model": {{"w": torch.full((1_000_000,), float(i))}}}}, {str(path)!r})
+    print("saved", i, flush=True)
+"""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = [writer.stdout.readline() for _ in range(3)]
+    assert said == ["saved 1\n", "saved 2\n", "in the middle of save 3\n"], said + [writer.stderr.read()]
+    partial = tmp_path / f".last.pt.{writer.pid}.tmp"
+    assert partial.is_file() and partial.stat().st_size > 0  # the kill lands inside a write
     writer.kill()
     writer.wait()
     w = checkpoint.load(path)["model"]["w"]
-    assert torch.equal(w, torch.full_like(w, w[0].item()))  # one whole version, not a mixture
+    assert torch.equal(w, torch.full((1_000_000,), 2.0))
 
 
 def test_bad_checkpoints_get_clear_errors(tmp_path):
