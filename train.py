@@ -306,14 +306,17 @@ def main(argv=None) -> int:
         say = print if is_main else (lambda *a, **k: None)
 
         # A checkpoint to resume or to evaluate.
-        saved = None
+        # Every rank reads the files itself; what one rank cannot read ends every rank (engine.agree).
+        saved, problem = None, None
         if args.resume or args.eval:
             try:
                 saved = checkpoint.load(args.resume or args.eval)
                 if args.resume:
                     checkpoint.require_training_state(saved, args.resume)
             except checkpoint.CheckpointError as e:
-                fail(str(e))
+                problem = str(e)
+            if problem := engine.agree(problem):
+                fail(problem)
         if args.resume:
             trained_by = saved["recipe"].get("world_size")
             if trained_by is None:
@@ -330,11 +333,19 @@ def main(argv=None) -> int:
             args.backend = saved["backend"]
         lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
 
-        # Data: read and checked before the first op, then held on the device.
-        try:
-            mnist = data.load(args.data_dir, download=not args.no_download)
-        except (data.MNISTNotFoundError, data.MNISTCorruptError) as e:
-            fail(str(e))
+        # Data: read and checked before the first op, then held on the device. Rank 0 reads first, so
+        # that it alone downloads what is missing; then the others.
+        def read_mnist():
+            try:
+                return data.load(args.data_dir, download=not args.no_download), None
+            except (data.MNISTNotFoundError, data.MNISTCorruptError) as e:
+                return None, str(e)
+
+        mnist, problem = read_mnist() if is_main else (None, None)
+        if not (problem := engine.agree(problem)) and not is_main:
+            mnist, problem = read_mnist()
+        if problem := engine.agree(problem):
+            fail(problem)
         mnist = mnist.limit(args.limit_train, args.limit_test).to(device)
         if not args.eval and mnist.train_images.shape[0] < world_size:
             fail(f"argument --limit-train: {mnist.train_images.shape[0]} training images cannot be shared "

@@ -115,12 +115,15 @@ for i in (1, 2, 3):
     checkpoint.save({{"backend": "torch", "model": {{"w": torch.full((1_000_000,), float(i))}}}}, {str(path)!r})
     print("saved", i, flush=True)
 """], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    said = [writer.stdout.readline() for _ in range(3)]
-    assert said == ["saved 1\n", "saved 2\n", "in the middle of save 3\n"], said + [writer.stderr.read()]
-    partial = tmp_path / f".last.pt.{writer.pid}.tmp"
-    assert partial.is_file() and partial.stat().st_size > 0  # the kill lands inside a write
-    writer.kill()
-    writer.wait()
+    try:
+        said = [writer.stdout.readline() for _ in range(3)]
+        partial = tmp_path / f".last.pt.{writer.pid}.tmp"
+        inside = partial.is_file() and partial.stat().st_size > 0  # the kill lands inside a write
+    finally:
+        writer.kill()
+        _, err = writer.communicate()
+    assert said == ["saved 1\n", "saved 2\n", "in the middle of save 3\n"], said + [err]
+    assert inside
     w = checkpoint.load(path)["model"]["w"]
     assert torch.equal(w, torch.full((1_000_000,), 2.0))
 

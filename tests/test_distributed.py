@@ -42,11 +42,17 @@ def recorded_save(state, path):
     return save(state, path)
 
 engine.train_epoch, checkpoint.save = recorded_train_epoch, recorded_save
+argv = sys.argv[1:] + json.loads(os.environ.get(f"ARGV_RANK{{os.environ['RANK']}}", "[]"))  # the last word wins
 try:
-    code = train.main(sys.argv[1:])
+    code = train.main(argv)
 except SystemExit as e:
     code = e.code
-threads = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+threads = []
+for t in os.listdir("/proc/self/task"):
+    try:
+        threads.append(open(f"/proc/self/task/{{t}}/comm").read().strip())
+    except OSError:  # a thread that ended meanwhile
+        pass
 report = {{"exit": code, "group_up": dist.is_initialized(), "gloo_threads": [t for t in threads if "gloo" in t],
           "epochs_entered": len(stops), "stopped_at": stops[-1] if stops else None, "saves": saves}}
 with open(os.path.join(os.environ["REPORTS"], f"rank{{os.environ['RANK']}}.json"), "w") as f:
@@ -73,15 +79,18 @@ def torchrun_command(tmp_path, *argv) -> tuple[list[str], dict]:
     reports.mkdir(exist_ok=True)
     for old in reports.iterdir():
         old.unlink()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "REPORTS": str(reports)}
+    # After a SIGTERM torchrun gives the ranks 30 s to stop before it kills them: on a machine whose
+    # load the test cannot know, 10 minutes.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REPORTS": str(reports), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
                *QUICK, "--data-dir", str(MNIST_DIR), *map(str, argv)]
     return command, env
 
 
-def torchrun(tmp_path, *argv) -> subprocess.CompletedProcess:
-    command, env = torchrun_command(tmp_path, *argv)
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+def torchrun(tmp_path, *argv, env=None) -> subprocess.CompletedProcess:
+    command, base_env = torchrun_command(tmp_path, *argv)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**base_env, **(env or {})},
+                          cwd=ROOT)
 
 
 def reports(tmp_path) -> list[dict]:
@@ -130,6 +139,22 @@ def test_every_rank_refuses_an_output_folder_alike(busy, tmp_path):
         assert ranks == [orderly(r, 2) for r in ranks] and all(r["saves"] == [] for r in ranks), context
         assert result.stderr.count(error) == 2, context
         assert "Traceback" not in result.stderr and "terminate called" not in result.stderr, context
+
+
+@needs_mnist
+def test_an_error_of_one_rank_ends_every_rank(busy, tmp_path):
+    """Rank 1 alone cannot find the data: both ranks end with its error and exit 2, neither waits in
+    a collective the other never reaches (rank 0 would otherwise go on to DistributedDataParallel's
+    broadcasts, and rank 1 to the barrier at the end)."""
+    nowhere = tmp_path / "nowhere"
+    result = torchrun(tmp_path, "--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--out", tmp_path / "run",
+                      env={"ARGV_RANK1": json.dumps(["--data-dir", str(nowhere)])})
+    ranks = reports(tmp_path)
+    context = f"{ranks}\n{result.stderr}"
+    assert len(ranks) == 2 and ranks == [orderly(r, 2) for r in ranks], context
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error: MNIST not found")]
+    assert len(errors) == 2 and all(str(nowhere) in line for line in errors), context
+    assert not (tmp_path / "run").exists()
 
 
 @needs_mnist

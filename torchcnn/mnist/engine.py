@@ -68,6 +68,17 @@ def from_rank0(value):
     return box[0]
 
 
+def agree(problem: str | None) -> str | None:
+    """The problem of the first rank that has one (None if none has), on every rank: for an error
+    that one rank may meet alone (a file it cannot read), so that every rank ends with it. A
+    collective when distributed: every rank calls it at the same point."""
+    if not distributed():
+        return problem
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device):
     """Yields (rank, world_size, device). Under torchrun (WORLD_SIZE > 1) it joins the process
@@ -75,8 +86,9 @@ def process_group(device: torch.device):
     on the way out. A single process yields (0, 1, device).
 
     Every rank leaves the same way: when the block returns, or exits (SystemExit) with an error
-    that every rank has reached alike, the ranks meet at a barrier and each then destroys the
-    group, before the interpreter shuts down. Any other exception is one rank's own: it skips the
+    that every rank has reached alike (decided from what every rank holds alike, from rank 0's
+    word, or through :func:`agree`), the ranks meet at a barrier and each then destroys the group,
+    before the interpreter shuts down. Any other exception is one rank's own: it skips the
     barrier, which the other ranks would never reach, and torchrun stops them.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -103,11 +115,12 @@ def process_group(device: torch.device):
         agreed = True
         raise
     finally:
-        try:
-            if agreed:
+        if agreed:
+            try:
                 dist.barrier()
-        finally:
-            dist.destroy_process_group()
+            except Exception as e:  # a rank that is gone: say so, and leave with the run's own exit
+                print(f"rank {dist.get_rank()}: the other ranks did not meet at the end ({e})", file=sys.stderr)
+        dist.destroy_process_group()
 
 
 class StopRequest:
