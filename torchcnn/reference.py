@@ -6,7 +6,8 @@ batch inside. Nothing here calls torch's convolution, pooling, softmax or loss f
 functions take and return what the op of the same name in ``torch.ops.torchcnn`` does, so that a
 test can put the two side by side; they are written for reading, and are fast enough for test sizes.
 
-Sums are taken in the input's dtype, in the order written. Inputs are batched: (N, C, H, W) images,
+Sums are taken in the order written, in the input's dtype (the loss's in float32 for the half
+types, as its op does): the reference is for float64 and float32. Inputs are batched: (N, C, H, W) images,
 (K, C / groups, R, S) filters, (rows, classes) logits.
 """
 
@@ -121,7 +122,7 @@ def conv2d_backward_input(grad_output, x, weight, stride, padding, dilation, gro
 
 # --------------------------------------------------------------------------------------------
 # ReLU: A = max(0, Z), and the gradient passes where Z ≥ 0 — at Z = 0 too (torch's relu passes
-# none there). ∂L/∂Z = M ⊙ ∂L/∂A with M = (Z ≥ 0). NaN is no number below 0: it stays NaN and
+# none there). ∂L/∂Z = M ⊙ ∂L/∂A with M = not (Z < 0): NaN, no number below 0, stays NaN and
 # passes its gradient, as torch.threshold does.
 
 
@@ -161,6 +162,13 @@ def _first_real(start: int, dilation: int) -> int:
     return start if start >= 0 else start + math.ceil(-start / dilation) * dilation
 
 
+def _window(i: int, j: int, height: int, width: int, kernel_size, stride, padding, dilation):
+    """Window (i, j)'s real rows h0, h0 + dil_h, … < h1 and columns w0, w0 + dil_w, … < w1."""
+    h_start, w_start = i * stride[0] - padding[0], j * stride[1] - padding[1]
+    return (_first_real(h_start, dilation[0]), min(h_start + dilation[0] * (kernel_size[0] - 1) + 1, height),
+            _first_real(w_start, dilation[1]), min(w_start + dilation[1] * (kernel_size[1] - 1) + 1, width))
+
+
 def max_pool2d_with_indices(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1),
                             ceil_mode=False) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, the flat index of each max in X's plane)."""
@@ -171,11 +179,9 @@ def max_pool2d_with_indices(x, kernel_size, stride, padding=(0, 0), dilation=(1,
     indices = torch.empty(n, c, out_h, out_w, dtype=torch.long, device=x.device)
     for i in range(out_h):
         for j in range(out_w):
-            h_start, w_start = i * stride[0] - padding[0], j * stride[1] - padding[1]
-            h0, w0 = _first_real(h_start, dilation[0]), _first_real(w_start, dilation[1])
-            h1 = min(h_start + dilation[0] * (kernel_size[0] - 1) + 1, h)
-            w1 = min(w_start + dilation[1] * (kernel_size[1] - 1) + 1, w)
-            # A window of −inf reports its first real pixel; one with no real pixel, −inf at h0·W + w0.
+            h0, h1, w0, w1 = _window(i, j, h, w, kernel_size, stride, padding, dilation)
+            # A window of −inf reports its first real pixel; one with no real pixel (dilation can step
+            # over the whole input), −inf at h0·W + w0, an index outside the window, as torch does.
             best = x.new_full((n, c), -math.inf)
             best_index = torch.full((n, c), h0 * w + w0, dtype=torch.long, device=x.device)
             for hh in range(h0, h1, dilation[0]):
@@ -189,11 +195,15 @@ def max_pool2d_with_indices(x, kernel_size, stride, padding=(0, 0), dilation=(1,
 
 
 def max_pool2d_backward(grad_output, x, indices, kernel_size, stride, padding, dilation, ceil_mode) -> torch.Tensor:
-    """∂L/∂X: each window's gradient added at its argmax."""
+    """∂L/∂X: each window's gradient added at its argmax; a window with no real pixel has none to
+    give."""
     n, c, h, w = x.shape
     grad_input = x.new_zeros(n, c, h * w)
     for i in range(indices.shape[2]):
         for j in range(indices.shape[3]):
+            h0, h1, w0, w1 = _window(i, j, h, w, kernel_size, stride, padding, dilation)
+            if h0 >= h1 or w0 >= w1:
+                continue
             grad_input.scatter_add_(2, indices[:, :, i, j, None], grad_output[:, :, i, j, None])
     return grad_input.view(n, c, h, w)
 
@@ -245,8 +255,14 @@ def linear_backward(grad_output, h, weight) -> tuple[torch.Tensor, torch.Tensor,
 # by the class weight w_j (1 without weights): L = (1 − ε)·w_t·(lse − z_t) + ε/C · Σ_j w_j (lse − z_j).
 # Its gradient: ∂L/∂z_c = (1 − ε)·w_t·(ŷ_c − [c = t]) + ε/C · (Σ_j w_j · ŷ_c − w_c).
 # A row whose target is ignore_index counts for nothing: loss 0, weight 0, gradient 0. Reduced, the
-# rows' losses are summed ('sum'), or summed and divided by the total weight Σ_rows w_t ('mean').
+# rows' losses are summed ('sum'), or summed and divided by the total weight Σ_rows w_t ('mean';
+# 0/0, NaN, when every row is ignored, as in torch).
 # lse is computed stably, shifted by the row's max (by 0 when that max is ±inf).
+
+
+def _opmath(dtype):
+    """The precision the sums are taken in: float32 for the half types, else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _log_sum_exp(z):
@@ -264,7 +280,9 @@ def _class_weights(z, target, weight, ignore_index):
 
 
 def cross_entropy(z, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0):
-    """(L, lse per row, total weight) — as the op returns them."""
+    """(L, lse per row, total weight) — as the op returns them: L in z's dtype, the other two in
+    the precision the sums are taken in."""
+    dtype, z = z.dtype, z.to(_opmath(z.dtype))
     classes = z.shape[1]
     weight, ignored, t, w_t = _class_weights(z, target, weight, ignore_index)
     lse = _log_sum_exp(z)
@@ -278,12 +296,13 @@ def cross_entropy(z, target, weight=None, reduction="mean", ignore_index=-100, l
         loss = loss.sum()
     elif reduction == "mean":
         loss = loss.sum() / total_weight
-    return loss, lse, total_weight
+    return loss.to(dtype), lse, total_weight
 
 
 def cross_entropy_backward(grad_loss, z, target, weight, log_sum_exp, total_weight, reduction, ignore_index,
                            label_smoothing) -> torch.Tensor:
     """∂L/∂z from the forward's lse and total weight."""
+    dtype, z = z.dtype, z.to(_opmath(z.dtype))
     classes = z.shape[1]
     weight, ignored, t, w_t = _class_weights(z, target, weight, ignore_index)
     probs = (z - log_sum_exp[:, None]).exp()
@@ -294,7 +313,7 @@ def cross_entropy_backward(grad_loss, z, target, weight, log_sum_exp, total_weig
         grad = grad + label_smoothing / classes * (weight.sum() * probs - weight[None, :])
     scale = grad_loss / total_weight if reduction == "mean" else grad_loss
     grad = grad * (scale[:, None] if reduction == "none" else scale)
-    return torch.where(ignored[:, None], torch.zeros_like(grad), grad)
+    return torch.where(ignored[:, None], torch.zeros_like(grad), grad).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
