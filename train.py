@@ -275,7 +275,10 @@ def names(items) -> str:
 
 
 def fail(message: str, code: int = 2):
-    print(f"train.py: error: {message}", file=sys.stderr)
+    # One write, newline included: under torchrun the ranks share stderr, and print's separate
+    # write of the newline lets another rank's line in between (unbuffered, as with PYTHONUNBUFFERED).
+    sys.stderr.write(f"train.py: error: {message}\n")
+    sys.stderr.flush()
     sys.exit(code)
 
 
