@@ -240,10 +240,7 @@ def test_every_layer_backward_is_the_reference(layer, device, kernels, dtype):
             elif layer == "conv2d_relu":
                 grad_y = reference.relu_backward(grad, out[1])
             else:
-                stride, padding, dilation, _ = params
-                y_plane = [reference.conv2d_output_size(x.shape[2 + d], w.shape[2 + d], stride[d], padding[d], dilation[d])
-                           for d in (0, 1)]
-                y = x.new_empty(x.shape[0], w.shape[0], *y_plane)  # the shape ∂L/∂Y takes
+                y = x.new_empty(x.shape[0], w.shape[0], *reference.conv2d_output_plane(x, w, *params[:3]))  # ∂L/∂Y's shape
                 grad_y = reference.max_pool2d_backward(reference.relu_backward(grad, out[2]), y, out[1], (2, 2), (2, 2),
                                                        (0, 0), (1, 1), args[7])
             expected = _reference_conv_gradients(grad_y, x, w, b, params)

@@ -45,7 +45,8 @@ def _tap(xp: torch.Tensor, p: int, q: int, out_h: int, out_w: int, stride, dilat
     return xp[:, :, h0:h0 + stride[0] * (out_h - 1) + 1:stride[0], w0:w0 + stride[1] * (out_w - 1) + 1:stride[1]]
 
 
-def _geometry(x, weight, stride, padding, dilation):
+def conv2d_output_plane(x, weight, stride, padding, dilation) -> tuple[int, int]:
+    """Y's (rows, columns) for input ``x`` and filters ``weight``."""
     _, _, h, w = x.shape
     _, _, r, s = weight.shape
     return (conv2d_output_size(h, r, stride[0], padding[0], dilation[0]),
@@ -56,7 +57,7 @@ def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
     """Y = the convolution sum above."""
     n = x.shape[0]
     k_out, c_group, r, s = weight.shape
-    out_h, out_w = _geometry(x, weight, stride, padding, dilation)
+    out_h, out_w = conv2d_output_plane(x, weight, stride, padding, dilation)
     xp = _pad(x, padding)
     k_group = k_out // groups
     y = x.new_zeros(n, k_out, out_h, out_w)
