@@ -28,7 +28,7 @@ import torchcnn  # noqa: E402
 from torchcnn.mnist import data, engine  # noqa: E402
 from torchcnn.mnist.cuda_graph import GraphedTrainStep  # noqa: E402
 from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
-from torchcnn.mnist.recipes import RECIPES  # noqa: E402
+from torchcnn.mnist.cli import RECIPES  # noqa: E402
 
 
 def arguments() -> argparse.Namespace:

@@ -3,7 +3,6 @@
 errors answer without torch or a build."""
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 from mnist_support import ROOT, help_blocks, needs_mnist, run_train, short_run
 
 import train
-from torchcnn.mnist import checkpoint, engine, model
+from torchcnn.mnist import checkpoint, cli, engine, model
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def trained(tmp_path_factory):
 
 def error_of(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(argv)
+        cli.parse_args(argv)
     assert exit_info.value.code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -59,12 +58,12 @@ def test_each_number_is_range_checked_under_its_own_name(flag, value, message, c
 
 
 def test_every_numeric_flag_is_range_checked():
-    numeric = {a.option_strings[0] for a in train.parser()._actions if a.type is not None}
+    numeric = {a.option_strings[0] for a in cli.parser()._actions if a.type is not None}
     assert numeric == {flag for flag, _, _ in RANGES}
 
 
 def test_edges_of_the_ranges_are_accepted():
-    args, given = train.parse_args(["--gamma", "1", "--dropout", "0", "--shift", "0", "--weight-decay", "0",
+    args, given = cli.parse_args(["--gamma", "1", "--dropout", "0", "--shift", "0", "--weight-decay", "0",
                                     "--seed", "0", "--device", "cuda:1", "--lr", "1e-9"])
     assert (args.gamma, args.dropout, args.shift, args.seed, args.device) == (1.0, 0.0, 0, 0, "cuda:1")
     assert given == {"gamma", "dropout", "shift", "weight_decay", "seed", "device", "lr"}
@@ -72,9 +71,9 @@ def test_edges_of_the_ranges_are_accepted():
 
 def test_help_shows_every_default_once(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        cli.parse_args(["--help"])
     blocks = help_blocks(capsys.readouterr().out)
-    assert len(blocks) == len(train.parser()._actions)  # every argument listed, -h included
+    assert len(blocks) == len(cli.parser()._actions)  # every argument listed, -h included
     for head, text in blocks.items():
         if head.startswith("-h"):
             continue
@@ -83,10 +82,12 @@ def test_help_shows_every_default_once(capsys):
     assert "(default: auto, which is cuda if available, else cpu)" in blocks["--device DEVICE"]
 
 
-def test_the_choices_are_the_packages():
-    assert train.OPTIMIZERS == engine.OPTIMIZERS and train.SCHEDULES == engine.SCHEDULES
-    assert train.BACKENDS == model.BACKENDS and set(train.DEFAULT_LR) == set(engine.OPTIMIZERS)
-    assert train.DEVICE_PATTERN == engine.DEVICE_PATTERN  # --device, checked before torch and after
+def test_the_choices_are_written_once():
+    """train.py loads cli.py by path; the package's modules use that same module."""
+    assert train.cli is cli
+    assert engine.OPTIMIZERS is cli.OPTIMIZERS and engine.SCHEDULES is cli.SCHEDULES
+    assert model.BACKENDS is cli.BACKENDS and engine.DEVICE_PATTERN is cli.DEVICE_PATTERN
+    assert set(cli.DEFAULT_LR) == set(cli.OPTIMIZERS)
 
 
 @pytest.mark.parametrize("text", ["cpu:0", "CPU", "cuda:-1", "cuda:x", "meta", "cuda:0:1", ""])
@@ -113,10 +114,12 @@ def test_help_argument_and_data_errors_build_nothing(tmp_path):
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 import train
-train.parse_args(["--epochs", "3"])
+train.cli.parse_args(["--epochs", "3"])
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchcnn", "numpy")))
+from torchcnn.mnist import cli, engine  # the package, imported afterwards, takes the module train.py loaded
+print(cli is train.cli and engine.OPTIMIZERS is train.cli.OPTIMIZERS)
 """], capture_output=True, text=True, env=env)
-    assert imported.stdout.strip() == "[]", imported.stderr
+    assert imported.stdout.split("\n")[:2] == ["['torchcnn.mnist.cli']", "True"], imported.stderr
     no_data = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", str(tmp_path / "nowhere"),
                               "--no-download", "--device", "cpu"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert no_data.returncode == 2 and "MNIST not found" in no_data.stderr, no_data.stderr  # data before a build
@@ -142,8 +145,8 @@ SAVED = {"backend": "torchcnn", "epoch": 2, "recipe": {
 
 
 def resume(*argv, **recipe):
-    args, given = train.parse_args(["--resume", "run/last.pt", *argv])
-    notes = train.resume_args(args, given, {**SAVED, "recipe": {**SAVED["recipe"], **recipe}})
+    args, given = cli.parse_args(["--resume", "run/last.pt", *argv])
+    notes = cli.resume_args(args, given, {**SAVED, "recipe": {**SAVED["recipe"], **recipe}})
     return args, notes
 
 
@@ -176,10 +179,10 @@ def test_resume_honours_epochs_where_the_schedule_allows():
     assert args.epochs == 3 and notes == ["--epochs 3: the run ends at epoch 3 instead of 4"]
     with pytest.raises(ValueError, match="^argument --epochs: the checkpoint has finished 2 epochs already"):
         resume("--epochs", "1")
-    args, given = train.parse_args(["--resume", "run/interrupted.pt", "--epochs", "2"])
+    args, given = cli.parse_args(["--resume", "run/interrupted.pt", "--epochs", "2"])
     with pytest.raises(ValueError, match="^argument --epochs: 2 would drop the 7 steps of epoch 3 that the "
                                          "checkpoint holds; give --epochs 3 or more"):
-        train.resume_args(args, given, {**SAVED, "step": 7})
+        cli.resume_args(args, given, {**SAVED, "step": 7})
     with pytest.raises(ValueError, match="^argument --epochs: 6 contradicts the checkpoint's 4: its onecycle "
                                          "learning rate was laid out for 4 epochs"):
         resume("--epochs", "6", schedule="onecycle")
@@ -202,7 +205,7 @@ def test_eval_refuses_training_flags_by_name(capsys):
         "train.py: error: argument --epochs: not used with --eval, which only evaluates the checkpoint "
         "on the test set")
     assert "not allowed with argument" in error_of(["--eval", "best.pt", "--resume", "last.pt"], capsys)
-    args, given = train.parse_args(["--eval", "best.pt", "--limit-test", "100", "--backend", "torch"])
+    args, given = cli.parse_args(["--eval", "best.pt", "--limit-test", "100", "--backend", "torch"])
     assert args.limit_test == 100 and given == {"eval", "limit_test", "backend"}
 
 
@@ -320,34 +323,29 @@ def test_fewer_training_images_than_processes_are_refused(tmp_path, monkeypatch,
 
 
 def test_a_recipe_sets_the_defaults_the_command_line_leaves():
-    args, _ = train.parse_args(["--recipe", "fast"])
-    fast = train.RECIPES["fast"]
+    args, _ = cli.parse_args(["--recipe", "fast"])
+    fast = cli.RECIPES["fast"]
     assert (args.epochs, args.batch_size, args.optimizer, args.lr, args.schedule, args.dropout, args.shift) == (
         fast.epochs, fast.batch_size, fast.optimizer, fast.lr, fast.schedule, fast.dropout, fast.shift)
-    args, _ = train.parse_args(["--recipe", "fast", "--epochs", "3", "--lr", "0.02"])
+    args, _ = cli.parse_args(["--recipe", "fast", "--epochs", "3", "--lr", "0.02"])
     assert (args.epochs, args.lr, args.batch_size) == (3, 0.02, fast.batch_size)
-    args, _ = train.parse_args(["--recipe", "fast", "--optimizer", "sgd"])
+    args, _ = cli.parse_args(["--recipe", "fast", "--optimizer", "sgd"])
     assert args.lr is None  # sgd's own rate, not the recipe's Adam one
-    args, _ = train.parse_args([])
+    args, _ = cli.parse_args([])
     assert args.recipe == "standard" and (args.epochs, args.batch_size, args.lr) == (12, 64, 5e-3)
 
 
-def test_the_recipes_are_the_packages():
-    from torchcnn.mnist import recipes
-
-    # train.py reads the same file by path (before torch is imported): the same values, another class.
-    assert {k: dataclasses.asdict(v) for k, v in train.RECIPES.items()} == \
-        {k: dataclasses.asdict(v) for k, v in recipes.RECIPES.items()}
-    for recipe in recipes.RECIPES.values():
+def test_the_recipes_are_runs_the_package_can_make():
+    for recipe in cli.RECIPES.values():
         assert recipe.optimizer in engine.OPTIMIZERS and recipe.schedule in engine.SCHEDULES
         model.MnistNet("torch", **recipe.model, dropout=recipe.dropout)  # a size MnistNet takes
 
 
 def test_resume_holds_the_recipe():
-    args, given = train.parse_args(["--recipe", "fast"])
+    args, given = cli.parse_args(["--recipe", "fast"])
     saved = {"backend": "torchcnn", "epoch": 1, "step": 0, "recipe": {"recipe": "standard", "epochs": 12}}
     with pytest.raises(ValueError, match="argument --recipe: fast contradicts the checkpoint's standard"):
-        train.resume_args(args, given, saved)
+        cli.resume_args(args, given, saved)
     before_recipes = {**saved, "recipe": {"epochs": 12}}  # a checkpoint from before --recipe: standard
     with pytest.raises(ValueError, match="argument --recipe: fast contradicts the checkpoint's standard"):
-        train.resume_args(args, given, before_recipes)
+        cli.resume_args(args, given, before_recipes)

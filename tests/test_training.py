@@ -10,7 +10,7 @@ import pytest
 import torch
 from mnist_support import MNIST_DIR, ROOT, TINY, metrics, needs_mnist, run_train, short_run, train_command
 
-from torchcnn.mnist import checkpoint, data, engine, plots
+from torchcnn.mnist import checkpoint, data, engine, plots, run
 from torchcnn.mnist.model import MnistNet, loss_function
 
 
@@ -204,6 +204,28 @@ def test_an_error_before_anything_is_written_leaves_no_default_folder(tmp_path, 
     with pytest.raises(RuntimeError, match="a step failed"):
         run_train(TINY)
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+@needs_mnist
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_kernels_are_loaded_before_any_clock_starts(mode, trained, tmp_path, monkeypatch):
+    """A first run in a fresh checkout builds the kernels: that must not count as training or
+    evaluation time. The load comes before the first timed stage (and builds nothing when done)."""
+    events = []
+    monkeypatch.setattr(run, "load", lambda: events.append("load"))
+    for name in ("train_epoch", "evaluate"):
+        monkeypatch.setattr(engine, name, record(events, name, getattr(engine, name)))
+    argv = ["--eval", trained / "best.pt", "--limit-test", 100] if mode == "eval" else \
+        ["--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--no-plots", "--out", tmp_path / "run"]
+    assert run_train(argv) == 0
+    assert events[0] == "load" and events[1:] and "load" not in events[1:], events
+
+
+def record(events, name, function):
+    def recorded(*args, **kwargs):
+        events.append(name)
+        return function(*args, **kwargs)
+    return recorded
 
 
 @needs_mnist

@@ -6,8 +6,7 @@ import torch
 from torch import nn as torch_nn
 
 from .. import nn as torchcnn_nn
-
-BACKENDS = ("torchcnn", "torch")
+from .cli import BACKENDS
 
 
 def layers(backend: str):
