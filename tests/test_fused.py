@@ -342,7 +342,7 @@ SPARSE_OP = torch.ops.torchcnn._cpu_conv2d_relu_max_pool2d_backward
 
 def _backward_by(route, monkeypatch, x, w, b, kwargs, ceil_mode, grad):
     sparse = route == "sparse"
-    monkeypatch.setattr("torchcnn._ops.autograd._sparse_backward_applies",
+    monkeypatch.setattr("torchcnn._ops.conv2d._sparse_backward_applies",
                         lambda *args: sparse and not torch.is_grad_enabled())
     out = F.conv2d_relu_max_pool2d(x, w, b, **kwargs, ceil_mode=ceil_mode)
     with torch.profiler.profile() as prof:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._ops.autograd import call
+from ._ops.routing import call
 
 __all__ = ["conv2d", "conv2d_relu", "conv2d_relu_max_pool2d", "max_pool2d", "relu", "linear", "cross_entropy"]
 

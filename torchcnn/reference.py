@@ -261,12 +261,12 @@ def linear_backward(grad_output, h, weight) -> tuple[torch.Tensor, torch.Tensor,
 # lse is computed stably, shifted by the row's max (by 0 when that max is ±inf).
 
 
-def _opmath(dtype):
+def opmath(dtype):
     """The precision the sums are taken in: float32 for the half types, else the dtype itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _log_sum_exp(z):
+def log_sum_exp(z):
     top = z.max(1).values
     shift = torch.where(top.isinf(), torch.zeros_like(top), top)
     return (z - shift[:, None]).exp().sum(1).log() + shift
@@ -283,10 +283,10 @@ def _class_weights(z, target, weight, ignore_index):
 def cross_entropy(z, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0):
     """(L, lse per row, total weight) — as the op returns them: L in z's dtype, the other two in
     the precision the sums are taken in."""
-    dtype, z = z.dtype, z.to(_opmath(z.dtype))
+    dtype, z = z.dtype, z.to(opmath(z.dtype))
     classes = z.shape[1]
     weight, ignored, t, w_t = _class_weights(z, target, weight, ignore_index)
-    lse = _log_sum_exp(z)
+    lse = log_sum_exp(z)
     rows = torch.arange(z.shape[0], device=z.device)
     loss = (1 - label_smoothing) * w_t * (lse - z[rows, t])
     if label_smoothing > 0:
@@ -303,7 +303,7 @@ def cross_entropy(z, target, weight=None, reduction="mean", ignore_index=-100, l
 def cross_entropy_backward(grad_loss, z, target, weight, log_sum_exp, total_weight, reduction, ignore_index,
                            label_smoothing) -> torch.Tensor:
     """∂L/∂z from the forward's lse and total weight."""
-    dtype, z = z.dtype, z.to(_opmath(z.dtype))
+    dtype, z = z.dtype, z.to(opmath(z.dtype))
     classes = z.shape[1]
     weight, ignored, t, w_t = _class_weights(z, target, weight, ignore_index)
     probs = (z - log_sum_exp[:, None]).exp()

@@ -109,7 +109,8 @@ class _ToEmulated(TorchDispatchMode):
 
 def _dense_conv2d_relu_max_pool2d_backward(grad_output, input, weight, indices, passes, stride, padding, dilation,
                                            groups, ceil_mode, output_mask):
-    from ._ops.autograd import Conv2dPoolParams, conv2d_relu_max_pool2d_gradients
+    from ._ops.conv2d import conv2d_relu_max_pool2d_gradients
+    from ._ops.params import Conv2dPoolParams
 
     params = Conv2dPoolParams(tuple(stride), tuple(padding), tuple(dilation), groups, ceil_mode)
     grads = conv2d_relu_max_pool2d_gradients(grad_output, input, weight, indices, passes, params, output_mask)

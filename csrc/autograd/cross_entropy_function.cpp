@@ -1,11 +1,11 @@
 // The Autograd kernel of torchcnn::cross_entropy for CPU and CUDA tensors, in C++.
 //
-// Every other op's Autograd kernel is Python (torchcnn/_ops/autograd.py). For this op that cost
+// Every other op's Autograd kernel is Python (torchcnn/_ops/registration.py). For this op that cost
 // more than the op: a 64×10 loss is a few microseconds of arithmetic, and the Python kernel and
 // its Function added ~15 µs to the forward and ~40 µs to the backward of every training step.
 // Here the same backward is a C++ node: cross_entropy_backward below autograd, or, when the
 // backward is itself differentiated (create_graph, or a tangent to carry), the differentiable
-// formula torchcnn::_cross_entropy_gradient, which is the Python one (torchcnn/_ops/autograd.py).
+// formula torchcnn::_cross_entropy_gradient, the Python one (torchcnn/_ops/cross_entropy.py).
 //
 // The Python kernel stays registered for the Autograd alias key; these registrations for
 // AutogradCPU and AutogradCUDA take precedence over it, and it still serves what a C++ Function

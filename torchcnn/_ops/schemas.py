@@ -44,7 +44,7 @@ SCHEMAS = {
                               "int[2] dilation=1, int groups=1, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)",
     # conv2d_relu_max_pool2d's gradients (input, weight, bias; each only if its output_mask entry is
     # set, else an empty tensor) from the pooled gradient, its indices and passes: the sparse ∂L/∂Y
-    # (one value per window) taken as it is. CPU only: the backward's route there (autograd.py).
+    # (one value per window) taken as it is. CPU only: the backward's route there (conv2d.py).
     "_cpu_conv2d_relu_max_pool2d_backward": "(Tensor grad_output, Tensor input, Tensor weight, Tensor indices, "
                                             "Tensor passes, int[2] stride, int[2] padding, int[2] dilation, "
                                             "int groups, bool ceil_mode, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
@@ -81,7 +81,7 @@ def define(namespace: str) -> torch.library.Library:
 _DEFINITIONS = define(NAMESPACE)
 # cross_entropy_backward's formula in torch's ops, which autograd can differentiate again: the
 # gradient of cross_entropy when the backward is itself differentiated. A composite of torch ops
-# (torchcnn._ops.autograd registers it) for the C++ Autograd kernel of cross_entropy
+# (torchcnn._ops.registration registers it) for the C++ Autograd kernel of cross_entropy
 # (csrc/autograd/cross_entropy_function.cpp) to call; no compiled kernel, no loader.
 _DEFINITIONS.define("_cross_entropy_gradient(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
                     "Tensor total_weight, str reduction, int ignore_index, float label_smoothing) -> Tensor")
