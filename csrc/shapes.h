@@ -1,6 +1,7 @@
 // Shape arithmetic and argument checks shared by every backend (csrc/cpu, csrc/cuda).
 // Each op validates its arguments here once and gets back a geometry struct that the kernels
-// read; nothing in a kernel file re-derives an output size or re-checks an argument.
+// read; nothing in a kernel file re-derives an output size or re-checks an argument. (What only
+// the data can tell — an index out of range — is checked where a kernel reads it.)
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -352,6 +353,28 @@ inline std::pair<at::Tensor, at::Tensor> relu_backward_layout(const char* op, co
     return {grad_output, passes};
   }
   return {at::empty_like(passes, grad_output.options()).copy_(grad_output), passes};
+}
+
+// Checks the arguments of conv2d_relu_max_pool2d's sparse backward (the CPU's): the forward's, then
+// grad_output, indices and passes against the pooled output. Returns the forward's geometry.
+inline Conv2dPoolGeometry conv2d_relu_max_pool2d_backward_geometry(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& indices, const at::Tensor& passes, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool ceil_mode) {
+  const auto geometry = conv2d_relu_max_pool2d_geometry(op, input, weight, std::nullopt, stride, padding, dilation,
+                                                         groups, ceil_mode);
+  const std::vector<int64_t> pooled = {geometry.conv.batch, geometry.conv.out_channels, geometry.pool.out_height,
+                                       geometry.pool.out_width};
+  detail::check_grad_output(op, grad_output, input, pooled);
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && indices.device() == input.device() &&
+                   indices.sizes() == at::IntArrayRef(pooled), op, ": expected indices to be an int64 tensor "
+                   "of shape ", at::IntArrayRef(pooled), " on ", input.device(), " but got ",
+                   indices.scalar_type(), " of shape ", detail::shape_str(indices), " on ", indices.device());
+  TORCH_CHECK_TYPE(passes.scalar_type() == at::kBool && passes.device() == input.device() &&
+                   passes.sizes() == at::IntArrayRef(pooled), op, ": expected passes to be a bool tensor "
+                   "of shape ", at::IntArrayRef(pooled), " on ", input.device(), " but got ",
+                   passes.scalar_type(), " of shape ", detail::shape_str(passes), " on ", passes.device());
+  return geometry;
 }
 
 // Checks max_pool2d_backward's arguments: the forward's, then grad_output and indices against the

@@ -140,6 +140,22 @@ def test_a_prebuilt_library_of_the_old_layout_is_refused_by_name(tmp_path, monke
         _extension._prebuilt()
 
 
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("cc") is None, reason="needs ELF and a C compiler")
+def test_the_old_layout_check_reads_only_the_string_constants(tmp_path, monkeypatch):
+    """A CUDA build is ~50 MB, its string constants (ELF's .rodata) ~60 kB: the check at every load
+    reads those alone, and still finds the old layout's schema there."""
+    source = tmp_path / "old.c"
+    source.write_text(f'const char *schema = "{_extension._OLD_LAYOUT_MARK.decode()}, int[2] stride)";\n'
+                      "char data[1 << 20] = {1};\n")  # a megabyte that is not a constant
+    old = tmp_path / "_C.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(old), str(source)], check=True)
+    constants = _extension._string_constants(str(old))
+    assert _extension._OLD_LAYOUT_MARK in constants and len(constants) < old.stat().st_size / 2
+    _pretend_prebuilt(monkeypatch, old)
+    with pytest.raises(ImportError, match="was built by an older torchcnn"):
+        _extension._prebuilt()
+
+
 def test_a_prebuilt_library_older_than_the_sources_is_named(tmp_path, monkeypatch):
     stale = tmp_path / "_C.so"
     stale.write_bytes(b"\x7fELF")

@@ -54,6 +54,7 @@ def sources(with_cuda: bool) -> list[str]:
     the CUDA kernels."""
     files = [os.path.join(CSRC, "module.cpp")] + sorted(glob.glob(os.path.join(CSRC, "autograd", "*.cpp")))
     files += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    files += sorted(glob.glob(os.path.join(CSRC, "cpu", "algorithms", "*.cpp")))
     if with_cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     return files

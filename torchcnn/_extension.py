@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import struct
 import sys
 import threading
 import time
@@ -50,6 +51,35 @@ _on_load: list = []  # callbacks run with the Extension once the kernels are reg
 # The op schemas that a library built by torchcnn 0.1.0 defines itself (now torchcnn/_ops/schemas.py
 # does): such a torchcnn/_C*.so cannot be loaded beside them.
 _OLD_LAYOUT_MARK = b"conv2d(Tensor input, Tensor weight"
+
+
+def _string_constants(path: str) -> bytes:
+    """Where a library's string constants are: the .rodata section of an ELF64 little-endian file
+    (tens of kilobytes of a 50 MB CUDA build), or, for any other format, the whole file."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if len(header) < 64 or header[:6] != b"\x7fELF\x02\x01":
+            return header + f.read()
+        (table_offset,) = struct.unpack_from("<Q", header, 0x28)
+        entry_size, count, names_index = struct.unpack_from("<HHH", header, 0x3A)
+        f.seek(table_offset)
+        table = f.read(entry_size * count)
+
+        def section(i):  # (name offset, file offset, size) of section i
+            name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", table, i * entry_size)
+            return name, offset, size
+
+        def read(offset, size):
+            f.seek(offset)
+            return f.read(size)
+
+        names = read(*section(names_index)[1:])
+        for i in range(count):
+            name, offset, size = section(i)
+            if names[name:names.index(b"\0", name)] == b".rodata":
+                return read(offset, size)
+        f.seek(0)
+        return f.read()
 
 
 def _import_cpp_extension():
@@ -175,11 +205,10 @@ def _prebuilt() -> str | None:
     spec = importlib.util.find_spec("torchcnn._C")
     if spec is None or not spec.origin:
         return None
-    with open(spec.origin, "rb") as f:
-        if _OLD_LAYOUT_MARK in f.read():
-            raise ImportError(f"torchcnn: {spec.origin} was built by an older torchcnn and cannot be loaded with "
-                              "this one: delete it, then rebuild (pip install --no-build-isolation -e .) or let "
-                              "torchcnn compile its kernels on first use")
+    if _OLD_LAYOUT_MARK in _string_constants(spec.origin):
+        raise ImportError(f"torchcnn: {spec.origin} was built by an older torchcnn and cannot be loaded with "
+                          "this one: delete it, then rebuild (pip install --no-build-isolation -e .) or let "
+                          "torchcnn compile its kernels on first use")
     if os.path.isdir(_build.CSRC):
         if os.path.getmtime(spec.origin) < _newest_in_csrc():
             warnings.warn(f"torchcnn: the prebuilt {spec.origin} is older than the sources in {_build.CSRC}; it runs "

@@ -12,7 +12,7 @@
 #include <string>
 
 #include "conv2d_algorithms.h"
-#include "gemm.h"
+#include "algorithms/gemm.h"
 
 namespace torchcnn::cpu {
 namespace {

@@ -1,4 +1,5 @@
-// The CPU convolution algorithms, and the rule that picks one for a shape (conv2d.cpp).
+// The CPU convolution algorithms (csrc/cpu/algorithms/), and what they share with the fused ops;
+// the rule that picks one for a shape is conv2d.cpp's.
 //
 // Every algorithm computes the same three results — Y = X ⋆ W + b, ∂L/∂X and ∂L/∂W — on
 // contiguous NCHW float or double tensors, into outputs the caller allocates (uninitialised):
@@ -19,15 +20,6 @@
 #include "../shapes.h"
 
 namespace torchcnn::cpu {
-
-enum class Conv2dAlgorithm { kGemm, kWinograd, kDepthwise };
-
-// How the rule's choice is carried out: the algorithm and, for GEMMs, how many images' columns
-// go into one product (1: one product per image).
-struct Conv2dPlan {
-  Conv2dAlgorithm algorithm;
-  int64_t images_per_product = 1;
-};
 
 // Output columns ow whose tap ow·stride + offset falls inside [0, width): [lo, hi).
 inline std::pair<int64_t, int64_t> valid_range(int64_t offset, int64_t stride, int64_t width, int64_t out) {

@@ -255,20 +255,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_c
     const at::Tensor& passes, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, bool ceil_mode, std::array<bool, 3> output_mask) {
   constexpr const char* op = "_cpu_conv2d_relu_max_pool2d_backward";
-  const auto geometry = conv2d_relu_max_pool2d_geometry(op, input, weight, std::nullopt, stride, padding, dilation,
-                                                         groups, ceil_mode);
+  const auto geometry = conv2d_relu_max_pool2d_backward_geometry(op, grad_output, input, weight, indices, passes,
+                                                                  stride, padding, dilation, groups, ceil_mode);
   const Conv2dGeometry& g = geometry.conv;
   const Window2d& pool = geometry.pool;
-  const std::vector<int64_t> pooled_sizes = {g.batch, g.out_channels, pool.out_height, pool.out_width};
-  detail::check_grad_output(op, grad_output, input, pooled_sizes);
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && indices.device() == input.device() &&
-                   indices.sizes() == at::IntArrayRef(pooled_sizes), op, ": expected indices to be an int64 tensor "
-                   "of shape ", at::IntArrayRef(pooled_sizes), " on ", input.device(), " but got ",
-                   indices.scalar_type(), " of shape ", detail::shape_str(indices), " on ", indices.device());
-  TORCH_CHECK_TYPE(passes.scalar_type() == at::kBool && passes.device() == input.device() &&
-                   passes.sizes() == at::IntArrayRef(pooled_sizes), op, ": expected passes to be a bool tensor "
-                   "of shape ", at::IntArrayRef(pooled_sizes), " on ", input.device(), " but got ",
-                   passes.scalar_type(), " of shape ", detail::shape_str(passes), " on ", passes.device());
 
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto format = conv2d_memory_format(input, weight);
@@ -276,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_c
   const auto at_argmax = indices.contiguous();
   const auto values = grad_output.to(acc).masked_fill(passes.logical_not(), 0).contiguous();
   const int64_t plane = g.out_plane();
-  {
+  {  // the indices' values: data, which only a kernel reads (shapes.h checks the arguments' form)
     const int64_t* idx = at_argmax.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < at_argmax.numel(); ++i) {
       TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < plane, op, ": index ", idx[i], " is outside the convolution's ",

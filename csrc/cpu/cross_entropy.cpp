@@ -15,7 +15,7 @@
 #include "../shapes.h"
 #include "simd.h"
 
-namespace torchcnn {
+namespace torchcnn::cpu {
 namespace {
 
 // Rows per parallel task: ~16k logits each.
@@ -50,13 +50,13 @@ __attribute__((target("avx512f"))) float log_sum_exp_avx512(const float* z, int6
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 top = minus_inf;
   for (int64_t c = 0; c < classes; c += 16) {
-    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, cpu::first_lanes(classes - c), z + c));
+    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, first_lanes(classes - c), z + c));
   }
   const float max = _mm512_reduce_max_ps(top);
   const float shift = std::isinf(max) ? 0.0f : max;  // NaN stays NaN, through the sum if not here
   __m512 sum = _mm512_setzero_ps();
   for (int64_t c = 0; c < classes; c += 16) {
-    const __mmask16 lanes = cpu::first_lanes(classes - c);
+    const __mmask16 lanes = first_lanes(classes - c);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, z + c), _mm512_set1_ps(shift)));
     sum = _mm512_mask_add_ps(sum, lanes, sum, e);
   }
@@ -79,7 +79,7 @@ __attribute__((target("avx512f"))) void cross_entropy_backward_row_avx512(
   }
   const __m512 ones = _mm512_set1_ps(1.0f);
   for (int64_t c = 0; c < classes; c += 16) {
-    const __mmask16 lanes = cpu::first_lanes(classes - c);
+    const __mmask16 lanes = first_lanes(classes - c);
     const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, z + c), _mm512_set1_ps(lse)));
     const __mmask16 at_target = target >= c && target < c + 16 ? __mmask16(1u << (target - c)) : __mmask16(0);
     __m512 d = _mm512_mul_ps(hard, _mm512_mask_sub_ps(p, at_target, p, ones));
@@ -99,7 +99,7 @@ acc_t row_log_sum_exp(const scalar_t* z, int64_t classes) {
 }
 
 float row_log_sum_exp(const float* z, int64_t classes) {
-  return cpu::cpu_has_avx512() ? log_sum_exp_avx512(z, classes) : log_sum_exp(z, classes);
+  return cpu_has_avx512() ? log_sum_exp_avx512(z, classes) : log_sum_exp(z, classes);
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -110,7 +110,7 @@ void row_backward(const scalar_t* z, int64_t classes, int64_t target, const scal
 
 void row_backward(const float* z, int64_t classes, int64_t target, const float* weight, int64_t ignore_index,
                   float smoothing, float lse, float scale, float* grad) {
-  if (cpu::cpu_has_avx512()) {
+  if (cpu_has_avx512()) {
     cross_entropy_backward_row_avx512(z, classes, target, weight, ignore_index, smoothing, lse, scale, grad);
   } else {
     cross_entropy_backward_row(z, classes, target, weight, ignore_index, smoothing, lse, scale, grad);
@@ -219,4 +219,4 @@ TORCH_LIBRARY_IMPL(torchcnn, CPU, m) {
   m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
 }
 
-}  // namespace torchcnn
+}  // namespace torchcnn::cpu

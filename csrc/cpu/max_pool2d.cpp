@@ -15,7 +15,7 @@
 #include "../shapes.h"
 #include "max_pool_2x2.h"
 
-namespace torchcnn {
+namespace torchcnn::cpu {
 namespace {
 
 // Planes per parallel task: enough work per task (~32k window taps) to amortise scheduling.
@@ -48,8 +48,8 @@ void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Wind
     int64_t* ir = idx + oh * g.out_width;
     const int64_t base = 2 * oh * W;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (cpu::max_pool_2x2_vectorizes(W)) {
-        cpu::max_pool_2x2_row_avx512<false>(r0, r1, g.out_width, base, W, yr, ir, nullptr);
+      if (max_pool_2x2_vectorizes(W)) {
+        max_pool_2x2_row_avx512<false>(r0, r1, g.out_width, base, W, yr, ir, nullptr);
         continue;
       }
     }
@@ -86,12 +86,12 @@ void max_pool_backward_plane_2x2(const scalar_t* go, const int64_t* idx, scalar_
                                  const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu::max_pool_2x2_vectorizes(g.width)) {  // rows written whole, then the pixels no window covers zeroed
+    if (max_pool_2x2_vectorizes(g.width)) {  // rows written whole, then the pixels no window covers zeroed
       const int64_t W = g.width, covered = 2 * g.out_width;
       uint32_t invalid = 0;
       for (int64_t oh = 0; oh < g.out_height; ++oh) {
         float* g0 = gi + 2 * oh * W;
-        invalid |= cpu::max_pool_2x2_backward_row_avx512(go + oh * g.out_width, idx + oh * g.out_width, g.out_width,
+        invalid |= max_pool_2x2_backward_row_avx512(go + oh * g.out_width, idx + oh * g.out_width, g.out_width,
                                                          2 * oh * W, W, g0, g0 + W);
         std::fill(g0 + covered, g0 + W, 0.0f);
         std::fill(g0 + W + covered, g0 + 2 * W, 0.0f);
@@ -215,4 +215,4 @@ TORCH_LIBRARY_IMPL(torchcnn, CPU, m) {
   m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
 }
 
-}  // namespace torchcnn
+}  // namespace torchcnn::cpu

@@ -13,7 +13,7 @@
 #include "../shapes.h"
 #include "simd.h"
 
-namespace torchcnn {
+namespace torchcnn::cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> relu_cpu(const at::Tensor& input_) {
@@ -82,4 +82,4 @@ TORCH_LIBRARY_IMPL(torchcnn, CPU, m) {
   m.impl("relu_backward", &relu_backward_cpu);
 }
 
-}  // namespace torchcnn
+}  // namespace torchcnn::cpu

@@ -39,7 +39,7 @@ class Conv2dPoolParams:
         return Conv2dParams(self.stride, self.padding, self.dilation, self.groups)
 
     def pool(self) -> "MaxPool2dParams":
-        return MaxPool2dParams((2, 2), (2, 2), (0, 0), (1, 1), self.ceil_mode)
+        return fused_pool(self.ceil_mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,12 @@ class MaxPool2dParams:
 
     def args(self):
         return (self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+
+def fused_pool(ceil_mode: bool) -> MaxPool2dParams:
+    """The pool of conv2d_relu_max_pool2d: 2×2 windows, stride 2, no padding, no dilation (in C++,
+    shapes.h's conv2d_relu_max_pool2d_geometry)."""
+    return MaxPool2dParams((2, 2), (2, 2), (0, 0), (1, 1), ceil_mode)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ except ImportError:  # older torch: symbolic shapes answer "not dense" less ofte
     from torch._prims_common import is_non_overlapping_and_dense as is_non_overlapping_and_dense_or_false
 
 from .. import _extension
+from .params import fused_pool
 
 SCHEMAS = {
     # Y[n, k, i, j] = Σ_c Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, c, p, q] + b[k]
@@ -229,7 +230,9 @@ def conv2d_relu_max_pool2d_output_shape(op, input, weight, bias, stride, padding
     """shapes.h's conv2d_relu_max_pool2d_geometry: the convolution's checks and shape, then the 2×2,
     stride-2 pool's over it."""
     n, k, h, w = conv2d_output_shape(op, input, weight, bias, stride, padding, dilation, groups)
-    out = [window_output_size(size, 2, 2, 0, 1, ceil_mode) for size in (h, w)]
+    pool = fused_pool(ceil_mode)
+    out = [window_output_size(size, *window, ceil_mode)
+           for size, *window in zip((h, w), pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
     torch._check_value(out[0] > 0 and out[1] > 0,
                        lambda: f"{op}: the 2×2 max pool needs a convolution output of at least 2×2 (1×1 with "
                                f"ceil_mode) but the convolution gives {h}×{w}")

@@ -25,9 +25,9 @@
 
 #include <vector>
 
-#include "conv2d_algorithms.h"
+#include "../conv2d_algorithms.h"
 #include "gemm.h"
-#include "simd.h"
+#include "../simd.h"
 
 namespace torchcnn::cpu {
 namespace {

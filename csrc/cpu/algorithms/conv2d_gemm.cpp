@@ -16,7 +16,7 @@
 #include <cstring>
 #include <vector>
 
-#include "conv2d_algorithms.h"
+#include "../conv2d_algorithms.h"
 #include "gemm.h"
 
 namespace torchcnn::cpu {

@@ -11,7 +11,7 @@
 // conv's weights are large and often used for few columns: packing them would cost more than it
 // saves).
 #include "gemm.h"
-#include "simd.h"
+#include "../simd.h"
 
 #include <algorithm>
 #include <type_traits>

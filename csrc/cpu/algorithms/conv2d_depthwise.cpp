@@ -16,8 +16,8 @@
 
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
 
-#include "conv2d_algorithms.h"
-#include "simd.h"
+#include "../conv2d_algorithms.h"
+#include "../simd.h"
 
 namespace torchcnn::cpu {
 namespace {
