@@ -39,40 +39,31 @@ def main(argv=None) -> int:
     args, given = cli.parse_args(argv)
 
     # torch and torchcnn only now, so that --help and argument errors answer at once.
-    from torchcnn.mnist.run import RunError, start
+    from torchcnn.mnist.run import start
 
-    try:
-        with start(args, given, argv) as run:  # stop requests; under torchrun, the process group
-            run.read_checkpoint()  # --resume or --eval: every rank reads it
-            run.read_data()  # before the first op, so that a missing file builds nothing
-            run.build_model()
-            if args.eval:
-                return run.evaluate_checkpoint()
-            run.prepare_training()  # optimizer, schedule, the state a checkpoint holds, the step
-            run.choose_output_folder()
-            run.say(run.banner(), flush=True)
-            run.load_kernels()  # built or loaded now, before any epoch's clock starts
-            run.start_clock()
+    # Stop requests are honoured from here; an error ends the run with one "train.py: error:" line
+    # and exit code 2, under torchrun on every rank alike.
+    with start(args, given, argv) as run:
+        run.read_checkpoint()  # --resume or --eval: every rank reads it
+        run.read_data()  # before the first op, so that a missing file builds nothing
+        run.build_model()
+        if args.eval:
+            return run.evaluate_checkpoint()
+        run.prepare_training()  # optimizer, schedule, the state a checkpoint holds, the step
+        run.choose_output_folder()
+        run.say(run.banner(), flush=True)
+        run.load_kernels()  # built or loaded now, before any epoch's clock starts
+        run.start_clock()
 
-            # Train an epoch, evaluate, save. A stop request (Ctrl-C, SIGTERM) ends the epoch after
-            # the step in progress and saves interrupted.pt, from which --resume goes on.
-            while run.state.epoch < args.epochs and not run.stop.agreed():
-                if not run.train_epoch():
-                    break
-                run.evaluate_epoch()
+        # Train an epoch, evaluate, save. A stop request (Ctrl-C, SIGTERM) ends the epoch after
+        # the step in progress and saves interrupted.pt, from which --resume goes on.
+        while run.state.epoch < args.epochs and not run.stop.agreed():
+            if not run.train_epoch():
+                break
+            run.evaluate_epoch()
 
-            written = run.write_outputs()  # metrics.json and the pictures of the finished epochs
-            return run.summary(written)
-    except RunError as e:
-        fail(str(e))
-
-
-def fail(message: str, code: int = 2):
-    # One write, newline included: under torchrun the ranks share stderr, and print's separate
-    # write of the newline lets another rank's line in between (unbuffered, as with PYTHONUNBUFFERED).
-    sys.stderr.write(f"train.py: error: {message}\n")
-    sys.stderr.flush()
-    sys.exit(code)
+        written = run.write_outputs()  # metrics.json and the pictures of the finished epochs
+        return run.summary(written)
 
 
 if __name__ == "__main__":

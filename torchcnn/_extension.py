@@ -55,31 +55,50 @@ _OLD_LAYOUT_MARK = b"conv2d(Tensor input, Tensor weight"
 
 def _string_constants(path: str) -> bytes:
     """Where a library's string constants are: the .rodata section of an ELF64 little-endian file
-    (tens of kilobytes of a 50 MB CUDA build), or, for any other format, the whole file."""
+    (tens of kilobytes of a 50 MB CUDA build), or, for any other format or an ELF file whose
+    section headers this cannot follow, the whole file."""
     with open(path, "rb") as f:
-        header = f.read(64)
-        if len(header) < 64 or header[:6] != b"\x7fELF\x02\x01":
-            return header + f.read()
-        (table_offset,) = struct.unpack_from("<Q", header, 0x28)
-        entry_size, count, names_index = struct.unpack_from("<HHH", header, 0x3A)
-        f.seek(table_offset)
-        table = f.read(entry_size * count)
-
-        def section(i):  # (name offset, file offset, size) of section i
-            name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", table, i * entry_size)
-            return name, offset, size
-
-        def read(offset, size):
-            f.seek(offset)
-            return f.read(size)
-
-        names = read(*section(names_index)[1:])
-        for i in range(count):
-            name, offset, size = section(i)
-            if names[name:names.index(b"\0", name)] == b".rodata":
-                return read(offset, size)
+        try:
+            rodata = _elf_section(f, b".rodata")
+        except (struct.error, ValueError):
+            rodata = None
+        if rodata is not None:
+            return rodata
         f.seek(0)
         return f.read()
+
+
+def _elf_section(f, wanted: bytes) -> bytes | None:
+    """Section ``wanted`` of the ELF64 little-endian file ``f``; None where it is not one, or has no
+    such section, or numbers its sections in the extended way (more than 0xff00 of them)."""
+    header = f.read(64)
+    if len(header) < 64 or header[:6] != b"\x7fELF\x02\x01":
+        return None
+    (table_offset,) = struct.unpack_from("<Q", header, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", header, 0x3A)
+    if entry_size < 64 or count == 0 or not 0 < names_index < count:
+        return None
+    f.seek(table_offset)
+    table = f.read(entry_size * count)
+
+    def section(i):  # (name's offset in the names section, offset in the file, size)
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", table, i * entry_size)
+        return name, offset, size
+
+    def read(offset, size):
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("a truncated file")
+        return data
+
+    names = read(*section(names_index)[1:])
+    for i in range(count):
+        name, offset, size = section(i)
+        end = names.find(b"\0", name)
+        if end >= 0 and names[name:end] == wanted:
+            return read(offset, size)
+    return None
 
 
 def _import_cpp_extension():

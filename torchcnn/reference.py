@@ -307,8 +307,7 @@ def cross_entropy_backward(grad_loss, z, target, weight, log_sum_exp, total_weig
     classes = z.shape[1]
     weight, ignored, t, w_t = _class_weights(z, target, weight, ignore_index)
     probs = (z - log_sum_exp[:, None]).exp()
-    onehot = torch.zeros_like(z)
-    onehot[torch.arange(z.shape[0], device=z.device), t] = 1
+    onehot = torch.zeros_like(z).scatter(1, t[:, None], 1.0)
     grad = (1 - label_smoothing) * w_t[:, None] * (probs - onehot)
     if label_smoothing > 0:
         grad = grad + label_smoothing / classes * (weight.sum() * probs - weight[None, :])

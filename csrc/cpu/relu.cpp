@@ -17,7 +17,7 @@ namespace torchcnn::cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> relu_cpu(const at::Tensor& input_) {
-  detail::check_floating("relu", "input", input_);
+  torchcnn::detail::check_floating("relu", "input", input_);
   // Dense tensors (channels_last included) are walked in memory order, outputs laid out alike.
   const auto input = input_.is_non_overlapping_and_dense() ? input_ : input_.contiguous();
   auto output = at::empty_like(input);

@@ -12,5 +12,8 @@ The library (torchcnn, torchcnn.functional, torchcnn.nn) never imports this pack
 - ``cuda_graph``: the training step captured in a CUDA graph (``--cuda-graphs``).
 - ``digits``: a photo of a digit prepared as MNIST's were (PIL, imported when preparing).
 
-Import the modules themselves (``from torchcnn.mnist import data``); this file imports nothing.
+Import the modules themselves (``from torchcnn.mnist import data``); this file imports only ``cli``,
+which needs no torch (train.py loads it before anything else, from its file; see train.py).
 """
+
+from . import cli  # noqa: F401

@@ -73,19 +73,14 @@ def agree(problem: str | None) -> str | None:
     return next((p for p in problems if p is not None), None)
 
 
-class RunError(Exception):
-    """An error that ends the run: train.py prints its message as one ``error:`` line and exits
-    with 2. Raised on every rank alike (see :func:`process_group`)."""
-
-
 @contextlib.contextmanager
 def process_group(device: torch.device):
     """Yields (rank, world_size, device). Under torchrun (WORLD_SIZE > 1) it joins the process
     group, gloo on CPU and nccl on CUDA with one GPU per rank (cuda:LOCAL_RANK), and tears it down
     on the way out. A single process yields (0, 1, device).
 
-    Every rank leaves the same way: when the block returns, or exits (RunError, SystemExit) with
-    an error that every rank has reached alike (decided from what every rank holds alike, from rank 0's
+    Every rank leaves the same way: when the block returns, or exits (SystemExit) with an error
+    that every rank has reached alike (decided from what every rank holds alike, from rank 0's
     word, or through :func:`agree`), the ranks meet at a barrier and each then destroys the group,
     before the interpreter shuts down. Any other exception is one rank's own: it skips the
     barrier, which the other ranks would never reach, and torchrun stops them.
@@ -110,7 +105,7 @@ def process_group(device: torch.device):
     try:
         yield dist.get_rank(), dist.get_world_size(), device
         agreed = True
-    except (RunError, SystemExit):
+    except SystemExit:
         agreed = True
         raise
     finally:

@@ -1,10 +1,10 @@
 """One run of train.py, stage by stage: ``train.main`` calls these in order.
 
 A :class:`Run` holds what the stages hand one another (the device and the ranks, the checkpoint
-read, the data, the model, the training state, the output folder). Each stage that finds the
-run cannot go on raises :class:`~torchcnn.mnist.engine.RunError` with the message train.py
-prints; under torchrun every rank reaches it alike (what one rank alone may meet, an unreadable
-file, is shared first through ``engine.agree``), so every rank leaves the same way.
+read, the data, the model, the training state, the output folder). A stage that finds the run
+cannot go on raises :class:`RunError`, which :func:`start` turns into one ``train.py: error:``
+line and exit code 2. Under torchrun every rank reaches it alike (what one rank alone may meet,
+an unreadable file, is shared first through ``engine.agree``), so every rank leaves the same way.
 """
 
 from __future__ import annotations
@@ -22,24 +22,40 @@ from .. import __version__, load
 from . import checkpoint, data, engine, plots
 from .cli import DEFAULT_LR, RECIPE, RECIPES, resume_args
 from .cuda_graph import GraphedTrainStep
-from .engine import RunError
 from .model import MnistNet, loss_function
+
+
+class RunError(Exception):
+    """What ends the run with its message as one ``train.py: error:`` line, and exit code 2."""
 
 
 @contextlib.contextmanager
 def start(args, given: set[str], argv):
     """A :class:`Run` of the parsed arguments, inside which Ctrl-C and SIGTERM ask the loop to
-    stop and save. Under torchrun the process group is torn down, and a folder made for this run
-    removed if it is still empty, however the block is left."""
+    stop and save. A :class:`RunError` ends the run with :func:`fail`, at once: under torchrun each
+    rank says why before the ranks meet to leave. The process group is torn down, and a folder made
+    for this run removed if it is still empty, however the block is left."""
     try:
         device = engine.parse_device(args.device)
     except ValueError as e:
-        raise RunError(f"argument --device: {e}") from None
+        fail(f"argument --device: {e}")
     if args.cuda_graphs and device.type != "cuda":
-        raise RunError(f"argument --cuda-graphs: needs a CUDA device, and this run is on {device}")
+        fail(f"argument --cuda-graphs: needs a CUDA device, and this run is on {device}")
     with engine.StopRequest() as stop, engine.process_group(device) as (rank, world_size, device), \
             contextlib.ExitStack() as on_exit:
-        yield Run(args, given, argv, device, rank, world_size, stop, on_exit)
+        try:
+            yield Run(args, given, argv, device, rank, world_size, stop, on_exit)
+        except RunError as e:
+            fail(str(e))
+
+
+def fail(message: str, code: int = 2):
+    """Exit with ``code`` after one ``train.py: error:`` line. One write, newline included: under
+    torchrun the ranks share stderr, and print's separate write of the newline lets another rank's
+    line in between (unbuffered, as with PYTHONUNBUFFERED)."""
+    sys.stderr.write(f"train.py: error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
 
 
 class Run:
