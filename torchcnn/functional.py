@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import reference
 from ._ops.routing import call
 
 __all__ = ["conv2d", "conv2d_relu", "conv2d_relu_max_pool2d", "max_pool2d", "relu", "linear", "cross_entropy"]
@@ -290,19 +291,28 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         if target.shape != expected:
             raise ValueError(f"{fn}: expected class-index targets of shape {tuple(expected)} but got "
                              f"{tuple(target.shape)}")
+    if rows_given:
+        rows, row_targets = input, target
+    else:
+        rows = input.unsqueeze(0) if class_dim == 0 else input.movedim(1, -1).reshape(-1, classes)
+        row_targets = target.reshape(-1)
     if _cross_entropy_op_applies(weight):
         # One op forward, one backward (softmax − y): torch.ops.torchcnn.cross_entropy, over rows.
-        if rows_given:
-            rows, row_targets = input, target
-        else:
-            rows = input.unsqueeze(0) if class_dim == 0 else input.movedim(1, -1).reshape(-1, classes)
-            row_targets = target.reshape(-1)
         loss, _, _ = _CROSS_ENTROPY(rows, row_targets, None if weight is None else weight.to(input.dtype), reduction,
                                     ignore_index, float(label_smoothing))
-        return loss.view(target.shape) if reduction == "none" and not rows_given else loss
-    log_probs, class_weight = _log_probs(input, class_dim, weight)
+    else:
+        # A weight that takes a gradient, or torch.func's transforms: the reference's formula (the
+        # same math as the op's), which autograd and torch.func differentiate.
+        _check_class_indices(fn, row_targets, classes, ignore_index, input.device)
+        loss, _, _ = reference.cross_entropy(rows, row_targets, None if weight is None else weight.to(input.dtype),
+                                             reduction, ignore_index, float(label_smoothing))
+    return loss.view(target.shape) if reduction == "none" and not rows_given else loss
+
+
+def _check_class_indices(fn, target, classes, ignore_index, device):
+    """An out-of-range class index is an error, as in torch (the op checks its own)."""
     ignored = target == ignore_index
-    if input.device.type == "cuda":
+    if device.type == "cuda":
         # Checked on the device, as torch's nll_loss does: a host synchronisation would stall every
         # training step and break CUDA-graph capture. A bad target is a device-side assert.
         out_of_range = ~ignored & ((target < 0) | (target >= classes))
@@ -313,18 +323,3 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
             bad = int(target[out_of_range].flatten()[0])
             raise IndexError(f"{fn}: target {bad} is out of bounds for {classes} classes "
                              f"(expected 0 ≤ target < {classes}, or ignore_index={ignore_index})")
-    safe_target = target.masked_fill(ignored, 0)
-    nll = -log_probs.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
-    if weight is None:
-        target_weight = (~ignored).to(input.dtype)
-    else:
-        target_weight = weight.to(input.dtype)[safe_target].masked_fill(ignored, 0)
-    loss = torch.where(ignored, 0, nll * target_weight)
-    if label_smoothing > 0:
-        smooth = -(log_probs if class_weight is None else log_probs * class_weight).sum(class_dim)
-        smooth = torch.where(ignored, 0, smooth)
-    if reduction == "none":
-        return loss if label_smoothing == 0 else (1 - label_smoothing) * loss + label_smoothing / classes * smooth
-    total = loss.sum() if label_smoothing == 0 else (
-        (1 - label_smoothing) * loss.sum() + label_smoothing / classes * smooth.sum())
-    return total / target_weight.sum() if reduction == "mean" else total
