@@ -31,6 +31,22 @@ def test_each_op_has_torchs_dtype(device):
                 assert F.max_pool2d(t, 2).dtype == TF.max_pool2d(t, 2).dtype == t.dtype
 
 
+def test_the_loss_is_float32_whichever_formula_computes_it(device):
+    """The op (its autocast rule), and the reference's formula where the op does not apply (a class
+    weight that takes a gradient), give torch's float32 loss from low-precision logits."""
+    for dtype in AUTOCAST_DTYPES["cuda" if device == "cuda" else "cpu"]:
+        logits = torch.randn(6, 5, device=device).to(dtype)
+        target = torch.tensor([0, 4, 2, 2, 1, 3], device=device)
+        weight = torch.rand(5, device=device, requires_grad=True)
+        with _autocast(device, dtype):
+            theirs = TF.cross_entropy(logits, target, weight=weight.detach())
+            for w in (None, weight.detach(), weight):
+                ours = F.cross_entropy(logits, target, weight=w)
+                assert ours.dtype == theirs.dtype == torch.float32, w
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert torch.autograd.grad(ours, weight)[0].dtype == torch.float32
+
+
 def test_a_mixed_precision_training_step_matches_torch(device):
     dtype = AUTOCAST_DTYPES["cuda" if device == "cuda" else "cpu"][0]
     ours, theirs = twins(ResNetBlock, device, dtype=torch.float32)

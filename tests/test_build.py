@@ -155,10 +155,10 @@ def test_the_old_layout_check_reads_only_the_string_constants(tmp_path, monkeypa
     with pytest.raises(ImportError, match="was built by an older torchcnn"):
         _extension._prebuilt()
     # Section headers it cannot follow (stripped, or numbered the extended way): the whole file.
-    for offset, blank in ((0x28, 8), (0x3C, 2), (0x3E, 2)):
+    for offset, value in ((0x28, bytes(8)), (0x28, b"\xff" * 8), (0x3C, bytes(2)), (0x3E, b"\xff\xff")):
         data = bytearray(old.read_bytes())
-        data[offset:offset + blank] = bytes(blank) if offset != 0x3E else b"\xff\xff"
-        odd = tmp_path / f"odd_{offset:x}.so"
+        data[offset:offset + len(value)] = value
+        odd = tmp_path / f"odd_{offset:x}_{value[0]}.so"
         odd.write_bytes(data)
         assert _extension._string_constants(str(odd)) == bytes(data)
 

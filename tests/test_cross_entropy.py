@@ -101,7 +101,7 @@ def test_forward_mode_and_weight_gradients_match_torch(device):
             dual = torch.autograd.forward_ad.make_dual(x, tangent)
             got = torch.autograd.forward_ad.unpack_dual(F.cross_entropy(dual, target, reduction=reduction)).tangent
         torch.testing.assert_close(got, want[1])
-    # A weight that takes a gradient (torch's refuses one): the composition of torch ops computes it.
+    # A weight that takes a gradient (torch's refuses one): the reference's formula computes it.
     weight = torch.rand(5, dtype=torch.float64, device=device, requires_grad=True)
     got = torch.autograd.grad(F.cross_entropy(x, target, weight=weight), weight)[0]
     nll = -torch.log_softmax(x, 1).gather(1, target[:, None]).squeeze(1)

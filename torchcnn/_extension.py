@@ -60,7 +60,7 @@ def _string_constants(path: str) -> bytes:
     with open(path, "rb") as f:
         try:
             rodata = _elf_section(f, b".rodata")
-        except (struct.error, ValueError):
+        except (struct.error, ValueError, OverflowError):
             rodata = None
         if rodata is not None:
             return rodata
@@ -71,26 +71,26 @@ def _string_constants(path: str) -> bytes:
 def _elf_section(f, wanted: bytes) -> bytes | None:
     """Section ``wanted`` of the ELF64 little-endian file ``f``; None where it is not one, or has no
     such section, or numbers its sections in the extended way (more than 0xff00 of them)."""
-    header = f.read(64)
-    if len(header) < 64 or header[:6] != b"\x7fELF\x02\x01":
+    file_size = os.fstat(f.fileno()).st_size
+
+    def read(offset, size):  # what a header points to, if it lies inside the file
+        if offset + size > file_size:
+            raise ValueError("a section outside the file")
+        f.seek(offset)
+        return f.read(size)
+
+    header = read(0, 64) if file_size >= 64 else b""
+    if header[:6] != b"\x7fELF\x02\x01":
         return None
     (table_offset,) = struct.unpack_from("<Q", header, 0x28)
     entry_size, count, names_index = struct.unpack_from("<HHH", header, 0x3A)
     if entry_size < 64 or count == 0 or not 0 < names_index < count:
         return None
-    f.seek(table_offset)
-    table = f.read(entry_size * count)
+    table = read(table_offset, entry_size * count)
 
     def section(i):  # (name's offset in the names section, offset in the file, size)
         name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", table, i * entry_size)
         return name, offset, size
-
-    def read(offset, size):
-        f.seek(offset)
-        data = f.read(size)
-        if len(data) != size:
-            raise ValueError("a truncated file")
-        return data
 
     names = read(*section(names_index)[1:])
     for i in range(count):

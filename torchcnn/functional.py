@@ -2,8 +2,9 @@
 
 ``conv2d``, the fused ``conv2d_relu`` and ``conv2d_relu_max_pool2d``, ``max_pool2d``, ``relu`` and
 ``cross_entropy`` (with class-index targets) run torchcnn's operators (``torch.ops.torchcnn``, with
-their autograd, vmap and autocast rules: :mod:`torchcnn._ops`); ``linear``, in-place ``relu`` and
-the other cases of ``cross_entropy`` follow the design notes with torch's ops.
+their autograd, vmap and autocast rules: :mod:`torchcnn._ops`); ``linear`` and in-place ``relu``
+follow docs/math.md with torch's ops, and so do ``cross_entropy``'s other cases: probability
+targets, and, through :mod:`torchcnn.reference`'s formula, a weight that takes a gradient.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ _CROSS_ENTROPY = torch.ops.torchcnn.cross_entropy.default
 def _cross_entropy_op_applies(weight) -> bool:
     """Whether class-index cross-entropy can take the op, whose gradient is with respect to the
     logits only: not for a weight that takes a gradient or a tangent, nor under torch.func's
-    transforms (they differentiate the composition of torch ops below instead)."""
+    transforms (they differentiate the reference's formula instead)."""
     if torch._C._are_functorch_transforms_active():
         return False
     if weight is None:
@@ -304,7 +305,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         # A weight that takes a gradient, or torch.func's transforms: the reference's formula (the
         # same math as the op's), which autograd and torch.func differentiate.
         _check_class_indices(fn, row_targets, classes, ignore_index, input.device)
-        loss, _, _ = reference.cross_entropy(rows, row_targets, None if weight is None else weight.to(input.dtype),
+        if torch.is_autocast_enabled(rows.device.type) and rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()  # float32 under autocast, as the op's autocast rule and torch's loss give
+        loss, _, _ = reference.cross_entropy(rows, row_targets, None if weight is None else weight.to(rows.dtype),
                                              reduction, ignore_index, float(label_smoothing))
     return loss.view(target.shape) if reduction == "none" and not rows_given else loss
 

@@ -5,9 +5,12 @@ same order: loops over filter taps, window positions and channels, with tensor a
 batch inside. Nothing here calls torch's convolution, pooling, softmax or loss functions. The
 functions take and return what the op of the same name in ``torch.ops.torchcnn`` does, so that a
 test can put the two side by side; they are written for reading, and are fast enough for test sizes.
+The loss's two functions are also torchcnn's own formulas where its op does not apply
+(torchcnn.functional.cross_entropy with a weight that takes a gradient, and the differentiable
+backward of torchcnn._ops.cross_entropy): they are differentiable, and cheap at any size.
 
 Sums are taken in the order written, in the input's dtype (the loss's in float32 for the half
-types, as its op does): the reference is for float64 and float32. Inputs are batched: (N, C, H, W) images,
+types, as its op does): the oracle is for float64 and float32. Inputs are batched: (N, C, H, W) images,
 (K, C / groups, R, S) filters, (rows, classes) logits.
 """
 
@@ -267,7 +270,9 @@ def opmath(dtype):
 
 
 def log_sum_exp(z):
-    top = z.max(1).values
+    if z.shape[1] == 0:  # no classes: log 0
+        return z.new_full(z.shape[:1], -math.inf)
+    top = z.detach().max(1).values
     shift = torch.where(top.isinf(), torch.zeros_like(top), top)
     return (z - shift[:, None]).exp().sum(1).log() + shift
 
