@@ -1,7 +1,7 @@
 """The cross_entropy op (softmax + cross-entropy in one forward and one backward kernel) against
 torch.nn.functional.cross_entropy, through torchcnn.functional and the layer, on every device's
 kernels: every reduction, class weights, ignore_index, label smoothing, input layouts and dtypes;
-its errors; the second derivative; and the routes that take the composition of torch ops instead.
+its errors; the second derivative; and the routes that take the reference's formula instead.
 gradcheck, gradgradcheck, opcheck and compile draw from samples.py (test_ops.py, test_compile.py)."""
 
 import pytest

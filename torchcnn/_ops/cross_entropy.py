@@ -19,10 +19,10 @@ from .schemas import ops
 class CrossEntropyFunction(torch.autograd.Function):
     """L = softmax + cross-entropy of logits z (rows, classes) and class-index targets, reduced:
     ∂L/∂z = (ŷ − y) · w scaled by the reduction, one pass of cross_entropy_backward from the
-    forward's log Σ exp. Differentiated again (create_graph), the backward is the same formula in
-    torch's ops (:func:`cross_entropy_gradient`), which autograd can differentiate. The class weights
+    forward's log Σ exp. Differentiated again (create_graph), the backward is the reference's
+    formula (:func:`cross_entropy_gradient`), which autograd can differentiate. The class weights
     and targets take no gradient here: torchcnn.functional.cross_entropy computes a loss whose
-    weight requires one by its composition of torch ops instead."""
+    weight requires one by the reference's formula instead."""
 
     @staticmethod
     def forward(input, target, weight, params):
