@@ -38,7 +38,7 @@ def extensions():
         sources=[os.path.relpath(s, _build.ROOT) for s in cfg.sources],
         include_dirs=[_build.CSRC] + cfg.include_dirs,
         extra_compile_args={"cxx": cfg.cxx_flags, "nvcc": cfg.nvcc_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=_build.openmp_flags(),
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -32,7 +32,7 @@ C10_HOST_DEVICE inline acc_t log_sum_exp(const scalar_t* z, int64_t classes) {
   acc_t top = -std::numeric_limits<acc_t>::infinity();
   for (int64_t c = 0; c < classes; ++c) {
     const acc_t v = static_cast<acc_t>(z[c]);
-    top = (v > top) | (v != v) ? v : top;
+    top = ((v > top) | (v != v)) ? v : top;
   }
   const acc_t shift = top == std::numeric_limits<acc_t>::infinity() || top == -std::numeric_limits<acc_t>::infinity()
       ? acc_t(0)

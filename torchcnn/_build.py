@@ -26,13 +26,33 @@ CSRC = os.path.join(ROOT, "csrc")
 # A100, RTX 30 / 40 and H100/H200, plus PTX for newer GPUs; TORCH_CUDA_ARCH_LIST overrides it.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
-CXX_FLAGS = ["-O3", "-fopenmp"]
+CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 # The emulated-CUDA test library: csrc/cuda compiled by the C++ compiler (csrc/cuda/emulation.h).
 EMULATION_FLAGS = ["-O2", "-DTORCHCNN_EMULATE_CUDA"]
 # ... and its memcheck: out-of-bounds accesses, misaligned loads and integer overflow abort.
 SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+_openmp: list[str] | None = None
+
+
+def openmp_flags() -> list[str]:
+    """``["-fopenmp"]`` where the C++ compiler takes it (GCC, clang with libomp), else nothing (Apple's
+    clang): at::parallel_for, inlined into the kernels, then splits their work with OpenMP as torch's
+    own kernels do; without it the kernels run on the calling thread alone. Asked once."""
+    global _openmp
+    if _openmp is None:
+        compiler = os.environ.get("CXX") or shutil.which("c++") or "c++"
+        probe = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+        try:
+            result = subprocess.run([compiler, "-x", "c++", "-fopenmp", "-", "-o", os.devnull], input=probe,
+                                    capture_output=True, text=True, timeout=120)
+            _openmp = ["-fopenmp"] if result.returncode == 0 else []
+        except (OSError, subprocess.SubprocessError):
+            _openmp = []
+    return list(_openmp)
 
 
 @dataclass
@@ -45,7 +65,7 @@ class BuildConfig:
     # TORCH_CUDA_ARCH_LIST unless set: None lets torch build for the GPUs of this machine only.
     arch_list: str | None = DEFAULT_CUDA_ARCH_LIST
 
-    cxx_flags: list[str] = field(default_factory=lambda: list(CXX_FLAGS))
+    cxx_flags: list[str] = field(default_factory=lambda: CXX_FLAGS + openmp_flags())
     nvcc_flags: list[str] = field(default_factory=lambda: list(NVCC_FLAGS))
 
 

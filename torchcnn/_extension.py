@@ -199,12 +199,12 @@ def _load_jit() -> str:
         cfg = _build.BuildConfig(_build.sources(False), False, reason="TORCHCNN_SANITIZE=1 builds the CPU kernels only")
         name, what = "torchcnn_C_cpu_sanitized", "the CPU kernels with ASan and UBSan"
         cfg.cxx_flags += _build.SANITIZER_FLAGS
-        ldflags = ["-fopenmp", "-fsanitize=address,undefined"]
+        ldflags = _build.openmp_flags() + ["-fsanitize=address,undefined"]
     else:
         cfg = _build.config(just_in_time=True)
         name = "torchcnn_C_cuda" if cfg.with_cuda else "torchcnn_C_cpu"
         what = "the CPU and CUDA kernels" if cfg.with_cuda else f"the CPU kernels only ({cfg.reason})"
-        ldflags = ["-fopenmp"]
+        ldflags = _build.openmp_flags()
     _build.prepare_environment(cfg)
     build_and_load(
         name,

@@ -170,8 +170,20 @@ def forced_cpu_conv2d_strategy(name: str):
     return _cpu_setting("_cpu_conv2d_force_strategy", name)
 
 
+CPU_CAPABILITIES = ("avx512", "avx2", "default")
+
+
+def cpu_capability() -> str:
+    """The instruction-set tier torchcnn's CPU kernels run at: ``"avx512"``, ``"avx2"`` or
+    ``"default"`` (baseline code: every CPU but x86-64, and x86-64 capped to it). It is torch's own
+    CPU capability (``torch.backends.cpu.get_cpu_capability()``), so ``ATEN_CPU_CAPABILITY=avx2`` or
+    ``=default``, set before torch loads, caps torch's kernels and torchcnn's together."""
+    _extension.load()
+    return torch.ops.torchcnn._cpu_capability()
+
+
 def cpu_has_avx512_gemm() -> bool:
-    """Whether float32 CPU products can take torchcnn's own AVX-512 GEMM on this CPU."""
+    """Whether float32 CPU products can take torchcnn's own AVX-512 GEMM: at the ``"avx512"`` tier."""
     try:
         with _cpu_setting("_cpu_set_gemm", "avx512"):
             return True
@@ -181,6 +193,6 @@ def cpu_has_avx512_gemm() -> bool:
 
 def forced_cpu_gemm(name: str):
     """Makes torchcnn's CPU convolutions compute float32 products with ``"avx512"`` (its own GEMM,
-    the default where the CPU has AVX-512) or ``"blas"`` (``at::mm``); a context manager.
+    the default at the ``"avx512"`` tier) or ``"blas"`` (``at::mm``); a context manager.
     Process-wide, like :func:`forced_cpu_conv2d_strategy`."""
     return _cpu_setting("_cpu_set_gemm", name)

@@ -83,9 +83,12 @@ void relu_pool_plane(const at::opmath_type<scalar_t>* y, scalar_t* out, int64_t*
   using acc_t = at::opmath_type<scalar_t>;
   const RoundedRelu<scalar_t> act;
   const int64_t W = p.width;
+#if TORCHCNN_X86_TIERS
   const int64_t full_rows = std::min(p.out_height, p.height / 2), full_columns = std::min(p.out_width, W / 2);
+#endif
   for (int64_t oh = 0; oh < p.out_height; ++oh) {
     int64_t ow = 0;
+#if TORCHCNN_X86_TIERS
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (oh < full_rows && max_pool_2x2_vectorizes(W)) {
         const int64_t o = oh * p.out_width;
@@ -94,6 +97,7 @@ void relu_pool_plane(const at::opmath_type<scalar_t>* y, scalar_t* out, int64_t*
         ow = full_columns;
       }
     }
+#endif
     for (; ow < p.out_width; ++ow) {
       const int64_t j = oh * p.out_width + ow;
       const int64_t first = 2 * oh * W + 2 * ow;

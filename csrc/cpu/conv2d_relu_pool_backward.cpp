@@ -35,7 +35,7 @@ namespace {
 constexpr int64_t kChunk = 128;  // len at most: 8 AVX-512 vectors of float
 
 template <typename T>
-void accumulate(const T* const* src, int64_t offset, const T* v, int64_t count, int64_t len, T* dst) {
+[[gnu::always_inline]] inline void accumulate(const T* const* src, int64_t offset, const T* v, int64_t count, int64_t len, T* dst) {
   T sum[kChunk] = {};
   for (int64_t i = 0; i < count; ++i) {
     const T* s = src[i] + offset;
@@ -48,17 +48,17 @@ void accumulate(const T* const* src, int64_t offset, const T* v, int64_t count, 
   }
 }
 
-TORCHCNN_VECTOR_CLONES void accumulate_cloned(const float* const* src, int64_t offset, const float* v, int64_t count,
-                                              int64_t len, float* dst) {
-  accumulate(src, offset, v, count, len, dst);
-}
-TORCHCNN_VECTOR_CLONES void accumulate_cloned(const double* const* src, int64_t offset, const double* v,
-                                              int64_t count, int64_t len, double* dst) {
-  accumulate(src, offset, v, count, len, dst);
-}
+TORCHCNN_TIERED(accumulate_tiered, accumulate,
+                (const float* const* src, int64_t offset, const float* v, int64_t count, int64_t len, float* dst),
+                (src, offset, v, count, len, dst))
+TORCHCNN_TIERED(accumulate_tiered, accumulate,
+                (const double* const* src, int64_t offset, const double* v, int64_t count, int64_t len, double* dst),
+                (src, offset, v, count, len, dst))
+
+#if TORCHCNN_X86_TIERS
 
 template <int kVectors>
-__attribute__((target("avx512f"))) void accumulate_avx512(const float* const* src, int64_t offset, const float* v,
+TORCHCNN_TARGET_AVX512 void accumulate_avx512(const float* const* src, int64_t offset, const float* v,
                                                           int64_t count, int64_t len, float* dst) {
   __m512 sum[kVectors];
   for (int r = 0; r < kVectors; ++r) {
@@ -80,10 +80,13 @@ __attribute__((target("avx512f"))) void accumulate_avx512(const float* const* sr
   _mm512_mask_storeu_ps(d, last, _mm512_add_ps(_mm512_maskz_loadu_ps(last, d), sum[kVectors - 1]));
 }
 
+#endif
+
 void accumulate_rows(const float* const* src, int64_t offset, const float* v, int64_t count, int64_t len,
                      float* dst) {
-  if (!cpu_has_avx512()) {
-    accumulate_cloned(src, offset, v, count, len, dst);
+#if TORCHCNN_X86_TIERS
+  if (!avx512_tier()) {
+    accumulate_tiered(src, offset, v, count, len, dst);
     return;
   }
   switch ((len + 15) / 16) {
@@ -96,11 +99,14 @@ void accumulate_rows(const float* const* src, int64_t offset, const float* v, in
     case 7: return accumulate_avx512<7>(src, offset, v, count, len, dst);
     default: return accumulate_avx512<8>(src, offset, v, count, len, dst);
   }
+#else
+  accumulate_tiered(src, offset, v, count, len, dst);
+#endif
 }
 
 void accumulate_rows(const double* const* src, int64_t offset, const double* v, int64_t count, int64_t len,
                      double* dst) {
-  accumulate_cloned(src, offset, v, count, len, dst);
+  accumulate_tiered(src, offset, v, count, len, dst);
 }
 
 // A filter's taps as contiguous pieces of at most kChunk values, each at `image` in a padded,

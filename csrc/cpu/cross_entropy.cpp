@@ -23,7 +23,8 @@ int64_t row_grain(int64_t classes) {
   return std::max<int64_t>(1, 16384 / classes);
 }
 
-// float rows with AVX-512, where the CPU has it: the same formulas as cross_entropy_row.h, 16
+#if TORCHCNN_X86_TIERS
+// float rows with AVX-512, at the AVX512 tier (simd.h): the same formulas as cross_entropy_row.h, 16
 // classes at a time, with a vector exp; the rest of the row's arithmetic is that header's. The
 // scalar std::exp was most of a training batch's loss and gradient.
 
@@ -32,7 +33,7 @@ int64_t row_grain(int64_t classes) {
 // error below 1e-8 there, under float's half ulp), 2^n applied by scalef, which gives 0 and inf
 // beyond float's range. x is clamped to where that holds first; max/min keep a NaN (their second
 // operand is returned when either is NaN).
-__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
+TORCHCNN_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -46,7 +47,7 @@ __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
 }
 
 // cross_entropy_row.h's log_sum_exp: the max (lanes past the row read as −inf), then Σ e^(z − max).
-__attribute__((target("avx512f"))) float log_sum_exp_avx512(const float* z, int64_t classes) {
+TORCHCNN_TARGET_AVX512 float log_sum_exp_avx512(const float* z, int64_t classes) {
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 top = minus_inf;
   for (int64_t c = 0; c < classes; c += 16) {
@@ -64,7 +65,7 @@ __attribute__((target("avx512f"))) float log_sum_exp_avx512(const float* z, int6
 }
 
 // cross_entropy_backward_row's formula: scale · ((1 − ε) · w_t · (ŷ_c − [c = t]) + ε/C · (Σ w · ŷ_c − w_c)).
-__attribute__((target("avx512f"))) void cross_entropy_backward_row_avx512(
+TORCHCNN_TARGET_AVX512 void cross_entropy_backward_row_avx512(
     const float* z, int64_t classes, int64_t target, const float* weight, int64_t ignore_index, float smoothing,
     float lse, float scale, float* grad) {
   if (target == ignore_index) {
@@ -91,6 +92,8 @@ __attribute__((target("avx512f"))) void cross_entropy_backward_row_avx512(
   }
 }
 
+#endif
+
 // The rows as the kernels below take them: cross_entropy_row.h's, or for float on an AVX-512 CPU
 // the ones above.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -99,7 +102,12 @@ acc_t row_log_sum_exp(const scalar_t* z, int64_t classes) {
 }
 
 float row_log_sum_exp(const float* z, int64_t classes) {
-  return cpu_has_avx512() ? log_sum_exp_avx512(z, classes) : log_sum_exp(z, classes);
+#if TORCHCNN_X86_TIERS
+  if (avx512_tier()) {
+    return log_sum_exp_avx512(z, classes);
+  }
+#endif
+  return log_sum_exp(z, classes);
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -110,11 +118,13 @@ void row_backward(const scalar_t* z, int64_t classes, int64_t target, const scal
 
 void row_backward(const float* z, int64_t classes, int64_t target, const float* weight, int64_t ignore_index,
                   float smoothing, float lse, float scale, float* grad) {
-  if (cpu_has_avx512()) {
+#if TORCHCNN_X86_TIERS
+  if (avx512_tier()) {
     cross_entropy_backward_row_avx512(z, classes, target, weight, ignore_index, smoothing, lse, scale, grad);
-  } else {
-    cross_entropy_backward_row(z, classes, target, weight, ignore_index, smoothing, lse, scale, grad);
+    return;
   }
+#endif
+  cross_entropy_backward_row(z, classes, target, weight, ignore_index, smoothing, lse, scale, grad);
 }
 
 // The first invalid target, named (cross_entropy_row.h leaves the check to its callers).

@@ -47,12 +47,14 @@ void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Wind
     scalar_t* yr = y + oh * g.out_width;
     int64_t* ir = idx + oh * g.out_width;
     const int64_t base = 2 * oh * W;
+#if TORCHCNN_X86_TIERS
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (max_pool_2x2_vectorizes(W)) {
         max_pool_2x2_row_avx512<false>(r0, r1, g.out_width, base, W, yr, ir, nullptr);
         continue;
       }
     }
+#endif
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const acc_t a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
       acc_t m = a;
@@ -85,6 +87,7 @@ template <typename scalar_t>
 void max_pool_backward_plane_2x2(const scalar_t* go, const int64_t* idx, scalar_t* gi, const Window2d& g,
                                  const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
+#if TORCHCNN_X86_TIERS
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (max_pool_2x2_vectorizes(g.width)) {  // rows written whole, then the pixels no window covers zeroed
       const int64_t W = g.width, covered = 2 * g.out_width;
@@ -103,6 +106,7 @@ void max_pool_backward_plane_2x2(const scalar_t* go, const int64_t* idx, scalar_
       return;
     }
   }
+#endif
   std::fill(gi, gi + g.in_plane(), scalar_t(0));
   const uint64_t W = g.width;
   uint64_t invalid = 0;

@@ -1,5 +1,5 @@
 // The design notes' 2×2, stride-2 max pool over one row of windows, forward and backward, in
-// AVX-512: 16 windows a step, branch-free (on real data whether a tap is larger is a coin flip, and a mispredicted branch
+// AVX-512 (x86-64 with GCC or clang, at the AVX512 tier): 16 windows a step, branch-free (on real data whether a tap is larger is a coin flip, and a mispredicted branch
 // per tap costs more than the whole window). Used by max_pool2d (csrc/cpu/max_pool2d.cpp) and,
 // with the ReLU applied to each tap first, by conv2d_relu_max_pool2d (conv2d_relu.cpp).
 //
@@ -9,22 +9,22 @@
 // offset (0, 1, W, W + 1).
 #pragma once
 
-#include <immintrin.h>
-
 #include <cstdint>
 
 #include "simd.h"
+
+#if TORCHCNN_X86_TIERS
 
 namespace torchcnn::cpu {
 
 namespace detail {
 
-__attribute__((target("avx512f"))) inline __m512 relu16(__m512 z) {
+TORCHCNN_TARGET_AVX512 inline __m512 relu16(__m512 z) {
   // z < 0 → 0; −0 and NaN stay (relu.h).
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), z, _mm512_setzero_ps());
 }
 
-__attribute__((target("avx512f"))) inline void take16(__m512 value, __m512 raw, __m512i offset, __m512& best,
+TORCHCNN_TARGET_AVX512 inline void take16(__m512 value, __m512 raw, __m512i offset, __m512& best,
                                                       __m512& best_raw, __m512i& best_offset) {
   const __mmask16 larger = _mm512_cmp_ps_mask(value, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(value, value,
                                                                                               _CMP_UNORD_Q);
@@ -37,13 +37,13 @@ __attribute__((target("avx512f"))) inline void take16(__m512 value, __m512 raw, 
 
 // Whether a row of this width takes the vector kernels, whose column arithmetic is in int32.
 inline bool max_pool_2x2_vectorizes(int64_t width) {
-  return cpu_has_avx512() && width < (int64_t{1} << 29);
+  return avx512_tier() && width < (int64_t{1} << 29);
 }
 
 // `count` windows of rows r0 and r1 (each ≥ 2·count floats); with kRelu the max is over relu(tap)
 // and pass[j] says whether the ReLU passes its gradient at the argmax (the tap there ≥ 0, or NaN).
 template <bool kRelu>
-__attribute__((target("avx512f"))) inline void max_pool_2x2_row_avx512(const float* r0, const float* r1,
+TORCHCNN_TARGET_AVX512 inline void max_pool_2x2_row_avx512(const float* r0, const float* r1,
                                                                         int64_t count, int64_t first, int64_t width,
                                                                         float* out, int64_t* idx, bool* pass) {
   const __m512i lane_columns = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -85,7 +85,7 @@ __attribute__((target("avx512f"))) inline void max_pool_2x2_row_avx512(const flo
 // window's argmax, which gets its ∂L/∂P: the windows do not overlap), so the plane needs no zero fill
 // and no scatter. An index that is not one of its window's four pixels passes nothing; the
 // returned mask is nonzero if there was one, for the caller to raise.
-__attribute__((target("avx512f"))) inline uint32_t max_pool_2x2_backward_row_avx512(
+TORCHCNN_TARGET_AVX512 inline uint32_t max_pool_2x2_backward_row_avx512(
     const float* grad_out, const int64_t* idx, int64_t count, int64_t first, int64_t width, float* g0, float* g1) {
   const __m512i lane_columns = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
   const __m512i interleave_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -120,3 +120,5 @@ __attribute__((target("avx512f"))) inline uint32_t max_pool_2x2_backward_row_avx
 }
 
 }  // namespace torchcnn::cpu
+
+#endif  // TORCHCNN_X86_TIERS

@@ -50,7 +50,7 @@ void select(const scalar_t* grad, const bool* passes, scalar_t* out, int64_t n) 
 // Float: the gradient's bits and-ed with a mask made of the bool (all ones or zero), so that every
 // value is read and the loop vectorises to plain loads, widenings and ands (a conditional read
 // would take masked loads, ~25× slower on this project's CPU).
-TORCHCNN_VECTOR_CLONES void select(const float* grad, const bool* passes, float* out, int64_t n) {
+[[gnu::always_inline]] inline void select_bits(const float* grad, const bool* passes, float* out, int64_t n) {
   const auto* pass = reinterpret_cast<const uint8_t*>(passes);
   for (int64_t i = 0; i < n; ++i) {
     uint32_t bits;
@@ -59,6 +59,8 @@ TORCHCNN_VECTOR_CLONES void select(const float* grad, const bool* passes, float*
     std::memcpy(out + i, &bits, sizeof bits);
   }
 }
+TORCHCNN_TIERED(select, select_bits, (const float* grad, const bool* passes, float* out, int64_t n),
+                (grad, passes, out, n))
 
 at::Tensor relu_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& passes_) {
   const auto layout = relu_backward_layout("relu_backward", grad_output_, passes_);

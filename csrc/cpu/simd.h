@@ -1,24 +1,70 @@
-// What the CPU kernels' vector code shares: how it is compiled for more than one instruction set,
-// how it asks the CPU what it has, and the AVX-512 pieces several kernels use.
+// What the CPU kernels' vector code shares: which instruction-set tier the kernels run at, the
+// functions compiled once per tier, and the AVX-512 pieces several kernels use.
 //
-// An extension is not compiled once per CPU capability as ATen is (at::vec::Vectorized would be
-// fixed at the baseline, SSE2, here). Instead, loops the compiler vectorises are compiled twice by
-// TORCHCNN_VECTOR_CLONES (AVX-512 and baseline x86-64; the loader picks one), and hand-written
-// AVX-512 functions carry __attribute__((target("avx512f"))) and run only where cpu_has_avx512().
+// The tier is torch's CPU capability (at::get_cpu_capability(): AVX512, AVX2 or DEFAULT on x86-64),
+// so ATEN_CPU_CAPABILITY=avx2|default caps torch's kernels and torchcnn's together. On x86-64 with
+// GCC or clang, a loop the compiler vectorises is compiled three times by TORCHCNN_TIERED (AVX-512,
+// AVX2 + FMA, baseline x86-64) and the tier picks one; hand-written AVX-512 functions carry
+// TORCHCNN_TARGET_AVX512 and run only at the AVX512 tier. Every other CPU and compiler (aarch64,
+// where NEON is the baseline the compiler vectorises for, or MSVC) compiles the baseline alone.
 #pragma once
-
-#include <immintrin.h>
 
 #include <cstdint>
 
-#define TORCHCNN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define TORCHCNN_X86_TIERS 1
+#include <immintrin.h>
+#else
+#define TORCHCNN_X86_TIERS 0
+#endif
 
 namespace torchcnn::cpu {
 
-inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
+enum class Tier { kDefault, kAvx2, kAvx512 };
+
+// The tier the kernels run at: torch's CPU capability, read once (torch reads it once too).
+Tier cpu_tier();
+
+// "avx512", "avx2" or "default": what torchcnn.testing.cpu_capability() reports.
+const char* tier_name(Tier tier);
+
+inline bool avx512_tier() {
+  return cpu_tier() == Tier::kAvx512;
 }
+
+}  // namespace torchcnn::cpu
+
+#if TORCHCNN_X86_TIERS
+
+// The instruction sets of torch's AVX512 and AVX2 capabilities (a CPU torch puts at a tier has all
+// of them).
+#define TORCHCNN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define TORCHCNN_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+// `void name params` calling `body args`, compiled once per tier and dispatched on cpu_tier(). The
+// body is an always-inline template, so each copy is vectorised for its own instruction set.
+#define TORCHCNN_TIERED(name, body, params, args)   \
+  TORCHCNN_TARGET_AVX512 void name##_avx512 params { \
+    body args;                                       \
+  }                                                  \
+  TORCHCNN_TARGET_AVX2 void name##_avx2 params {     \
+    body args;                                       \
+  }                                                  \
+  void name##_default params {                       \
+    body args;                                       \
+  }                                                  \
+  void name params {                                 \
+    switch (::torchcnn::cpu::cpu_tier()) {           \
+      case ::torchcnn::cpu::Tier::kAvx512:           \
+        return name##_avx512 args;                   \
+      case ::torchcnn::cpu::Tier::kAvx2:             \
+        return name##_avx2 args;                     \
+      default:                                       \
+        return name##_default args;                  \
+    }                                                \
+  }
+
+namespace torchcnn::cpu {
 
 // The mask of the first n of 16 lanes: all of them for n ≥ 16, none for n ≤ 0.
 inline __mmask16 first_lanes(int64_t n) {
@@ -26,11 +72,20 @@ inline __mmask16 first_lanes(int64_t n) {
 }
 
 // The even (odd) entries of the 32 floats a, b: a[0], a[2], …, b[14] (a[1], …, b[15]).
-__attribute__((target("avx512f"))) inline __m512 even_entries(__m512 a, __m512 b) {
+TORCHCNN_TARGET_AVX512 inline __m512 even_entries(__m512 a, __m512 b) {
   return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
 }
-__attribute__((target("avx512f"))) inline __m512 odd_entries(__m512 a, __m512 b) {
+TORCHCNN_TARGET_AVX512 inline __m512 odd_entries(__m512 a, __m512 b) {
   return _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
 }
 
 }  // namespace torchcnn::cpu
+
+#else  // one baseline copy
+
+#define TORCHCNN_TIERED(name, body, params, args) \
+  void name params {                              \
+    body args;                                    \
+  }
+
+#endif

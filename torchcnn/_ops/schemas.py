@@ -6,7 +6,7 @@ imported: ``torch.compile``, ``torch.export`` and fake tensors need no compiled 
 compiled until a kernel is first needed (:func:`install_loader`). The compiled libraries register
 kernels for these ops (and define a few private ops of their own, knobs for the tests and
 benchmarks: ``_cuda_set_chunk_budget`` in csrc/cuda, ``_cpu_conv2d_strategy``,
-``_cpu_conv2d_force_strategy``, ``_cpu_set_gemm`` and ``_cpu_matmul`` in csrc/cpu; see
+``_cpu_conv2d_force_strategy``, ``_cpu_set_gemm``, ``_cpu_matmul`` and ``_cpu_capability`` in csrc/cpu; see
 :mod:`torchcnn.testing`): csrc/cpu and csrc/cuda for ``torchcnn``, and the emulated CUDA test
 library for the same schemas in ``torchcnn_emulated``.
 """

@@ -14,7 +14,11 @@
 
 #include <vector>
 
+// GCC would turn the short row copies back into memmove calls, each costing more than the few
+// values it moves (the pragma is GCC's own; other compilers leave the loops be).
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
 
 #include "../conv2d_algorithms.h"
 #include "../simd.h"
@@ -42,7 +46,7 @@ template <typename F>
 }
 
 // The inner loops, over contiguous memory so that the compiler vectorises them; the wrappers
-// below compile them for AVX-512 and for baseline x86-64 (simd.h).
+// below compile them once per tier (simd.h's TORCHCNN_TIERED).
 // y[0, n) += a · x[0, n)
 template <typename T>
 [[gnu::always_inline]] inline void axpy(T* __restrict y, const T* __restrict x, T a, int64_t n) {
@@ -177,28 +181,19 @@ template <typename T>
   }
 }
 
-#define TORCHCNN_DEPTHWISE_PLANES(T)                                                                     \
-  TORCHCNN_VECTOR_CLONES void forward_plane_cloned(const T* x, const T* w, T bias, const Conv2dGeometry& g, \
-                                                   T* y) {                                               \
-    forward_plane(x, w, bias, g, y);                                                                     \
-  }                                                                                                      \
-  TORCHCNN_VECTOR_CLONES void backward_input_plane_cloned(const T* dy, const T* w, const Conv2dGeometry& g, \
-                                                          T* dx) {                                       \
-    backward_input_plane(dy, w, g, dx);                                                                  \
-  }                                                                                                      \
-  TORCHCNN_VECTOR_CLONES void backward_weight_plane_cloned(const T* dy, const T* x, const Conv2dGeometry& g, \
-                                                           T* dw) {                                      \
-    backward_weight_plane(dy, x, g, dw);                                                                 \
-  }                                                                                                      \
-  TORCHCNN_VECTOR_CLONES void wide_forward_cloned(const T* xp, const T* w, T bias, const Wide& s, T* out) { \
-    wide_forward(xp, w, bias, s, out);                                                                   \
-  }                                                                                                      \
-  TORCHCNN_VECTOR_CLONES void wide_backward_input_cloned(const T* dy, const T* w, const Wide& s, T* dxp) { \
-    wide_backward_input(dy, w, s, dxp);                                                                  \
-  }                                                                                                      \
-  TORCHCNN_VECTOR_CLONES void wide_backward_weight_cloned(const T* dy, const T* xp, const Wide& s, T* dw) { \
-    wide_backward_weight(dy, xp, s, dw);                                                                 \
-  }
+#define TORCHCNN_DEPTHWISE_PLANES(T)                                                                       \
+  TORCHCNN_TIERED(forward_plane_cloned, forward_plane,                                                     \
+                  (const T* x, const T* w, T bias, const Conv2dGeometry& g, T* y), (x, w, bias, g, y))     \
+  TORCHCNN_TIERED(backward_input_plane_cloned, backward_input_plane,                                       \
+                  (const T* dy, const T* w, const Conv2dGeometry& g, T* dx), (dy, w, g, dx))               \
+  TORCHCNN_TIERED(backward_weight_plane_cloned, backward_weight_plane,                                     \
+                  (const T* dy, const T* x, const Conv2dGeometry& g, T* dw), (dy, x, g, dw))               \
+  TORCHCNN_TIERED(wide_forward_cloned, wide_forward, (const T* xp, const T* w, T bias, const Wide& s, T* out), \
+                  (xp, w, bias, s, out))                                                                   \
+  TORCHCNN_TIERED(wide_backward_input_cloned, wide_backward_input, (const T* dy, const T* w, const Wide& s, T* dxp), \
+                  (dy, w, s, dxp))                                                                         \
+  TORCHCNN_TIERED(wide_backward_weight_cloned, wide_backward_weight,                                       \
+                  (const T* dy, const T* xp, const Wide& s, T* dw), (dy, xp, s, dw))
 TORCHCNN_DEPTHWISE_PLANES(float)
 TORCHCNN_DEPTHWISE_PLANES(double)
 #undef TORCHCNN_DEPTHWISE_PLANES

@@ -33,7 +33,6 @@ namespace torchcnn::cpu {
 namespace {
 
 constexpr int64_t kTile = 2;    // output pixels per tile side
-constexpr int64_t kPatch = 4;   // input pixels per tile side
 constexpr int64_t kPoints = 16; // positions ξ of a transformed tile
 
 // row[ξ][c] = (G W_kc Gᵀ)[ξ] for one output channel's filters wk (C, 3, 3), all channels at once:
@@ -59,12 +58,8 @@ template <typename T>
   }
 }
 
-TORCHCNN_VECTOR_CLONES void filter_row_cloned(const float* wk, int64_t channels, float* row) {
-  filter_row(wk, channels, row);
-}
-TORCHCNN_VECTOR_CLONES void filter_row_cloned(const double* wk, int64_t channels, double* row) {
-  filter_row(wk, channels, row);
-}
+TORCHCNN_TIERED(filter_row_tiered, filter_row, (const float* wk, int64_t channels, float* row), (wk, channels, row))
+TORCHCNN_TIERED(filter_row_tiered, filter_row, (const double* wk, int64_t channels, double* row), (wk, channels, row))
 
 // U[ξ][k][c] = (G W_kc Gᵀ)[ξ] for output channels [k0, k1) of weights (K, C, 3, 3). One output
 // channel's 16 rows are built in `row` (16 × C) and copied out whole: written directly, the 16
@@ -72,7 +67,7 @@ TORCHCNN_VECTOR_CLONES void filter_row_cloned(const double* wk, int64_t channels
 template <typename T>
 void transform_filters(const T* w, int64_t out_channels, int64_t channels, int64_t k0, int64_t k1, T* row, T* u) {
   for (int64_t k = k0; k < k1; ++k) {
-    filter_row_cloned(w + 9 * k * channels, channels, row);
+    filter_row_tiered(w + 9 * k * channels, channels, row);
     for (int64_t xi = 0; xi < kPoints; ++xi) {
       std::copy(row + xi * channels, row + (xi + 1) * channels, u + (xi * out_channels + k) * channels);
     }
@@ -97,8 +92,7 @@ struct Tiling {
 };
 
 // The transforms of one plane's tiles, written as loops over the tiles of a row so that the
-// compiler vectorises them across tiles; compiled for AVX-512 and for baseline x86-64, the CPU
-// picks at load time (target_clones).
+// compiler vectorises them across tiles; compiled once per tier (simd.h's TORCHCNN_TIERED).
 
 // V[ξ][t] (ξ ≥ 0 rows `step` apart) = (Bᵀ d_t B)[ξ] for the tiles t = ty·tiles_w + tx of a padded
 // plane with rows `wp` apart.
@@ -156,25 +150,22 @@ template <typename T>
   }
 }
 
-TORCHCNN_VECTOR_CLONES void input_tiles_f(const float* padded, int64_t wp, int64_t th, int64_t tw, float* v,
-                                          int64_t step) {
-  input_tiles(padded, wp, th, tw, v, step);
-}
-TORCHCNN_VECTOR_CLONES void input_tiles_d(const double* padded, int64_t wp, int64_t th, int64_t tw, double* v,
-                                          int64_t step) {
-  input_tiles(padded, wp, th, tw, v, step);
-}
-TORCHCNN_VECTOR_CLONES void output_tiles_f(const float* m, int64_t step, float bias, int64_t th, int64_t tw,
-                                           float* o) {
-  output_tiles(m, step, bias, th, tw, o);
-}
-TORCHCNN_VECTOR_CLONES void output_tiles_d(const double* m, int64_t step, double bias, int64_t th, int64_t tw,
-                                           double* o) {
-  output_tiles(m, step, bias, th, tw, o);
-}
+TORCHCNN_TIERED(input_tiles_f, input_tiles,
+                (const float* padded, int64_t wp, int64_t th, int64_t tw, float* v, int64_t step),
+                (padded, wp, th, tw, v, step))
+TORCHCNN_TIERED(input_tiles_d, input_tiles,
+                (const double* padded, int64_t wp, int64_t th, int64_t tw, double* v, int64_t step),
+                (padded, wp, th, tw, v, step))
+TORCHCNN_TIERED(output_tiles_f, output_tiles, (const float* m, int64_t step, float bias, int64_t th, int64_t tw, float* o),
+                (m, step, bias, th, tw, o))
+TORCHCNN_TIERED(output_tiles_d, output_tiles,
+                (const double* m, int64_t step, double bias, int64_t th, int64_t tw, double* o),
+                (m, step, bias, th, tw, o))
+
+#if TORCHCNN_X86_TIERS
 // input_tiles for float with AVX-512, 16 tiles of a row at a time: the even and odd columns of
 // a patch row, d_0 … d_3 for all 16 tiles, are two deinterleaved pairs of loads.
-__attribute__((target("avx512f"))) void input_tiles_avx512(const float* padded, int64_t wp, int64_t tiles_h,
+TORCHCNN_TARGET_AVX512 void input_tiles_avx512(const float* padded, int64_t wp, int64_t tiles_h,
                                                             int64_t tiles_w, float* v, int64_t step) {
   for (int64_t ty = 0; ty < tiles_h; ++ty) {
     const float* rows = padded + kTile * ty * wp;
@@ -207,6 +198,7 @@ __attribute__((target("avx512f"))) void input_tiles_avx512(const float* padded, 
     }
   }
 }
+#endif
 
 // The adjoint of output_tiles: ∂L/∂M_t = A G_t Aᵀ for the 2×2 tiles G_t of a plane of ∂L/∂Y
 // (`g`, 2·tiles_h × 2·tiles_w, zeros outside the output), into dm[ξ·step + t].
@@ -230,16 +222,15 @@ template <typename T>
   }
 }
 
-TORCHCNN_VECTOR_CLONES void grad_tiles_f(const float* g, int64_t gw, int64_t th, int64_t tw, float* dm, int64_t step) {
-  grad_tiles(g, gw, th, tw, dm, step);
-}
-TORCHCNN_VECTOR_CLONES void grad_tiles_d(const double* g, int64_t gw, int64_t th, int64_t tw, double* dm,
-                                         int64_t step) {
-  grad_tiles(g, gw, th, tw, dm, step);
-}
+TORCHCNN_TIERED(grad_tiles_f, grad_tiles, (const float* g, int64_t gw, int64_t th, int64_t tw, float* dm, int64_t step),
+                (g, gw, th, tw, dm, step))
+TORCHCNN_TIERED(grad_tiles_d, grad_tiles, (const double* g, int64_t gw, int64_t th, int64_t tw, double* dm, int64_t step),
+                (g, gw, th, tw, dm, step))
+
+#if TORCHCNN_X86_TIERS
 
 // grad_tiles for float with AVX-512, 16 tiles at a time (rows of `g` readable to 2·round_up(tiles_w, 16)).
-__attribute__((target("avx512f"))) void grad_tiles_avx512(const float* g, int64_t gw, int64_t tiles_h,
+TORCHCNN_TARGET_AVX512 void grad_tiles_avx512(const float* g, int64_t gw, int64_t tiles_h,
                                                            int64_t tiles_w, float* dm, int64_t step) {
   for (int64_t ty = 0; ty < tiles_h; ++ty) {
     const float* g0 = g + kTile * ty * gw;
@@ -268,22 +259,28 @@ __attribute__((target("avx512f"))) void grad_tiles_avx512(const float* g, int64_
   }
 }
 
+#endif
+
 inline void input_tiles_any(const float* p, int64_t wp, int64_t th, int64_t tw, float* v, int64_t step) {
-  if (cpu_has_avx512()) {
+#if TORCHCNN_X86_TIERS
+  if (avx512_tier()) {
     input_tiles_avx512(p, wp, th, tw, v, step);
-  } else {
-    input_tiles_f(p, wp, th, tw, v, step);
+    return;
   }
+#endif
+  input_tiles_f(p, wp, th, tw, v, step);
 }
 inline void input_tiles_any(const double* p, int64_t wp, int64_t th, int64_t tw, double* v, int64_t step) {
   input_tiles_d(p, wp, th, tw, v, step);
 }
 inline void grad_tiles_any(const float* g, int64_t gw, int64_t th, int64_t tw, float* dm, int64_t step) {
-  if (cpu_has_avx512()) {
+#if TORCHCNN_X86_TIERS
+  if (avx512_tier()) {
     grad_tiles_avx512(g, gw, th, tw, dm, step);
-  } else {
-    grad_tiles_f(g, gw, th, tw, dm, step);
+    return;
   }
+#endif
+  grad_tiles_f(g, gw, th, tw, dm, step);
 }
 inline void grad_tiles_any(const double* g, int64_t gw, int64_t th, int64_t tw, double* dm, int64_t step) {
   grad_tiles_d(g, gw, th, tw, dm, step);

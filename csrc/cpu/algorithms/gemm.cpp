@@ -1,4 +1,4 @@
-// C = A · B (+ C) in float32 with AVX-512, in the manner of BLIS (Van Zee & van de Geijn, 2015).
+// C = A · B (+ C) in float32 with AVX-512 (x86-64, at the avx512 tier: simd.h), in the manner of BLIS (Van Zee & van de Geijn, 2015).
 //
 // C is cut into 8 × 32 tiles, each computed by one kernel call that keeps the tile in 16 zmm
 // registers and, for every p of the shared dimension, adds the outer product of A's column p (8
@@ -21,6 +21,8 @@
 namespace torchcnn::cpu {
 namespace {
 
+#if TORCHCNN_X86_TIERS
+
 constexpr int64_t kMR = 8, kNR = 32, kKC = 256, kMC = 128, kNC = 3072;
 
 // A strided matrix: element (i, j) at data[i·rs + j·cs].
@@ -32,7 +34,7 @@ struct View {
 };
 
 // dst[j·ds + i] = src[i·ss + j] for i, j < 8: an 8 × 8 block transposed in registers.
-__attribute__((target("avx2"))) void transpose_8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
+TORCHCNN_TARGET_AVX2 void transpose_8x8_avx2(const float* src, int64_t ss, float* dst, int64_t ds) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) {
     r[i] = _mm256_loadu_ps(src + i * ss);
@@ -67,7 +69,7 @@ void pack_panel(const float* src, int64_t sp, int64_t sj, int64_t kc, int64_t co
   if (sp == 1 && cols == width) {  // columns are contiguous: transpose blocks of 8 × 8
     for (; p + 8 <= kc; p += 8) {
       for (int64_t j = 0; j < width; j += 8) {
-        transpose_8x8(src + j * sj + p, sj, out + p * width + j, width);
+        transpose_8x8_avx2(src + j * sj + p, sj, out + p * width + j, width);
       }
     }
   }
@@ -89,7 +91,7 @@ void pack_b(const View& b, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float
 // row-major (A[r][p] at a[r·lda + p]) or column-major (at a[p·lda + r]). Rows past `rows` read
 // the last row again (their results are not stored).
 template <bool kRowMajor>
-__attribute__((target("avx512f"))) void kernel_8x32(int64_t kc, const float* __restrict a, int64_t lda,
+TORCHCNN_TARGET_AVX512 void kernel_8x32_avx512(int64_t kc, const float* __restrict a, int64_t lda,
                                                      const float* __restrict b, float* c, int64_t ldc, int64_t rows,
                                                      int64_t cols, bool add) {
   __m512 acc[kMR][2];
@@ -154,9 +156,9 @@ void sgemm(int64_t m, int64_t n, int64_t k, const View& a, const View& b, float*
             const int64_t rows = std::min(kMR, m - ir), cols = std::min(kNR, nc - jr);
             const float* b_panel = b_packed.data() + jr * kc;
             if (row_major) {
-              kernel_8x32<true>(kc, a_tile, lda, b_panel, c_tile, ldc, rows, cols, accumulate || pc > 0);
+              kernel_8x32_avx512<true>(kc, a_tile, lda, b_panel, c_tile, ldc, rows, cols, accumulate || pc > 0);
             } else {
-              kernel_8x32<false>(kc, a_tile, lda, b_panel, c_tile, ldc, rows, cols, accumulate || pc > 0);
+              kernel_8x32_avx512<false>(kc, a_tile, lda, b_panel, c_tile, ldc, rows, cols, accumulate || pc > 0);
             }
           }
         }
@@ -164,8 +166,6 @@ void sgemm(int64_t m, int64_t n, int64_t k, const View& a, const View& b, float*
     }
   }
 }
-
-std::atomic<bool> use_avx512{cpu_has_avx512()};
 
 // Threads a product is worth splitting between: at least 2 MFLOP each (1: run it here).
 int64_t split_threads(int64_t m, int64_t n, int64_t k) {
@@ -179,6 +179,11 @@ int64_t split_threads(int64_t m, int64_t n, int64_t k) {
 int64_t share(int64_t size, int64_t threads, int64_t unit) {
   return ((size + threads - 1) / threads + unit - 1) / unit * unit;
 }
+
+#endif  // TORCHCNN_X86_TIERS
+
+// Whether float32 products take the GEMM above: by default wherever it can.
+std::atomic<bool> use_avx512{avx512_tier()};
 
 }  // namespace
 
@@ -210,6 +215,7 @@ void matmul(const Matrix<double>& c, const Matrix<const double>& a, const Matrix
 template <>
 void matmul(const Matrix<float>& c, const Matrix<const float>& a, const Matrix<const float>& b, bool accumulate) {
   TORCH_INTERNAL_ASSERT(a.cols == b.rows && c.rows == a.rows && c.cols == b.cols);
+#if TORCHCNN_X86_TIERS
   if (!use_avx512.load(std::memory_order_relaxed) || c.cs != 1 || (a.cs != 1 && a.rs != 1)) {
     blas(c, a, b, accumulate);
     return;
@@ -239,6 +245,9 @@ void matmul(const Matrix<float>& c, const Matrix<const float>& a, const Matrix<c
       }
     });
   }
+#else
+  blas(c, a, b, accumulate);
+#endif
 }
 
 void matmul(at::Tensor& c, const at::Tensor& a_, const at::Tensor& b, bool accumulate) {
@@ -258,7 +267,8 @@ void matmul(at::Tensor& c, const at::Tensor& a_, const at::Tensor& b, bool accum
 std::string set_gemm(const std::string& name) {
   TORCH_CHECK_VALUE(name == "avx512" || name == "blas", "_cpu_set_gemm: expected name to be 'avx512' or 'blas' "
                     "but got '", name, "'");
-  TORCH_CHECK_VALUE(name == "blas" || cpu_has_avx512(), "_cpu_set_gemm: this CPU has no AVX-512");
+  TORCH_CHECK_VALUE(name == "blas" || avx512_tier(), "_cpu_set_gemm: the AVX-512 GEMM needs the avx512 tier, and the "
+                    "kernels run at '", tier_name(cpu_tier()), "' (torchcnn.testing.cpu_capability())");
   return use_avx512.exchange(name == "avx512") ? "avx512" : "blas";
 }
 
