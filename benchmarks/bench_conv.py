@@ -20,10 +20,14 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as TF
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import capability  # noqa: E402
+
+capability.cap_from_argv()  # --cpu-capability, before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as TF  # noqa: E402
+
 from bench_ops import describe, setup  # noqa: E402  (imports torchcnn before torch.utils.benchmark)
 from torch.utils import benchmark  # noqa: E402
 

@@ -18,7 +18,12 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import capability  # noqa: E402
+
+capability.cap_from_argv()  # --cpu-capability, before torch loads
+
+import torch  # noqa: E402
 import torch.nn.functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout works without installing
@@ -87,7 +92,8 @@ def describe(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()})"
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
-            f"(torch {torch.__version__}, oneDNN {torch.backends.mkldnn.is_available()})")
+            f"(torch {torch.__version__}, oneDNN {torch.backends.mkldnn.is_available()}; "
+            f"{capability.check(capability.requested(sys.argv[1:]))})")
 
 
 def table(rows: list[dict]) -> str:
@@ -111,6 +117,7 @@ def setup(description: str, batch_sizes: bool = True, more_arguments=None) -> ar
     parser.add_argument("--tf32", action="store_true",
                         help="let cuDNN and cuBLAS use TF32 for float32 (default: off for both, a like-for-like comparison)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    capability.add_argument(parser)
     if more_arguments:
         more_arguments(parser)
     args = parser.parse_args()

@@ -17,9 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import capability  # noqa: E402
+
+capability.cap_from_argv()  # --cpu-capability, before torch loads
+
+import torch  # noqa: E402
+
 from bench_ops import describe, setup  # noqa: E402  (imports torchcnn before torch.utils.benchmark)
 from bench_conv import interleaved_ms  # noqa: E402
 

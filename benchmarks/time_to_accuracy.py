@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout works without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import capability  # noqa: E402
+
+capability.cap_from_argv()  # --cpu-capability, before torch loads
 
 import torch  # noqa: E402
 
@@ -46,6 +50,7 @@ def arguments() -> argparse.Namespace:
                         help="replay each training step from a CUDA graph (train.py --cuda-graphs)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    capability.add_argument(parser)
     args = parser.parse_args()
     if not 0 < args.target <= 1:
         parser.error(f"argument --target: must be in (0, 1], got {args.target}")
@@ -109,6 +114,8 @@ def main() -> int:
         schedule.step_epoch()
 
     where = engine.device_name(device)
+    if device.type == "cpu":
+        where += f" ({capability.check(args.cpu_capability)})"
     print(f"{args.backend} on {where}: " + (f"{100 * args.target:g}% after {seconds:.1f} s of training" if reached else
                                            f"{100 * args.target:g}% not reached ({100 * accuracy:.2f}% after "
                                            f"{seconds:.1f} s)"))
@@ -117,7 +124,7 @@ def main() -> int:
                   "cuda_graphs": args.cuda_graphs,
                   "target": args.target, "reached": reached, "seconds_to_target": seconds if reached else None,
                   "training_seconds": seconds, "test_accuracy": accuracy, "threads": torch.get_num_threads(),
-                  "torch": torch.__version__, "history": history}
+                  "cpu_capability": args.cpu_capability, "torch": torch.__version__, "history": history}
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if reached else 1
 

@@ -131,6 +131,24 @@ def test_nan_and_ties(device):
                                equal_nan=True)
 
 
+@pytest.mark.parametrize("width", [70, 37])
+def test_nan_and_ties_in_rows_of_many_float_windows(device, width):
+    """The float row kernels (8 or 16 windows a step, and the tail): the ReLU's zeros tie, −0 and
+    NaN stay as they are, NaN wins and passes its gradient — values, indices and ∂X as composed."""
+    x = torch.randint(-3, 4, (2, 1, 9, width), device=device).float()  # few distinct values: many ties
+    x.view(-1)[::29] = float("nan")
+    x.view(-1)[7::23] = -0.0
+    w = torch.tensor([1.0, -1.0], device=device).view(2, 1, 1, 1)
+    x.requires_grad_()
+    out, indices = F.conv2d_relu_max_pool2d(x, w, return_indices=True)
+    expected, expected_indices = _composed(x, w, None, {}, False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(indices, expected_indices)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
+                               equal_nan=True)
+
+
 def test_errors_name_the_op_and_the_argument(device):
     x, w = torch.randn(1, 2, 3, 3, device=device), torch.randn(4, 2, 3, 3, device=device)
     with pytest.raises(ValueError, match=r"conv2d_relu_max_pool2d: the 2×2 max pool needs a convolution output of "

@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_cpu(
 }
 
 // One plane of Y (rounded and through the ReLU as it is read) into its pooled plane: full windows
-// as four loads and three compares (float rows 16 windows at a time in AVX-512, max_pool_2x2.h),
+// as four loads and three compares (float rows 8 or, in AVX-512, 16 windows at a time: max_pool_2x2.h),
 // the partial ones of ceil_mode by the general scan; all in max_pool2d's scan order.
 template <typename scalar_t>
 void relu_pool_plane(const at::opmath_type<scalar_t>* y, scalar_t* out, int64_t* idx, bool* pass,
@@ -83,21 +83,25 @@ void relu_pool_plane(const at::opmath_type<scalar_t>* y, scalar_t* out, int64_t*
   using acc_t = at::opmath_type<scalar_t>;
   const RoundedRelu<scalar_t> act;
   const int64_t W = p.width;
-#if TORCHCNN_X86_TIERS
   const int64_t full_rows = std::min(p.out_height, p.height / 2), full_columns = std::min(p.out_width, W / 2);
-#endif
   for (int64_t oh = 0; oh < p.out_height; ++oh) {
     int64_t ow = 0;
-#if TORCHCNN_X86_TIERS
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (oh < full_rows && max_pool_2x2_vectorizes(W)) {
-        const int64_t o = oh * p.out_width;
-        max_pool_2x2_row_avx512<true>(y + 2 * oh * W, y + (2 * oh + 1) * W, full_columns, 2 * oh * W, W, out + o,
-                                      idx + o, pass + o);
-        ow = full_columns;
+      const int64_t o = oh * p.out_width;
+      const float *r0 = y + 2 * oh * W, *r1 = r0 + W;
+      if (oh < full_rows) {
+#if TORCHCNN_X86_TIERS
+        if (max_pool_2x2_vectorizes(W)) {
+          max_pool_2x2_row_avx512<true>(r0, r1, full_columns, 2 * oh * W, W, out + o, idx + o, pass + o);
+          ow = full_columns;
+        }
+#endif
+        if (ow == 0) {
+          ow = full_columns / 8 * 8;
+          relu_max_pool_2x2_rows(r0, r1, ow, 2 * oh * W, W, out + o, idx + o, pass + o);
+        }
       }
     }
-#endif
     for (; ow < p.out_width; ++ow) {
       const int64_t j = oh * p.out_width + ow;
       const int64_t first = 2 * oh * W + 2 * ow;

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../shapes.h"
@@ -35,7 +36,8 @@ namespace {
 constexpr int64_t kChunk = 128;  // len at most: 8 AVX-512 vectors of float
 
 template <typename T>
-[[gnu::always_inline]] inline void accumulate(const T* const* src, int64_t offset, const T* v, int64_t count, int64_t len, T* dst) {
+[[gnu::always_inline]] inline void accumulate(const T* const* src, int64_t offset, const T* v, int64_t count,
+                                              int64_t len, T* dst) {
   T sum[kChunk] = {};
   for (int64_t i = 0; i < count; ++i) {
     const T* s = src[i] + offset;
@@ -48,7 +50,58 @@ template <typename T>
   }
 }
 
-TORCHCNN_TIERED(accumulate_tiered, accumulate,
+// Eight floats as a GCC/clang vector: one register where the tier has AVX, two SSE or NEON ones
+// elsewhere (loaded and stored with memcpy: the data need not be aligned).
+typedef float Floats8 __attribute__((vector_size(32)));
+
+// accumulate for len = 8·kBlocks floats, the sums in kBlocks vector registers (the scalar loop's
+// 128-value array lives in memory: a load and a store per multiply-add).
+template <int kBlocks>
+[[gnu::always_inline]] inline void accumulate_blocks(const float* const* src, int64_t offset, const float* v,
+                                                     int64_t count, float* dst) {
+  Floats8 sum[kBlocks] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    const float* s = src[i] + offset;
+    const float vi = v[i];
+    for (int r = 0; r < kBlocks; ++r) {
+      Floats8 x;
+      std::memcpy(&x, s + 8 * r, sizeof x);
+      sum[r] += vi * x;
+    }
+  }
+  for (int r = 0; r < kBlocks; ++r) {
+    Floats8 d;
+    std::memcpy(&d, dst + 8 * r, sizeof d);
+    d += sum[r];
+    std::memcpy(dst + 8 * r, &d, sizeof d);
+  }
+}
+
+// accumulate for float: 64 columns at a time, then the remaining whole blocks of 8, then the last
+// few columns one by one.
+[[gnu::always_inline]] inline void accumulate_floats(const float* const* src, int64_t offset, const float* v,
+                                                     int64_t count, int64_t len, float* dst) {
+  int64_t c = 0;
+  for (; c + 64 <= len; c += 64) {
+    accumulate_blocks<8>(src, offset + c, v, count, dst + c);
+  }
+  switch ((len - c) / 8) {
+    case 7: accumulate_blocks<7>(src, offset + c, v, count, dst + c); break;
+    case 6: accumulate_blocks<6>(src, offset + c, v, count, dst + c); break;
+    case 5: accumulate_blocks<5>(src, offset + c, v, count, dst + c); break;
+    case 4: accumulate_blocks<4>(src, offset + c, v, count, dst + c); break;
+    case 3: accumulate_blocks<3>(src, offset + c, v, count, dst + c); break;
+    case 2: accumulate_blocks<2>(src, offset + c, v, count, dst + c); break;
+    case 1: accumulate_blocks<1>(src, offset + c, v, count, dst + c); break;
+    default: break;
+  }
+  c += (len - c) / 8 * 8;
+  if (c < len) {
+    accumulate(src, offset + c, v, count, len - c, dst + c);
+  }
+}
+
+TORCHCNN_TIERED(accumulate_tiered, accumulate_floats,
                 (const float* const* src, int64_t offset, const float* v, int64_t count, int64_t len, float* dst),
                 (src, offset, v, count, len, dst))
 TORCHCNN_TIERED(accumulate_tiered, accumulate,

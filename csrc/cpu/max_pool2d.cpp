@@ -36,7 +36,7 @@ void max_pool_plane(const scalar_t* x, scalar_t* y, int64_t* idx, const Window2d
 
 // The design notes' 2×2 stride-2 pool: two input rows give one output row; each window is four
 // loads and three compares, scanned in the same order as the general kernel (float rows 16
-// windows at a time in AVX-512: max_pool_2x2.h).
+// windows at a time in AVX-512, or 8 at the other tiers: max_pool_2x2.h).
 template <typename scalar_t>
 void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Window2d& g) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -47,15 +47,18 @@ void max_pool_plane_2x2(const scalar_t* x, scalar_t* y, int64_t* idx, const Wind
     scalar_t* yr = y + oh * g.out_width;
     int64_t* ir = idx + oh * g.out_width;
     const int64_t base = 2 * oh * W;
-#if TORCHCNN_X86_TIERS
+    int64_t ow = 0;
     if constexpr (std::is_same_v<scalar_t, float>) {
+#if TORCHCNN_X86_TIERS
       if (max_pool_2x2_vectorizes(W)) {
         max_pool_2x2_row_avx512<false>(r0, r1, g.out_width, base, W, yr, ir, nullptr);
         continue;
       }
-    }
 #endif
-    for (int64_t ow = 0; ow < g.out_width; ++ow) {
+      ow = g.out_width / 8 * 8;
+      max_pool_2x2_rows(r0, r1, ow, base, W, yr, ir);
+    }
+    for (; ow < g.out_width; ++ow) {
       const acc_t a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
       acc_t m = a;
       int64_t k = 0;

@@ -1,7 +1,9 @@
-// The design notes' 2×2, stride-2 max pool over one row of windows, forward and backward, in
-// AVX-512 (x86-64 with GCC or clang, at the AVX512 tier): 16 windows a step, branch-free (on real data whether a tap is larger is a coin flip, and a mispredicted branch
-// per tap costs more than the whole window). Used by max_pool2d (csrc/cpu/max_pool2d.cpp) and,
-// with the ReLU applied to each tap first, by conv2d_relu_max_pool2d (conv2d_relu.cpp).
+// The design notes' 2×2, stride-2 max pool over one row of windows, branch-free (on real data
+// whether a tap is larger is a coin flip, and a mispredicted branch per tap costs more than the
+// whole window): forward and backward in AVX-512 at the avx512 tier (x86-64 with GCC or clang), 16
+// windows a step; the forward at every other tier 8 windows a step (max_pool_2x2.cpp). Used by
+// max_pool2d (csrc/cpu/max_pool2d.cpp) and, with the ReLU applied to each tap first, by
+// conv2d_relu_max_pool2d (conv2d_relu.cpp).
 //
 // Window j of the row is r0[2j], r0[2j + 1], r1[2j], r1[2j + 1], scanned in that order by
 // max_pool2d_window.h's rule: a tap replaces the running max if it is larger or NaN. The index
@@ -12,6 +14,18 @@
 #include <cstdint>
 
 #include "simd.h"
+
+namespace torchcnn::cpu {
+
+// The first `count` windows (a multiple of 8) of rows r0 and r1, 8 at a time, compiled once per
+// tier; with the ReLU, pass[j] says whether it passes its gradient at the argmax (the tap there
+// ≥ 0, or NaN).
+void max_pool_2x2_rows(const float* r0, const float* r1, int64_t count, int64_t first, int64_t width, float* out,
+                       int64_t* idx);
+void relu_max_pool_2x2_rows(const float* r0, const float* r1, int64_t count, int64_t first, int64_t width,
+                            float* out, int64_t* idx, bool* pass);
+
+}  // namespace torchcnn::cpu
 
 #if TORCHCNN_X86_TIERS
 
