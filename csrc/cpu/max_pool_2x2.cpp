@@ -12,32 +12,26 @@ namespace {
 typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 
-[[gnu::always_inline]] inline Floats8 load8(const float* p) {
-  Floats8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// relu.h's rule lane by lane: z < 0 → 0; −0 and NaN stay.
-[[gnu::always_inline]] inline Floats8 relu8(Floats8 z) {
-  return z < Floats8{} ? Floats8{} : z;
-}
-
 template <bool kRelu>
 [[gnu::always_inline]] inline void rows8(const float* r0, const float* r1, int64_t count, int64_t first,
                                          int64_t width, float* out, int64_t* idx, bool* pass) {
   for (int64_t j = 0; j < count; j += 8) {
-    const Floats8 t0 = load8(r0 + 2 * j), t1 = load8(r0 + 2 * j + 8);
-    const Floats8 b0 = load8(r1 + 2 * j), b1 = load8(r1 + 2 * j + 8);
+    Floats8 t0, t1, b0, b1;  // no function takes or returns a vector: the baseline's ABI has none this wide
+    std::memcpy(&t0, r0 + 2 * j, sizeof t0);
+    std::memcpy(&t1, r0 + 2 * j + 8, sizeof t1);
+    std::memcpy(&b0, r1 + 2 * j, sizeof b0);
+    std::memcpy(&b1, r1 + 2 * j + 8, sizeof b1);
     const Floats8 raw[4] = {__builtin_shufflevector(t0, t1, 0, 2, 4, 6, 8, 10, 12, 14),
                             __builtin_shufflevector(t0, t1, 1, 3, 5, 7, 9, 11, 13, 15),
                             __builtin_shufflevector(b0, b1, 0, 2, 4, 6, 8, 10, 12, 14),
                             __builtin_shufflevector(b0, b1, 1, 3, 5, 7, 9, 11, 13, 15)};
-    Floats8 best = kRelu ? relu8(raw[0]) : raw[0];
+    // relu.h's rule lane by lane: z < 0 → 0; −0 and NaN stay.
+    const Floats8 zero = {};
+    Floats8 best = kRelu ? (raw[0] < zero ? zero : raw[0]) : raw[0];
     Floats8 best_raw = raw[0];
     Ints8 tap = {};  // which of the four taps holds the max: offset (tap & 1) + (tap >> 1)·W
     for (int k = 1; k < 4; ++k) {
-      const Floats8 value = kRelu ? relu8(raw[k]) : raw[k];
+      const Floats8 value = kRelu ? (raw[k] < zero ? zero : raw[k]) : raw[k];
       const Ints8 larger = (value > best) | (value != value);
       best = larger ? value : best;
       best_raw = larger ? raw[k] : best_raw;
