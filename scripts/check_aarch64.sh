@@ -6,7 +6,8 @@
 #   scripts/check_aarch64.sh [test files]     (default: the conv, pool, fused and loss op tests)
 #
 # Everything it fetches comes from Debian's archive and PyPI and is kept under build/aarch64/
-# (about 700 MB; delete it to start over). torch 2.9.1 is the newest torch with aarch64 CPU wheels
+# (about 700 MB; delete it to start over). It adds arm64 to dpkg's foreign architectures (for
+# `apt-get download`; nothing arm64 is installed into the system). torch 2.9.1 is the newest torch with aarch64 CPU wheels
 # for Python 3.11. Needs root for apt-get the first time. Under qemu everything runs 10–50× slower
 # than natively: op tests, not benchmarks.
 set -euo pipefail
@@ -81,6 +82,11 @@ flags=(-std=c++20 -O3 -fPIC -fopenmp -D_GLIBCXX_USE_CXX11_ABI=1 -DTORCH_EXTENSIO
        -isystem "$python_include" -isystem "$root/usr/include/aarch64-linux-gnu/python3.11" -isystem "$root/usr/include")
 objects=()
 rm -f "$stage/obj/failed"
+# Objects built with other flags or against another torch are built again.
+if [ "$(cat "$stage/obj/stamp" 2> /dev/null)" != "$TORCH_VERSION ${flags[*]}" ]; then
+  rm -f "$stage"/obj/*.o
+  echo "$TORCH_VERSION ${flags[*]}" > "$stage/obj/stamp"
+fi
 for src in "${sources[@]}"; do
   obj="$stage/obj/$(echo "$src" | tr / _).o"
   objects+=("$obj")

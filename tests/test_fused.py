@@ -133,8 +133,8 @@ def test_nan_and_ties(device):
 
 @pytest.mark.parametrize("width", [70, 37])
 def test_nan_and_ties_in_rows_of_many_float_windows(device, width):
-    """The float row kernels (8 or 16 windows a step, and the tail): the ReLU's zeros tie, −0 and
-    NaN stay as they are, NaN wins and passes its gradient — values, indices and ∂X as composed."""
+    """The float row kernels (8 or 16 windows a step, and the tail): the ReLU's zeros tie (−0 among
+    them), NaN wins and passes its gradient — values, indices and ∂X as composed."""
     x = torch.randint(-3, 4, (2, 1, 9, width), device=device).float()  # few distinct values: many ties
     x.view(-1)[::29] = float("nan")
     x.view(-1)[7::23] = -0.0

@@ -46,10 +46,13 @@ def main(tier: str) -> None:
     ]:
         same(grads(lambda x, w: tf.conv2d(x, w, **kw), x, w), grads(lambda x, w: F.conv2d(x, w, **kw), x, w), name)
 
-    x, w, b = torch.randn(8, 32, 14, 14), torch.randn(64, 32, 3, 3), torch.randn(64)
-    same(grads(lambda x, w, b: tf.conv2d_relu_max_pool2d(x, w, b, padding=1), x, w, b),
-         grads(lambda x, w, b: F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2), x, w, b),
-         "conv2d_relu_max_pool2d")
+    # Rows of 17 windows (the vector rows and a tail); 3 channels: a tap row of 9 values, whose
+    # sparse backward has a tail of its own.
+    for channels in (32, 3):
+        x, w, b = torch.randn(4, channels, 14, 34), torch.randn(64, channels, 3, 3), torch.randn(64)
+        same(grads(lambda x, w, b: tf.conv2d_relu_max_pool2d(x, w, b, padding=1), x, w, b),
+             grads(lambda x, w, b: F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2), x, w, b),
+             f"conv2d_relu_max_pool2d, {channels} channels")
 
     x = torch.randn(4, 64, 24, 26)
     same(grads(lambda x: tf.max_pool2d(x, 2), x), grads(lambda x: F.max_pool2d(x, 2), x), "max_pool2d")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,14 +45,17 @@ def openmp_flags() -> list[str]:
     own kernels do; without it the kernels run on the calling thread alone. Asked once."""
     global _openmp
     if _openmp is None:
-        compiler = os.environ.get("CXX") or shutil.which("c++") or "c++"
+        compiler = shlex.split(os.environ.get("CXX") or "c++")  # CXX may be a command: "ccache g++"
         probe = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
         try:
-            result = subprocess.run([compiler, "-x", "c++", "-fopenmp", "-", "-o", os.devnull], input=probe,
+            result = subprocess.run(compiler + ["-x", "c++", "-fopenmp", "-", "-o", os.devnull], input=probe,
                                     capture_output=True, text=True, timeout=120)
             _openmp = ["-fopenmp"] if result.returncode == 0 else []
         except (OSError, subprocess.SubprocessError):
             _openmp = []
+        if not _openmp:
+            print(f"torchcnn: {' '.join(compiler)} does not take -fopenmp: the CPU kernels will split no work "
+                  "between threads", file=sys.stderr)
     return list(_openmp)
 
 

@@ -33,7 +33,7 @@ int64_t row_grain(int64_t classes) {
 // error below 1e-8 there, under float's half ulp), 2^n applied by scalef, which gives 0 and inf
 // beyond float's range. x is clamped to where that holds first; max/min keep a NaN (their second
 // operand is returned when either is NaN).
-TORCHCNN_TARGET_AVX512 inline __m512 exp16(__m512 x) {
+TORCHCNN_TARGET_AVX512 inline __m512 exp16_avx512(__m512 x) {
   x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -58,7 +58,7 @@ TORCHCNN_TARGET_AVX512 float log_sum_exp_avx512(const float* z, int64_t classes)
   __m512 sum = _mm512_setzero_ps();
   for (int64_t c = 0; c < classes; c += 16) {
     const __mmask16 lanes = first_lanes(classes - c);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, z + c), _mm512_set1_ps(shift)));
+    const __m512 e = exp16_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, z + c), _mm512_set1_ps(shift)));
     sum = _mm512_mask_add_ps(sum, lanes, sum, e);
   }
   return std::log(_mm512_reduce_add_ps(sum)) + shift;
@@ -81,7 +81,7 @@ TORCHCNN_TARGET_AVX512 void cross_entropy_backward_row_avx512(
   const __m512 ones = _mm512_set1_ps(1.0f);
   for (int64_t c = 0; c < classes; c += 16) {
     const __mmask16 lanes = first_lanes(classes - c);
-    const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, z + c), _mm512_set1_ps(lse)));
+    const __m512 p = exp16_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, z + c), _mm512_set1_ps(lse)));
     const __mmask16 at_target = target >= c && target < c + 16 ? __mmask16(1u << (target - c)) : __mmask16(0);
     __m512 d = _mm512_mul_ps(hard, _mm512_mask_sub_ps(p, at_target, p, ones));
     if (smoothing > 0) {

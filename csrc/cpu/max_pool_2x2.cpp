@@ -12,6 +12,19 @@ namespace {
 typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 
+// The even (kOdd = 0) or odd (1) entries of the 16 floats a, b. clang and GCC 12+ have
+// __builtin_shufflevector; GCC 11 has only its own __builtin_shuffle.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define TORCHCNN_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+#ifdef TORCHCNN_HAS_SHUFFLEVECTOR
+#define TORCHCNN_ENTRIES(a, b, k) __builtin_shufflevector(a, b, k, k + 2, k + 4, k + 6, k + 8, k + 10, k + 12, k + 14)
+#else
+#define TORCHCNN_ENTRIES(a, b, k) __builtin_shuffle(a, b, Ints8{k, k + 2, k + 4, k + 6, k + 8, k + 10, k + 12, k + 14})
+#endif
+
 template <bool kRelu>
 [[gnu::always_inline]] inline void rows8(const float* r0, const float* r1, int64_t count, int64_t first,
                                          int64_t width, float* out, int64_t* idx, bool* pass) {
@@ -21,10 +34,8 @@ template <bool kRelu>
     std::memcpy(&t1, r0 + 2 * j + 8, sizeof t1);
     std::memcpy(&b0, r1 + 2 * j, sizeof b0);
     std::memcpy(&b1, r1 + 2 * j + 8, sizeof b1);
-    const Floats8 raw[4] = {__builtin_shufflevector(t0, t1, 0, 2, 4, 6, 8, 10, 12, 14),
-                            __builtin_shufflevector(t0, t1, 1, 3, 5, 7, 9, 11, 13, 15),
-                            __builtin_shufflevector(b0, b1, 0, 2, 4, 6, 8, 10, 12, 14),
-                            __builtin_shufflevector(b0, b1, 1, 3, 5, 7, 9, 11, 13, 15)};
+    const Floats8 raw[4] = {TORCHCNN_ENTRIES(t0, t1, 0), TORCHCNN_ENTRIES(t0, t1, 1), TORCHCNN_ENTRIES(b0, b1, 0),
+                            TORCHCNN_ENTRIES(b0, b1, 1)};
     // relu.h's rule lane by lane: z < 0 → 0; −0 and NaN stay.
     const Floats8 zero = {};
     Floats8 best = kRelu ? (raw[0] < zero ? zero : raw[0]) : raw[0];

@@ -9,15 +9,19 @@
 namespace torchcnn::cpu {
 
 Tier cpu_tier() {
-  // torch's capability already accounts for ATEN_CPU_CAPABILITY and for what the CPU has; a build
-  // without the x86 tiers (another CPU, another compiler) has only the baseline to run.
+  // torch's capability accounts for ATEN_CPU_CAPABILITY, but takes a forced avx512 or avx2 on trust:
+  // the CPU is asked as well, so that a wrong setting costs speed, not an illegal instruction. A
+  // build without the x86 tiers (another CPU, another compiler) has only the baseline to run.
   static const Tier tier = [] {
 #if TORCHCNN_X86_TIERS
     const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (capability == "AVX512" && avx512) {
       return Tier::kAvx512;
     }
-    if (capability == "AVX2") {
+    if ((capability == "AVX512" || capability == "AVX2") && avx2) {
       return Tier::kAvx2;
     }
 #endif

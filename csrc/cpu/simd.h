@@ -5,8 +5,9 @@
 // so ATEN_CPU_CAPABILITY=avx2|default caps torch's kernels and torchcnn's together. On x86-64 with
 // GCC or clang, a loop the compiler vectorises is compiled three times by TORCHCNN_TIERED (AVX-512,
 // AVX2 + FMA, baseline x86-64) and the tier picks one; hand-written AVX-512 functions carry
-// TORCHCNN_TARGET_AVX512 and run only at the AVX512 tier. Every other CPU and compiler (aarch64,
-// where NEON is the baseline the compiler vectorises for, or MSVC) compiles the baseline alone.
+// TORCHCNN_TARGET_AVX512 and run only at the AVX512 tier. Every other CPU (aarch64, where NEON is
+// the baseline the compiler vectorises for) compiles the baseline alone. Some kernels are written
+// with GCC/clang vector extensions (vector_size), which MSVC lacks: GCC 11+ or clang.
 #pragma once
 
 #include <cstdint>
@@ -72,10 +73,10 @@ inline __mmask16 first_lanes(int64_t n) {
 }
 
 // The even (odd) entries of the 32 floats a, b: a[0], a[2], …, b[14] (a[1], …, b[15]).
-TORCHCNN_TARGET_AVX512 inline __m512 even_entries(__m512 a, __m512 b) {
+TORCHCNN_TARGET_AVX512 inline __m512 even_entries_avx512(__m512 a, __m512 b) {
   return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
 }
-TORCHCNN_TARGET_AVX512 inline __m512 odd_entries(__m512 a, __m512 b) {
+TORCHCNN_TARGET_AVX512 inline __m512 odd_entries_avx512(__m512 a, __m512 b) {
   return _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
 }
 

@@ -177,10 +177,10 @@ TORCHCNN_TARGET_AVX512 void input_tiles_avx512(const float* padded, int64_t wp, 
         const float* row = rows + i * wp + kTile * tx;
         const __m512 a = _mm512_loadu_ps(row), b = _mm512_loadu_ps(row + 16);
         const __m512 c = _mm512_loadu_ps(row + 2), e = _mm512_loadu_ps(row + 18);
-        d[i][0] = even_entries(a, b);
-        d[i][1] = odd_entries(a, b);
-        d[i][2] = even_entries(c, e);
-        d[i][3] = odd_entries(c, e);
+        d[i][0] = even_entries_avx512(a, b);
+        d[i][1] = odd_entries_avx512(a, b);
+        d[i][2] = even_entries_avx512(c, e);
+        d[i][3] = odd_entries_avx512(c, e);
       }
       __m512 r[4][4];  // Bᵀ · d
       for (int j = 0; j < 4; ++j) {
@@ -241,8 +241,8 @@ TORCHCNN_TARGET_AVX512 void grad_tiles_avx512(const float* g, int64_t gw, int64_
       for (int i = 0; i < 2; ++i) {
         const float* row = g0 + i * gw + kTile * tx;
         const __m512 a = _mm512_loadu_ps(row), b = _mm512_loadu_ps(row + 16);
-        x[i] = even_entries(a, b);
-        y[i] = odd_entries(a, b);
+        x[i] = even_entries_avx512(a, b);
+        y[i] = odd_entries_avx512(a, b);
       }
       const __m512 zero = _mm512_setzero_ps();
       const __m512 h[4][2] = {{x[0], y[0]},
