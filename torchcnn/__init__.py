@@ -5,7 +5,7 @@
   first use — and, in a source checkout where nothing was built, compiled then, once.
 - ``torchcnn.functional``: functions with torch.nn.functional's names and signatures.
 - ``torchcnn.nn``: layers that are drop-ins for torch.nn's.
-- ``torchcnn.onnx``: ONNX export of models built from them (needs onnxscript).
+- ``torchcnn.onnx``: deprecated; ``torch.onnx.export`` exports torchcnn's layers as they are.
 - ``torchcnn.testing``: the CUDA kernels compiled for and run on the CPU, for the test suite.
 
 ``torchcnn.mnist`` is not part of the library: it is the MNIST application that train.py and

@@ -7,7 +7,8 @@
   :mod:`.relu`, :mod:`.cross_entropy` — and :mod:`.routing`, how they call the ops;
 - :mod:`.registration`: the ops' Autograd kernels, which run those Functions;
 - :mod:`.vmap`: batching rules for ``torch.func.vmap``;
-- :mod:`.autocast`: torch's autocast policy for convolutions and the loss.
+- :mod:`.autocast`: torch's autocast policy for convolutions and the loss;
+- :mod:`.decompositions`: the forward ops in torch's ops, for ``torch.onnx.export``.
 
 There is one route to every formula. Calling an op (``torch.ops.torchcnn.conv2d``, which is what
 :mod:`torchcnn.functional` and :mod:`torchcnn.nn` do) reaches its Autograd kernel; when a gradient
@@ -29,7 +30,7 @@ Importing this package compiles nothing.
 
 import torch
 
-from . import autocast, registration, schemas, vmap  # noqa: F401  (vmap registers its rules on import)
+from . import autocast, decompositions, registration, schemas, vmap  # noqa: F401  (registered on import)
 from .conv2d import (Conv2dBackwardInputFunction, Conv2dBackwardWeightFunction, Conv2dFunction, Conv2dReLUFunction,
                      Conv2dReLUMaxPool2dFunction)
 from .cross_entropy import CrossEntropyFunction

@@ -1,0 +1,98 @@
+"""The forward ops written in torch's own ops, for exporters that translate only those.
+
+``torch.onnx.export`` translates torch's ATen ops to ONNX and, for an op it cannot translate,
+looks for a decomposition in ``torch._decomp.decomposition_table``. Registering torchcnn's forward
+ops there is what lets ``torch.onnx.export(model, (x,))`` export a model with torchcnn's layers as
+it is, with no extra argument and without ``import torchcnn`` importing onnx: conv2d becomes
+``aten.convolution`` (ONNX ``Conv``), relu ``aten.relu`` (``Relu``), max_pool2d
+``aten.max_pool2d_with_indices`` (``MaxPool``), and the fused ops their composition. Each
+decomposition computes every output of the op, the mask of where the design notes' ReLU passes
+(not Z < 0) included, so the values are the op's; exporters drop the outputs an inference graph does
+not use. The gradient ops and cross_entropy have none: an exporter that meets them (a training
+graph) keeps saying it cannot translate them.
+
+``torch.export`` keeps the ops as they are (its default decompositions do not read this table),
+and so do ``torch.compile``'s backends. FakeTensorMode is the one other reader: with symbolic
+shapes it prefers a decomposition to an op's fake kernel. There the fake kernel answers, so that
+tracing sees the op's own output layouts whichever way it traces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._decomp import register_decomposition
+
+from .params import fused_pool
+from .schemas import (_conv2d_fake, _conv2d_relu_fake, _conv2d_relu_max_pool2d_fake, _max_pool2d_fake, _relu_fake,
+                      ops)
+
+aten = torch.ops.aten
+
+
+def _decomposing() -> bool:
+    """Whether a decomposition pass called us (make_fx's proxy mode is tracing the call), rather
+    than FakeTensorMode asking for output metadata."""
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    except AttributeError:  # an older or newer torch without this query: always decompose
+        return True
+
+
+def _decomposition(op, fake):
+    """Register the decorated function as ``op``'s decomposition; ``fake`` answers FakeTensorMode."""
+
+    def register(function):
+        def decompose(*args, **kwargs):
+            return function(*args, **kwargs) if _decomposing() else fake(*args, **kwargs)
+
+        decompose.__name__ = decompose.__qualname__ = function.__name__
+        decompose.__doc__ = function.__doc__
+        register_decomposition(op)(decompose)
+        return function
+
+    return register
+
+
+def _convolution(input, weight, bias, stride, padding, dilation, groups):
+    return aten.convolution.default(input, weight, bias, list(stride), list(padding), list(dilation), False, [0, 0],
+                                    groups)
+
+
+def _passes(z):
+    """Where the design notes' ReLU passes its gradient: not Z < 0 (Z ≥ 0, and NaN, which propagates)."""
+    return aten.logical_not.default(aten.lt.Scalar(z, 0))
+
+
+@_decomposition(ops.conv2d.default, _conv2d_fake)
+def conv2d(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    return _convolution(input, weight, bias, stride, padding, dilation, groups)
+
+
+@_decomposition(ops.relu.default, _relu_fake)
+def relu(input):
+    return aten.relu.default(input), _passes(input)
+
+
+@_decomposition(ops.conv2d_relu.default, _conv2d_relu_fake)
+def conv2d_relu(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    z = _convolution(input, weight, bias, stride, padding, dilation, groups)
+    return aten.relu.default(z), _passes(z)
+
+
+@_decomposition(ops.max_pool2d_with_indices.default, _max_pool2d_fake)
+def max_pool2d_with_indices(input, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    return aten.max_pool2d_with_indices.default(input, list(kernel_size), list(stride), list(padding),
+                                                list(dilation), ceil_mode)
+
+
+@_decomposition(ops.conv2d_relu_max_pool2d.default, _conv2d_relu_max_pool2d_fake)
+def conv2d_relu_max_pool2d(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                           ceil_mode=False):
+    z = _convolution(input, weight, bias, stride, padding, dilation, groups)
+    pool = fused_pool(ceil_mode)
+    pooled, indices = max_pool2d_with_indices(aten.relu.default(z), pool.kernel_size, pool.stride, pool.padding,
+                                              pool.dilation, ceil_mode)
+    # The pass mask at each window's max: Z there (indices are flat within a plane of Z).
+    planes = aten.flatten.using_ints(z, 2)
+    at_max = aten.gather.default(planes, 2, aten.flatten.using_ints(indices, 2))
+    return pooled, indices, aten.view.default(_passes(at_max), list(pooled.shape))
