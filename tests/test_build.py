@@ -5,6 +5,7 @@ import importlib.machinery
 import importlib.util
 import io
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -163,10 +164,52 @@ def test_the_old_layout_check_reads_only_the_string_constants(tmp_path, monkeypa
         assert _extension._string_constants(str(odd)) == bytes(data)
 
 
+def _record(version):
+    """csrc/module.cpp's record of the torch a library was built for, as the library holds it."""
+    release = version.split("+")[0].encode()
+    return b"torchcnn built for torch " + release + b" (" + _build.torch_build_tag(version).encode() + b")\0"
+
+
 def test_a_prebuilt_library_older_than_the_sources_is_named(tmp_path, monkeypatch):
     stale = tmp_path / "_C.so"
-    stale.write_bytes(b"\x7fELF")
+    stale.write_bytes(b"\x7fELF" + _record(torch.__version__))
     os.utime(stale, (0, 0))
     _pretend_prebuilt(monkeypatch, stale)
     with pytest.warns(UserWarning, match="older than the sources .* TORCHCNN_JIT=1"):
         assert _extension._prebuilt() == str(stale)
+
+
+@pytest.mark.parametrize("other", ["2.13.0+cpu", "2.99.0", "2.14.1+cu126"])
+def test_a_prebuilt_library_built_for_another_torch_is_refused_naming_both(tmp_path, monkeypatch, other):
+    """Loaded into another torch, an extension fails in the dynamic loader ("undefined symbol"), or
+    worse; torchcnn reads the library's record first and says which two versions met."""
+    if _build.torch_build_tag(other) == _build.torch_build_tag():
+        pytest.skip("this is that torch")
+    library = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"\x7fELF..." + _record(other) + b"...")
+    _pretend_prebuilt(monkeypatch, library)
+    with pytest.raises(ImportError, match=rf"{library} was built for torch {re.escape(other)}, but this is torch "
+                                          rf"{re.escape(torch.__version__)}.*Rebuild it against this torch"):
+        _extension._prebuilt()
+
+
+def test_a_prebuilt_library_without_a_record_is_refused(tmp_path, monkeypatch):
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"\x7fELF...")
+    _pretend_prebuilt(monkeypatch, library)
+    with pytest.raises(ImportError, match="does not say which torch it was built for .*TORCHCNN_JIT=1"):
+        _extension._prebuilt()
+
+
+def test_the_built_library_records_this_torch():
+    """The library this process loaded (prebuilt or just in time) holds the record the check reads."""
+    extension = torchcnn.load()
+    if extension.origin == "prebuilt":
+        path = importlib.util.find_spec("torchcnn._C").origin
+    else:
+        name = "torchcnn_C_cuda" if extension.with_cuda else "torchcnn_C_cpu"
+        path = os.path.join(_extension.build_directory(name), f"{name}.so")
+    record = _extension._BUILT_FOR.search(_extension._string_constants(path))
+    assert record is not None, path
+    assert record.group(2).decode() == _build.torch_build_tag()
+    assert torch.__version__.startswith(record.group(1).decode())

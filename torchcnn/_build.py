@@ -36,6 +36,22 @@ EMULATION_FLAGS = ["-O2", "-DTORCHCNN_EMULATE_CUDA"]
 SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
+def torch_build_tag(version: str | None = None) -> str:
+    """torch's version (``torch.__version__`` unless given) as one C++ preprocessing token:
+    ``2.14.1+cu130`` → ``2_14_1_cu130``. csrc/module.cpp records it in the library, and
+    torchcnn._extension checks it before loading a prebuilt one; in the just-in-time build's flags
+    it also makes a new torch rebuild the cached library."""
+    if version is None:
+        import torch
+
+        version = torch.__version__
+    return re.sub(r"[^0-9A-Za-z]", "_", str(version))
+
+
+def torch_build_flag() -> str:
+    return f"-DTORCHCNN_TORCH_BUILD={torch_build_tag()}"
+
+
 _openmp: list[str] | None = None
 
 
@@ -69,7 +85,7 @@ class BuildConfig:
     # TORCH_CUDA_ARCH_LIST unless set: None lets torch build for the GPUs of this machine only.
     arch_list: str | None = DEFAULT_CUDA_ARCH_LIST
 
-    cxx_flags: list[str] = field(default_factory=lambda: CXX_FLAGS + openmp_flags())
+    cxx_flags: list[str] = field(default_factory=lambda: CXX_FLAGS + openmp_flags() + [torch_build_flag()])
     nvcc_flags: list[str] = field(default_factory=lambda: list(NVCC_FLAGS))
 
 

@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import struct
 import sys
 import threading
@@ -51,6 +52,29 @@ _on_load: list = []  # callbacks run with the Extension once the kernels are reg
 # The op schemas that a library built by torchcnn 0.1.0 defines itself (now torchcnn/_ops/schemas.py
 # does): such a torchcnn/_C*.so cannot be loaded beside them.
 _OLD_LAYOUT_MARK = b"conv2d(Tensor input, Tensor weight"
+# csrc/module.cpp's record of the torch a library was compiled against: its release as torch's
+# headers give it, and torch.__version__ as a token (torchcnn._build.torch_build_tag).
+_BUILT_FOR = re.compile(rb"torchcnn built for torch ([^ \x00]+) \(([0-9A-Za-z_]+)\)")
+
+
+def _check_built_for(path: str, constants: bytes) -> None:
+    """Refuse a library compiled against another torch, naming both, before the dynamic loader
+    fails on it with an "undefined symbol"."""
+    record = _BUILT_FOR.search(constants)
+    ours = _build.torch_build_tag()
+    if record is not None and record.group(2).decode() == ours:
+        return
+    remedy = ("Rebuild it against this torch (in the source: pip install --no-build-isolation --force-reinstall "
+              "--no-deps .; or install the torchcnn wheel built for this torch), or compile the kernels on first "
+              "use instead (TORCHCNN_JIT=1 in a source checkout)")
+    if record is None:
+        raise ImportError(f"torchcnn: {path} does not say which torch it was built for (an earlier torchcnn built "
+                          f"it), and this is torch {torch.__version__}. {remedy}")
+    release, tag = (g.decode() for g in record.groups())
+    local = tag[len(_build.torch_build_tag(release)) + 1:] if tag.startswith(_build.torch_build_tag(release)) else ""
+    built_for = release + (f"+{local}" if local else "") if release != "?" else tag
+    raise ImportError(f"torchcnn: {path} was built for torch {built_for}, but this is torch {torch.__version__}: a "
+                      f"compiled extension loads only into the torch it was compiled against. {remedy}")
 
 
 def _string_constants(path: str) -> bytes:
@@ -224,10 +248,12 @@ def _prebuilt() -> str | None:
     spec = importlib.util.find_spec("torchcnn._C")
     if spec is None or not spec.origin:
         return None
-    if _OLD_LAYOUT_MARK in _string_constants(spec.origin):
+    constants = _string_constants(spec.origin)
+    if _OLD_LAYOUT_MARK in constants:
         raise ImportError(f"torchcnn: {spec.origin} was built by an older torchcnn and cannot be loaded with "
                           "this one: delete it, then rebuild (pip install --no-build-isolation -e .) or let "
                           "torchcnn compile its kernels on first use")
+    _check_built_for(spec.origin, constants)
     if os.path.isdir(_build.CSRC):
         if os.path.getmtime(spec.origin) < _newest_in_csrc():
             warnings.warn(f"torchcnn: the prebuilt {spec.origin} is older than the sources in {_build.CSRC}; it runs "
