@@ -37,7 +37,9 @@ def extensions():
         name="torchcnn._C",
         sources=[os.path.relpath(s, _build.ROOT) for s in cfg.sources],
         include_dirs=[_build.CSRC] + cfg.include_dirs,
-        extra_compile_args={"cxx": cfg.cxx_flags, "nvcc": cfg.nvcc_flags},
+        # Python's own CFLAGS carry -g, which setuptools passes on: debug information would double the
+        # compile time and the library's size. The just-in-time build never had it.
+        extra_compile_args={"cxx": cfg.cxx_flags + ["-g0"], "nvcc": cfg.nvcc_flags},
         extra_link_args=_build.openmp_flags(),
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -213,3 +213,47 @@ def test_the_built_library_records_this_torch():
     assert record is not None, path
     assert record.group(2).decode() == _build.torch_build_tag()
     assert torch.__version__.startswith(record.group(1).decode())
+
+
+def _build_backend():
+    spec = importlib.util.spec_from_file_location("torchcnn_build_backend", os.path.join(ROOT, "tools",
+                                                                                         "build_backend.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_build_backend_builds_against_the_environments_torch(tmp_path, monkeypatch):
+    """Under build isolation torch is not importable; the backend finds the activated environment's
+    torch ($VIRTUAL_ENV) and builds against it, asking pip for no torch of its own."""
+    backend = _build_backend()
+    env = tmp_path / "venv"
+    site = backend.sysconfig.get_paths(vars={"base": str(env), "platbase": str(env)})["purelib"]
+    os.makedirs(os.path.join(site, "torch"))
+    os.makedirs(os.path.join(site, "torch-2.13.0.dist-info"))
+    monkeypatch.setenv("VIRTUAL_ENV", str(env))
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    isolated = str(tmp_path / "isolated")  # the interpreter's own folders: a torch-less build environment
+    os.makedirs(isolated)
+    get_paths = backend.sysconfig.get_paths
+    monkeypatch.setattr(backend.sysconfig, "get_paths",
+                        lambda vars=None: get_paths(vars=vars) if vars else {"purelib": isolated, "platlib": isolated})
+    monkeypatch.setattr(backend.site, "ENABLE_USER_SITE", False)
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert backend._requires(lambda settings: ["wheel"], None) == ["wheel"]
+    assert sys.path[-1] == site
+
+
+def test_the_build_backend_asks_for_a_torch_only_where_there_is_none(monkeypatch, capsys):
+    backend = _build_backend()
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(backend, "_environment_site_packages", lambda: [])
+    assert backend._requires(lambda settings: ["wheel"], None) == ["wheel", backend.TORCH_FLOOR]
+    assert "compiles against it: the result loads only under that torch" in capsys.readouterr().err
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert backend.TORCH_FLOOR in project["project"]["dependencies"]  # the floor CI tests, said once
+    assert "torch" not in " ".join(project["build-system"]["requires"])
