@@ -175,3 +175,27 @@ def test_revert_unfolds_fused_layers_built_directly():
 def test_a_non_module_is_refused(fn):
     with pytest.raises(TypeError, match=f"{fn.__name__}: expected module to be a torch.nn.Module but got dict"):
         fn({})
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed in this build")
+def test_fsdp2_trains_a_converted_model_as_the_torch_nn_one(built, tmp_path):
+    """fully_shard over every conv and dense layer, two CPU processes (gloo): the converted model's
+    losses and final parameters are the torch.nn model's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch.distributed.fsdp", reason="no FSDP2 in this torch")
+    if not hasattr(torch.distributed.fsdp, "fully_shard"):
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(here, "fsdp_check.py")], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["unconverted"] == []
+    torch.testing.assert_close(report["ours"], report["theirs"])
+    assert report["ours"][-1] < report["ours"][0]  # it trains
+    assert report["difference"] < 1e-12

@@ -1,0 +1,67 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) over a model converted by torchcnn.nn.convert,
+beside the same torch.nn model: run by torchrun with two CPU processes (gloo) from test_convert.py.
+
+Each rank trains both models for a few SGD steps on its own half of the batch, every conv and dense
+layer sharded across the ranks; rank 0 prints the two models' losses and the largest difference
+between their final (gathered) parameters as one JSON line.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import SmallCNN  # noqa: E402
+
+import torchcnn  # noqa: E402
+
+
+def sharded(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def train(model, loss_fn, images, labels, steps=4):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    reference = SmallCNN(torch.nn).double()
+    converted = torchcnn.nn.convert(reference)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(2 * dist.get_world_size(), 1, 10, 10, generator=gen, dtype=torch.float64)[2 * rank:2 * rank + 2]
+    labels = torch.randint(0, 10, (2 * dist.get_world_size(),), generator=gen)[2 * rank:2 * rank + 2]
+    ours = train(sharded(converted), torchcnn.nn.CrossEntropyLoss(), images, labels)
+    theirs = train(sharded(reference), torch.nn.CrossEntropyLoss(), images, labels)
+    ours_kinds = (torchcnn.nn.Conv2d, torchcnn.nn.Conv2dReLU, torchcnn.nn.Conv2dReLUMaxPool2d, torchcnn.nn.MaxPool2d,
+                  torchcnn.nn.ReLU, torchcnn.nn.Linear)
+    left = sorted({type(m).__name__ for m in converted.modules()
+                   if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.ReLU, torch.nn.Linear))
+                   and not isinstance(m, ours_kinds)})  # FSDP2 subclasses each sharded layer's class
+    difference = max((a.full_tensor() - b.full_tensor()).abs().max().item()
+                     for a, b in zip(converted.parameters(), reference.parameters()))
+    if rank == 0:
+        print(json.dumps({"ours": ours, "theirs": theirs, "difference": difference, "unconverted": left}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
