@@ -99,17 +99,21 @@ def test_empty_batch_gives_empty_result(device):
     assert torch.autograd.grad(y.sum(), x)[0].shape == x.shape
 
 
-@pytest.mark.parametrize("where,index", [((0, 1, 1, 1), 16), ((0, 1, 1, 1), 0), ((0, 0, 0, 1), -1)],
-                         ids=["past the plane", "another window's pixel", "negative"])
-def test_backward_rejects_indices_outside_their_window(device, where, index):
+@pytest.mark.parametrize("where,index", [((0, 1, 1, 1), 16), ((0, 1, 1, 1), 0), ((0, 1, 1, 1), 4),
+                                         ((0, 0, 0, 1), -1)],
+                         ids=["past the plane", "another window's pixel", "a row's pixel left of the window",
+                              "negative"])
+@pytest.mark.parametrize("window", [([2, 2], [2, 2], [0, 0]), ([3, 3], [2, 2], [1, 1]), ([3, 2], [2, 1], [1, 0])],
+                         ids=["2x2", "3x3 stride 2 padded", "3x2"])
+def test_backward_rejects_indices_outside_their_window(device, where, index, window):
     if device == "cuda":
         pytest.skip("on a GPU a device-side assert, which poisons the process's CUDA context: test_cuda.py checks it "
                     "in a process of its own")
     x = torch.randn(1, 2, 4, 4, device=device)
-    out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x, [2, 2], [2, 2])
+    out, idx = torch.ops.torchcnn.max_pool2d_with_indices(x, *window)
     idx[where] = index
     with pytest.raises(IndexError, match="not a pixel of its pooling window"):
-        torch.ops.torchcnn.max_pool2d_backward(out, x, idx, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        torch.ops.torchcnn.max_pool2d_backward(out, x, idx, *window, [1, 1], False)
 
 
 # Dilated windows that hold no real pixel: every tap of a width-2, dilation-2 window that starts
