@@ -7,17 +7,14 @@
 // backward is itself differentiated (create_graph, or a tangent to carry), the differentiable
 // formula torchcnn::_cross_entropy_gradient, the Python one (torchcnn/_ops/cross_entropy.py).
 //
-// The Python kernel stays registered for the Autograd alias key; these registrations for
-// AutogradCPU and AutogradCUDA take precedence over it, and it still serves what a C++ Function
-// cannot: forward-mode tangents (no jvp), torch.func's transforms, and a weight that asks for a
-// gradient (which it refuses). Redispatching to AutogradOther, a key the alias covers and these
-// registrations do not, reaches it.
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/autograd.h>
+// The Python kernel stays registered for the Autograd alias key and still serves what a C++
+// Function cannot (common.h): forward-mode tangents (no jvp), torch.func's transforms, and a weight
+// that asks for a gradient (which it refuses).
 #include <torch/library.h>
 
 #include <string>
+
+#include "common.h"
 
 namespace torchcnn::autograd {
 namespace {
@@ -32,24 +29,9 @@ using GradientSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const
                                      const std::optional<at::Tensor>&, const at::Tensor&, c10::string_view, int64_t,
                                      double);
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 const c10::TypedOperatorHandle<ForwardSignature>& cross_entropy_op() {
-  static const auto handle = op<ForwardSignature>("torchcnn::cross_entropy");
+  static const auto handle = find_op<ForwardSignature>("torchcnn::cross_entropy");
   return handle;
-}
-
-// Whether a torch.func transform is active: torch._C._are_functorch_transforms_active().
-bool functorch_active() {
-  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
-}
-
-bool has_tangent(const at::Tensor& t) {
-  return t.defined() && t._fw_grad(/*level=*/0).defined();
 }
 
 struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
@@ -90,11 +72,11 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
     if (at::GradMode::is_enabled() || has_tangent(grad_loss) || has_tangent(input)) {
       // create_graph, or tangents to carry (forward-over-reverse): a formula autograd can
       // differentiate again; the op below autograd would drop them.
-      static const auto gradient = op<GradientSignature>("torchcnn::_cross_entropy_gradient");
+      static const auto gradient = find_op<GradientSignature>("torchcnn::_cross_entropy_gradient");
       result[0] = gradient.call(grad_loss, input, target, weight, total_weight, reduction, ignore_index,
                                 label_smoothing);
     } else {
-      static const auto backward = op<BackwardSignature>("torchcnn::cross_entropy_backward");
+      static const auto backward = find_op<BackwardSignature>("torchcnn::cross_entropy_backward");
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       result[0] = backward.call(grad_loss, input, target, weight, log_sum_exp, total_weight, reduction, ignore_index,
                                 label_smoothing);
@@ -112,8 +94,8 @@ Outputs cross_entropy_autograd(c10::DispatchKeySet keys, const at::Tensor& input
   const bool python_route = functorch_active() || has_tangent(input) ||
                             has_tangent(w) || (at::GradMode::is_enabled() && w.defined() && w.requires_grad());
   if (python_route) {
-    return cross_entropy_op().redispatch(c10::DispatchKeySet(c10::DispatchKey::AutogradOther) | below, input, target,
-                                         weight, reduction, ignore_index, label_smoothing);
+    return cross_entropy_op().redispatch(python_kernel_keys(keys), input, target, weight, reduction, ignore_index,
+                                         label_smoothing);
   }
   if (!(at::GradMode::is_enabled() && input.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

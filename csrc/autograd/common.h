@@ -1,0 +1,34 @@
+// What the C++ Autograd kernels (csrc/autograd/*.cpp) share: finding an op, and telling when a
+// call must go to the op's Python Autograd kernel instead (torchcnn/_ops/registration.py).
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+
+namespace torchcnn::autograd {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Whether a torch.func transform is active: torch._C._are_functorch_transforms_active().
+inline bool functorch_active() {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+// Whether a forward-mode tangent rides on t (a C++ Function has no jvp: such calls go to Python).
+inline bool has_tangent(const at::Tensor& t) {
+  return t.defined() && t._fw_grad(/*level=*/0).defined();
+}
+
+// The Python Autograd kernel is registered for the Autograd alias key, these C++ ones for
+// AutogradCPU and AutogradCUDA, which take precedence; redispatching with AutogradOther, a key the
+// alias covers and they do not, reaches the Python one.
+inline c10::DispatchKeySet python_kernel_keys(c10::DispatchKeySet keys) {
+  return c10::DispatchKeySet(c10::DispatchKey::AutogradOther) | (keys & c10::after_autograd_keyset);
+}
+
+}  // namespace torchcnn::autograd
