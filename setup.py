@@ -22,10 +22,10 @@ _spec.loader.exec_module(_build)
 
 
 def extensions():
-    """torchcnn._C, or nothing with TORCHCNN_JIT=1."""
+    """torchcnn._C, or nothing with TORCHCNN_JIT=1; with the torch the package then requires."""
     if os.environ.get("TORCHCNN_JIT") == "1":
         print("torchcnn: TORCHCNN_JIT=1, nothing compiled now: the kernels are built on first use")
-        return [], {}
+        return [], {}, [f"torch>={_build.TORCH_FLOOR}"]
     cfg = _build.config()
     _build.prepare_environment(cfg)
     print(f"torchcnn: building with{'' if cfg.with_cuda else 'out'} CUDA ({cfg.reason})")
@@ -42,8 +42,13 @@ def extensions():
         extra_compile_args={"cxx": cfg.cxx_flags + ["-g0"], "nvcc": cfg.nvcc_flags},
         extra_link_args=_build.openmp_flags(),
     )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    # The library loads only into the torch it is compiled against: the package says so to pip, which
+    # then neither installs it beside another torch nor upgrades torch under it.
+    import torch
+
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}, [
+        f"torch=={torch.__version__.split('+')[0]}"]
 
 
-ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+ext_modules, cmdclass, torch_requirement = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=torch_requirement + ["ninja"])

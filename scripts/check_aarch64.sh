@@ -77,7 +77,11 @@ mkdir -p "$stage/obj"
 cp -r torchcnn tests "$stage/"
 rm -f "$stage"/torchcnn/_C*.so
 sources=(csrc/module.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp csrc/cpu/algorithms/*.cpp)
-flags=(-std=c++20 -O3 -fPIC -fopenmp -D_GLIBCXX_USE_CXX11_ABI=1 -DTORCH_EXTENSION_NAME=_C -Icsrc
+# The torch the library is built for, as _build.py's flags record it (csrc/module.cpp).
+torch_tag="$(python3 -c "import runpy, sys; build = runpy.run_path('torchcnn/_build.py')
+print(build['torch_build_tag'](runpy.run_path(sys.argv[1])['__version__']))" "$torch_dir/version.py")"
+flags=(-std=c++20 -O3 -fPIC -fopenmp -D_GLIBCXX_USE_CXX11_ABI=1 -DTORCH_EXTENSION_NAME=_C
+       "-DTORCHCNN_TORCH_BUILD=$torch_tag" -Icsrc
        -isystem "$torch_dir/include" -isystem "$torch_dir/include/torch/csrc/api/include"
        -isystem "$python_include" -isystem "$root/usr/include/aarch64-linux-gnu/python3.11" -isystem "$root/usr/include")
 objects=()

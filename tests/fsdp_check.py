@@ -1,22 +1,24 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) over a model converted by torchcnn.nn.convert,
 beside the same torch.nn model: run by torchrun with two CPU processes (gloo) from test_convert.py.
 
-Each rank trains both models for a few SGD steps on its own half of the batch, every conv and dense
-layer sharded across the ranks; rank 0 prints the two models' losses and the largest difference
-between their final (gathered) parameters as one JSON line.
+The model is a Sequential, so convert fuses it (a Conv2dReLUMaxPool2d and a Conv2dReLU). Each rank
+trains both models for a few SGD steps on its own half of the batch, every conv and dense layer
+sharded across the ranks; rank 0 prints the two models' losses, the largest difference between
+their final (gathered) parameters, and the converted model's layer classes as one JSON line.
 """
 
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import SmallCNN  # noqa: E402
+import torchcnn
 
-import torchcnn  # noqa: E402
+
+def model() -> torch.nn.Sequential:
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(6 * 4 * 4, 10))
 
 
 def sharded(model: torch.nn.Module) -> torch.nn.Module:
@@ -44,11 +46,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    reference = SmallCNN(torch.nn).double()
+    reference = model().double()
     converted = torchcnn.nn.convert(reference)
     gen = torch.Generator().manual_seed(1)
-    images = torch.randn(2 * dist.get_world_size(), 1, 10, 10, generator=gen, dtype=torch.float64)[2 * rank:2 * rank + 2]
-    labels = torch.randint(0, 10, (2 * dist.get_world_size(),), generator=gen)[2 * rank:2 * rank + 2]
+    batch = 2 * dist.get_world_size()
+    images = torch.randn(batch, 1, 10, 10, generator=gen, dtype=torch.float64)[2 * rank:2 * rank + 2]
+    labels = torch.randint(0, 10, (batch,), generator=gen)[2 * rank:2 * rank + 2]
     ours = train(sharded(converted), torchcnn.nn.CrossEntropyLoss(), images, labels)
     theirs = train(sharded(reference), torch.nn.CrossEntropyLoss(), images, labels)
     ours_kinds = (torchcnn.nn.Conv2d, torchcnn.nn.Conv2dReLU, torchcnn.nn.Conv2dReLUMaxPool2d, torchcnn.nn.MaxPool2d,
@@ -59,7 +62,9 @@ def main() -> None:
     difference = max((a.full_tensor() - b.full_tensor()).abs().max().item()
                      for a, b in zip(converted.parameters(), reference.parameters()))
     if rank == 0:
-        print(json.dumps({"ours": ours, "theirs": theirs, "difference": difference, "unconverted": left}), flush=True)
+        print(json.dumps({"ours": ours, "theirs": theirs, "difference": difference, "unconverted": left,
+                          "fused": sum(isinstance(m, (torchcnn.nn.Conv2dReLU, torchcnn.nn.Conv2dReLUMaxPool2d))
+                                       for m in converted.modules())}), flush=True)
     dist.destroy_process_group()
 
 

@@ -166,8 +166,7 @@ def test_the_old_layout_check_reads_only_the_string_constants(tmp_path, monkeypa
 
 def _record(version):
     """csrc/module.cpp's record of the torch a library was built for, as the library holds it."""
-    release = version.split("+")[0].encode()
-    return b"torchcnn built for torch " + release + b" (" + _build.torch_build_tag(version).encode() + b")\0"
+    return b"torchcnn built for torch " + _build.torch_build_tag(version).encode() + b"\0"
 
 
 def test_a_prebuilt_library_older_than_the_sources_is_named(tmp_path, monkeypatch):
@@ -179,7 +178,8 @@ def test_a_prebuilt_library_older_than_the_sources_is_named(tmp_path, monkeypatc
         assert _extension._prebuilt() == str(stale)
 
 
-@pytest.mark.parametrize("other", ["2.13.0+cpu", "2.99.0", "2.14.1+cu126"])
+@pytest.mark.parametrize("other", ["2.13.0+cpu", "2.99.0", "2.14.1+cu126", "2.14.0a0+git1234", "2.13.0rc1",
+                                   "2.14.0.dev20250101+cu128"])
 def test_a_prebuilt_library_built_for_another_torch_is_refused_naming_both(tmp_path, monkeypatch, other):
     """Loaded into another torch, an extension fails in the dynamic loader ("undefined symbol"), or
     worse; torchcnn reads the library's record first and says which two versions met."""
@@ -211,8 +211,7 @@ def test_the_built_library_records_this_torch():
         path = os.path.join(_extension.build_directory(name), f"{name}.so")
     record = _extension._BUILT_FOR.search(_extension._string_constants(path))
     assert record is not None, path
-    assert record.group(2).decode() == _build.torch_build_tag()
-    assert torch.__version__.startswith(record.group(1).decode())
+    assert _build.torch_version_of_tag(record.group(1).decode()) == torch.__version__
 
 
 def _build_backend():
@@ -225,35 +224,52 @@ def _build_backend():
 
 def test_the_build_backend_builds_against_the_environments_torch(tmp_path, monkeypatch):
     """Under build isolation torch is not importable; the backend finds the activated environment's
-    torch ($VIRTUAL_ENV) and builds against it, asking pip for no torch of its own."""
+    torch ($VIRTUAL_ENV) — here one installed from source, through a .pth file — and builds against it,
+    asking pip for no torch of its own."""
     backend = _build_backend()
     env = tmp_path / "venv"
     site = backend.sysconfig.get_paths(vars={"base": str(env), "platbase": str(env)})["purelib"]
-    os.makedirs(os.path.join(site, "torch"))
-    os.makedirs(os.path.join(site, "torch-2.13.0.dist-info"))
+    source = tmp_path / "pytorch"  # a source checkout, installed editable
+    os.makedirs(source / "torch")
+    (source / "torch" / "__init__.py").write_text("")
+    os.makedirs(site)
+    with open(os.path.join(site, "torch.pth"), "w") as f:
+        f.write(f"import os  # an import line, not run\n{source}\n")
     monkeypatch.setenv("VIRTUAL_ENV", str(env))
-    monkeypatch.delenv("CONDA_PREFIX", raising=False)
-    isolated = str(tmp_path / "isolated")  # the interpreter's own folders: a torch-less build environment
-    os.makedirs(isolated)
+    for variable in ("CONDA_PREFIX", "TORCHCNN_TORCH_SITE"):
+        monkeypatch.delenv(variable, raising=False)
+    _isolate(backend, tmp_path, monkeypatch)
+    assert backend._requires(lambda settings: ["wheel"], None) == ["wheel"]
+    assert sys.path[-2:] == [site, str(source)]
+
+
+def _isolate(backend, tmp_path, monkeypatch):
+    """The interpreter's own folders as a build environment without torch, and torch not importable."""
+    isolated = str(tmp_path / "isolated")
+    os.makedirs(isolated, exist_ok=True)
     get_paths = backend.sysconfig.get_paths
     monkeypatch.setattr(backend.sysconfig, "get_paths",
                         lambda vars=None: get_paths(vars=vars) if vars else {"purelib": isolated, "platlib": isolated})
-    monkeypatch.setattr(backend.site, "ENABLE_USER_SITE", False)
+    monkeypatch.setattr(backend.site, "getsitepackages", lambda: [isolated])
+    monkeypatch.setattr(backend.site, "getusersitepackages", lambda: isolated)
     monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *a: None)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    assert backend._requires(lambda settings: ["wheel"], None) == ["wheel"]
-    assert sys.path[-1] == site
 
 
-def test_the_build_backend_asks_for_a_torch_only_where_there_is_none(monkeypatch, capsys):
+def test_the_build_backend_refuses_to_build_against_a_torch_of_its_own(tmp_path, monkeypatch):
+    """With no torch to be found it stops and says what to do, rather than let pip install the newest
+    torch and build a package that will not load beside the user's."""
     backend = _build_backend()
-    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name, *a: None)
-    monkeypatch.setattr(backend, "_environment_site_packages", lambda: [])
-    assert backend._requires(lambda settings: ["wheel"], None) == ["wheel", backend.TORCH_FLOOR]
-    assert "compiles against it: the result loads only under that torch" in capsys.readouterr().err
+    for variable in ("VIRTUAL_ENV", "CONDA_PREFIX", "TORCHCNN_TORCH_SITE"):
+        monkeypatch.delenv(variable, raising=False)
+    _isolate(backend, tmp_path, monkeypatch)
+    with pytest.raises(RuntimeError, match="no torch found to build against.*--no-build-isolation"):
+        backend._requires(lambda settings: ["wheel"], None)
+    with pytest.raises(RuntimeError, match="no torch found"):
+        backend.build_wheel(str(tmp_path))
     import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)
-    assert backend.TORCH_FLOOR in project["project"]["dependencies"]  # the floor CI tests, said once
     assert "torch" not in " ".join(project["build-system"]["requires"])
+    assert "dependencies" in project["project"]["dynamic"]  # setup.py pins the torch built against

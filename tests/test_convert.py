@@ -179,8 +179,8 @@ def test_a_non_module_is_refused(fn):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed in this build")
 def test_fsdp2_trains_a_converted_model_as_the_torch_nn_one(built, tmp_path):
-    """fully_shard over every conv and dense layer, two CPU processes (gloo): the converted model's
-    losses and final parameters are the torch.nn model's."""
+    """fully_shard over every conv and dense layer (two of them fused), two CPU processes (gloo): the
+    converted model's losses and final parameters are the torch.nn model's."""
     import json
     import os
     import subprocess
@@ -195,7 +195,7 @@ def test_fsdp2_trains_a_converted_model_as_the_torch_nn_one(built, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["unconverted"] == []
+    assert report["unconverted"] == [] and report["fused"] == 2
     torch.testing.assert_close(report["ours"], report["theirs"])
     assert report["ours"][-1] < report["ours"][0]  # it trains
     assert report["difference"] < 1e-12

@@ -56,6 +56,8 @@ def test_deprecated_torchcnn_onnx_export_still_exports():
     with pytest.warns(DeprecationWarning, match="torch.onnx.export"):
         program = torchcnn.onnx.export(model.eval(), (torch.randn(2, 1, 10, 10),), verbose=False)
     assert "Conv" in {node.op_type for node in program.model_proto.graph.node}
+    with pytest.warns(DeprecationWarning, match="needs no translation table"):
+        assert torchcnn.onnx.translation_table() == {}
 
 
 def assert_same(got, expected):

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
+# The oldest torch CI builds and tests against (.ci/run): what a just-in-time install requires.
+TORCH_FLOOR = "2.13"
+
 # A100, RTX 30 / 40 and H100/H200, plus PTX for newer GPUs; TORCH_CUDA_ARCH_LIST overrides it.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
@@ -37,15 +40,21 @@ SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", 
 
 
 def torch_build_tag(version: str | None = None) -> str:
-    """torch's version (``torch.__version__`` unless given) as one C++ preprocessing token:
-    ``2.14.1+cu130`` → ``2_14_1_cu130``. csrc/module.cpp records it in the library, and
-    torchcnn._extension checks it before loading a prebuilt one; in the just-in-time build's flags
-    it also makes a new torch rebuild the cached library."""
+    """torch's version (``torch.__version__`` unless given) as one C++ preprocessing token that
+    spells it exactly: its bytes in hex after ``0x`` (``2.13.0+cpu`` → ``0x322e31332e302b637075``),
+    a number the preprocessor only turns into a string. csrc/module.cpp records it in the library,
+    and torchcnn._extension checks it before loading a prebuilt one; in the just-in-time build's
+    flags it also makes a new torch rebuild the cached library."""
     if version is None:
         import torch
 
         version = torch.__version__
-    return re.sub(r"[^0-9A-Za-z]", "_", str(version))
+    return "0x" + str(version).encode().hex()
+
+
+def torch_version_of_tag(tag: str) -> str:
+    """The version a :func:`torch_build_tag` spells."""
+    return bytes.fromhex(tag.removeprefix("0x")).decode(errors="replace")
 
 
 def torch_build_flag() -> str:

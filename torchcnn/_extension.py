@@ -52,17 +52,16 @@ _on_load: list = []  # callbacks run with the Extension once the kernels are reg
 # The op schemas that a library built by torchcnn 0.1.0 defines itself (now torchcnn/_ops/schemas.py
 # does): such a torchcnn/_C*.so cannot be loaded beside them.
 _OLD_LAYOUT_MARK = b"conv2d(Tensor input, Tensor weight"
-# csrc/module.cpp's record of the torch a library was compiled against: its release as torch's
-# headers give it, and torch.__version__ as a token (torchcnn._build.torch_build_tag).
-_BUILT_FOR = re.compile(rb"torchcnn built for torch ([^ \x00]+) \(([0-9A-Za-z_]+)\)")
+# csrc/module.cpp's record of the torch a library was compiled against: torch.__version__ spelled
+# in hex (torchcnn._build.torch_build_tag).
+_BUILT_FOR = re.compile(rb"torchcnn built for torch (0x[0-9a-f]+)")
 
 
 def _check_built_for(path: str, constants: bytes) -> None:
     """Refuse a library compiled against another torch, naming both, before the dynamic loader
     fails on it with an "undefined symbol"."""
     record = _BUILT_FOR.search(constants)
-    ours = _build.torch_build_tag()
-    if record is not None and record.group(2).decode() == ours:
+    if record is not None and record.group(1).decode() == _build.torch_build_tag():
         return
     remedy = ("Rebuild it against this torch (in the source: pip install --no-build-isolation --force-reinstall "
               "--no-deps .; or install the torchcnn wheel built for this torch), or compile the kernels on first "
@@ -70,9 +69,7 @@ def _check_built_for(path: str, constants: bytes) -> None:
     if record is None:
         raise ImportError(f"torchcnn: {path} does not say which torch it was built for (an earlier torchcnn built "
                           f"it), and this is torch {torch.__version__}. {remedy}")
-    release, tag = (g.decode() for g in record.groups())
-    local = tag[len(_build.torch_build_tag(release)) + 1:] if tag.startswith(_build.torch_build_tag(release)) else ""
-    built_for = release + (f"+{local}" if local else "") if release != "?" else tag
+    built_for = _build.torch_version_of_tag(record.group(1).decode())
     raise ImportError(f"torchcnn: {path} was built for torch {built_for}, but this is torch {torch.__version__}: a "
                       f"compiled extension loads only into the torch it was compiled against. {remedy}")
 

@@ -106,6 +106,10 @@ class Folded(torch.nn.Identity):
         super().__init__()
         self.__dict__["layer"] = layer
 
+    def train(self, mode: bool = True):
+        self.layer.train(mode)  # so that revert puts it back in the model's mode
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return repr(self.layer)
 
@@ -180,9 +184,16 @@ def convert(module: torch.nn.Module, *, fuse: bool = True, inplace: bool = False
     With ``fuse=True``, the Conv2d → ReLU runs of an ``nn.Sequential`` (as in VGG and AlexNet)
     become :class:`Conv2dReLU`, and with a 2×2, stride-2 MaxPool2d after them
     :class:`Conv2dReLUMaxPool2d`; the ReLU and the pool stay in the Sequential as :class:`Folded`
-    placeholders, so indices and keys do not move. Layers wired together by a ``forward`` of the
-    model's own are not fused (nothing says that a layer's output goes only to the next), nor are
-    layers with hooks or a convolution used in more than one place.
+    placeholders, so indices and keys do not move — but what a slice of the Sequential computes
+    does: ``features[:2]`` of a fused VGG pools, and an output read at a convolution's index has been
+    through the ReLU. Code that slices a Sequential or taps its intermediate outputs (feature
+    extractors, perceptual losses, hooks added later) wants ``fuse=False``. Layers wired together by
+    a ``forward`` of the model's own are not fused (nothing says that a layer's output goes only to
+    the next), nor are layers with hooks or a convolution used in more than one place.
+
+    The converted layers are torchcnn's in every respect: the ReLU's gradient at exactly 0 is the
+    design notes' (1, where torch's is 0), and they run where torchcnn has kernels — CPU and CUDA
+    tensors of float16, bfloat16, float32 and float64; other devices and dtypes raise.
 
     ``inplace=False`` (the default) converts a deep copy and leaves `module` as it was;
     ``inplace=True`` converts `module` itself (an optimizer made for it keeps working) and returns it.

@@ -3,7 +3,8 @@
 ``torch.onnx.export(model, (x,))`` needs nothing from this module: torchcnn's forward ops carry
 decompositions into torch's own ops (:mod:`torchcnn._ops.decompositions`), which torch's exporter
 applies to ops it cannot translate, so the graph holds the standard ``Conv``, ``Relu`` and
-``MaxPool``. :func:`export` remains for code written against earlier versions of torchcnn.
+``MaxPool``. :func:`export` and :func:`translation_table` remain, deprecated, for code written
+against earlier versions of torchcnn.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ import warnings
 import torch
 
 from . import _ops  # noqa: F401  (defines torch.ops.torchcnn and its decompositions)
+
+
+def translation_table() -> dict:
+    """Deprecated: an empty table. ``torch.onnx.export`` needs no ``custom_translation_table`` for
+    torchcnn's ops any more (their decompositions do it), and an empty one changes nothing."""
+    warnings.warn("torchcnn.onnx.translation_table is deprecated: torch.onnx.export needs no translation table "
+                  "for torchcnn's layers", DeprecationWarning, stacklevel=2)
+    return {}
 
 
 def export(model: torch.nn.Module, args: tuple, **kwargs):

@@ -30,10 +30,13 @@ aten = torch.ops.aten
 
 
 def _decomposing() -> bool:
-    """Whether a decomposition pass called us (make_fx's proxy mode is tracing the call), rather
-    than FakeTensorMode asking for output metadata."""
+    """False only where FakeTensorMode itself asks for output metadata (it is the active mode, no
+    make_fx proxy mode is tracing the call): there the op's fake kernel answers. Every other caller
+    (a decomposition pass, DTensor's sharding rules, a direct call) gets the decomposition."""
     try:
-        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+        modes = torch._C._TorchDispatchModeKey
+        return (torch._C._get_dispatch_mode(modes.FAKE) is None
+                or torch._C._get_dispatch_mode(modes.PROXY) is not None)
     except AttributeError:  # an older or newer torch without this query: always decompose
         return True
 
