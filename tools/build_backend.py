@@ -77,11 +77,16 @@ NO_TORCH = ("torchcnn: no torch found to build against. A compiled extension loa
             "python -m build --no-isolation). Looked in: ")
 
 
-def _requires(hook, config_settings) -> list[str]:
-    """setuptools' answer (it runs setup.py, which imports torch) once the environment's torch is
-    importable; an error that says what to do where there is none."""
+def _require_environment_torch() -> None:
+    """The environment's torch importable here, or an error that says what to do."""
     if not _use_environment_torch():
         raise RuntimeError(NO_TORCH + (", ".join(_candidate_site_dirs()) or "nowhere"))
+
+
+def _requires(hook, config_settings) -> list[str]:
+    """setuptools' answer (it runs setup.py, which imports torch) once the environment's torch is
+    importable."""
+    _require_environment_torch()
     return hook(config_settings)
 
 
@@ -99,8 +104,7 @@ def get_requires_for_build_sdist(config_settings=None):
 
 def _building(hook):
     def build(*args, **kwargs):
-        if not _use_environment_torch():
-            raise RuntimeError(NO_TORCH + (", ".join(_candidate_site_dirs()) or "nowhere"))
+        _require_environment_torch()
         return hook(*args, **kwargs)
 
     build.__name__ = hook.__name__

@@ -183,9 +183,8 @@ void max_pool_backward_plane(const scalar_t* go, const int64_t* idx, scalar_t* g
     throw_invalid_index(idx, g, op);
   }
   std::fill(gi, gi + g.in_plane(), scalar_t(0));
-  const bool may_be_empty = g.dilation_h > 1 || g.dilation_w > 1;
   for (int64_t j = 0; j < g.out_plane(); ++j) {
-    if (may_be_empty && pool_window(g, j / g.out_width, j % g.out_width).empty()) {
+    if (pool_window(g, j / g.out_width, j % g.out_width).empty()) {
       continue;
     }
     gi[idx[j]] = static_cast<scalar_t>(static_cast<acc_t>(gi[idx[j]]) + static_cast<acc_t>(go[j]));

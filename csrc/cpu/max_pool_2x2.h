@@ -39,7 +39,7 @@ TORCHCNN_TARGET_AVX512 inline __m512 relu16_avx512(__m512 z) {
 }
 
 TORCHCNN_TARGET_AVX512 inline void take16_avx512(__m512 value, __m512 raw, __m512i offset, __m512& best,
-                                                      __m512& best_raw, __m512i& best_offset) {
+                                                 __m512& best_raw, __m512i& best_offset) {
   const __mmask16 larger = _mm512_cmp_ps_mask(value, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(value, value,
                                                                                               _CMP_UNORD_Q);
   best = _mm512_mask_blend_ps(larger, best, value);
@@ -70,14 +70,15 @@ TORCHCNN_TARGET_AVX512 inline void max_pool_2x2_row_avx512(const float* r0, cons
     const float* b = r1 + 2 * j;
     const __m512 t0 = _mm512_maskz_loadu_ps(lo, t), t1 = _mm512_maskz_loadu_ps(hi, t + 16);
     const __m512 b0 = _mm512_maskz_loadu_ps(lo, b), b1 = _mm512_maskz_loadu_ps(hi, b + 16);
-    const __m512 raw[4] = {even_entries_avx512(t0, t1), odd_entries_avx512(t0, t1), even_entries_avx512(b0, b1), odd_entries_avx512(b0, b1)};
+    const __m512 raw[4] = {even_entries_avx512(t0, t1), odd_entries_avx512(t0, t1), even_entries_avx512(b0, b1),
+                           odd_entries_avx512(b0, b1)};
     const __m512i offsets[4] = {_mm512_setzero_si512(), right, below, below_right};
     __m512 best = kRelu ? detail::relu16_avx512(raw[0]) : raw[0];
     __m512 best_raw = raw[0];
     __m512i best_offset = offsets[0];
     for (int tap = 1; tap < 4; ++tap) {
-      detail::take16_avx512(kRelu ? detail::relu16_avx512(raw[tap]) : raw[tap], raw[tap], offsets[tap], best, best_raw,
-                     best_offset);
+      detail::take16_avx512(kRelu ? detail::relu16_avx512(raw[tap]) : raw[tap], raw[tap], offsets[tap], best,
+                            best_raw, best_offset);
     }
     _mm512_mask_storeu_ps(out + j, out_mask, best);
     // Flat indices: first + 2·(j + lane) + offset, widened to int64 eight lanes at a time.
