@@ -3,11 +3,16 @@ conv–ReLU–pool op against torch's composition of the three.
 
     python benchmarks/bench_ops.py                 # CPU
     python benchmarks/bench_ops.py --device cuda   # GPU (torch uses cuDNN)
+    python benchmarks/bench_ops.py --overhead      # per-call cost: each op on tiny tensors
 
 Forward is timed as in training (inputs require grad, so max_pool2d computes its indices in both
 libraries); backward is one ``torch.autograd.grad`` over the same graph for every input. The two
 libraries are timed interleaved, round by round (as bench_conv.py): each figure is a median, and
 ratio = torchcnn / torch the median of the rounds' paired ratios.
+
+With ``--overhead`` the tensors are a few dozen values, so that what is timed is what a call costs
+besides its arithmetic (argument checks, dispatch, autograd's bookkeeping): each op without a
+gradient, its forward with one, and its forward and backward together, in microseconds.
 """
 
 from __future__ import annotations
@@ -51,6 +56,63 @@ def cases(batch: int):
     yield ("softmax + cross-entropy, 10 classes", CF.cross_entropy, TF.cross_entropy, [(batch, 10), labels])
 
 
+def overhead_cases():
+    """(name, torchcnn fn, torch fn, inputs) on tiny tensors, inputs as in :func:`cases`."""
+    fused = lambda x, w, b: CF.conv2d_relu_max_pool2d(x, w, b, padding=1)  # noqa: E731
+    composed = lambda x, w, b: TF.max_pool2d(TF.relu(TF.conv2d(x, w, b, padding=1)), 2)  # noqa: E731
+    labels = lambda gen: torch.randint(0, 10, (4,), generator=gen)  # noqa: E731
+    yield "relu, 4×8", CF.relu, TF.relu, [(4, 8)]
+    # torch takes its direct convolution for the first, oneDNN for the second.
+    yield "conv2d 1→2 3×3, 1×1×4×4", CF.conv2d, TF.conv2d, [(1, 1, 4, 4), (2, 1, 3, 3), (2,)]
+    yield "conv2d 3→4 3×3, 2×3×6×6", CF.conv2d, TF.conv2d, [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]
+    yield "max_pool2d 2×2, 2×3×6×6", lambda x: CF.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2), [(2, 3, 6, 6)]
+    yield "conv+relu+pool 3→4, 2×3×6×6 (fused)", fused, composed, [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]
+    yield "softmax + cross-entropy, 4×10", CF.cross_entropy, TF.cross_entropy, [(4, 10), labels]
+
+
+def make_inputs(shapes, device: str) -> list:
+    gen = torch.Generator().manual_seed(0)
+    return [s(gen).to(device) if callable(s) else torch.randn(s, generator=gen).to(device).requires_grad_()
+            for s in shapes]
+
+
+def overhead_rows(device: str, min_run_time: float, rounds: int, only: str | None = None) -> list[dict]:
+    """Each tiny case without a gradient, its forward with one, and forward + backward, in µs,
+    torch's and torchcnn's interleaved (bench_conv.interleaved_ms)."""
+    from bench_conv import interleaved_ms
+
+    def no_grad(fn, inputs):
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+        return run
+
+    def forward_backward(fn, inputs):
+        leaves = [t for t in inputs if t.requires_grad]
+        grad = torch.ones_like(fn(*inputs))
+        return lambda: torch.autograd.grad(fn(*inputs), leaves, grad)
+
+    rows = []
+    for name, ours, theirs, shapes in overhead_cases():
+        if only is not None and only not in name:
+            continue
+        inputs = make_inputs(shapes, device)
+        for pass_, make in (("no_grad", no_grad), ("forward", lambda fn, ins: lambda: fn(*ins)),
+                            ("fwd + bwd", forward_backward)):
+            us = interleaved_ms({"torch": make(theirs, inputs), "torchcnn": make(ours, inputs)}, device, rounds,
+                                min_run_time)
+            rows.append({"case": name, "pass": pass_, "torch_us": us["torch"] * 1e3,
+                         "torchcnn_us": us["torchcnn"] * 1e3, "ratio": us["ratio"]})
+    return rows
+
+
+def overhead_table(rows: list[dict]) -> str:
+    lines = ["| case | pass | torch µs | torchcnn µs | ratio |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['case']} | {r['pass']} | {r['torch_us']:.1f} | {r['torchcnn_us']:.1f} | {r['ratio']:.2f}× |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, only: str | None = None) -> list[dict]:
     """Each case's forward, then its backward, torch's and torchcnn's interleaved round by round
     (bench_conv.interleaved_ms): the times are medians, the ratios medians of paired ratios. `only`:
@@ -62,9 +124,7 @@ def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, o
         for name, ours, theirs, shapes in cases(batch):
             if only is not None and only not in name:
                 continue
-            gen = torch.Generator().manual_seed(0)
-            inputs = [s(gen).to(device) if callable(s) else torch.randn(s, generator=gen).to(device).requires_grad_()
-                      for s in shapes]
+            inputs = make_inputs(shapes, device)
             leaves = [t for t in inputs if t.requires_grad]
             row = {"case": name, "batch": batch}
             forward = {"torch": lambda fn=theirs: fn(*inputs), "torchcnn": lambda fn=ours: fn(*inputs)}
@@ -133,14 +193,18 @@ def main() -> None:
     def more_arguments(parser):
         parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure")
         parser.add_argument("--only", default=None, help="only the cases whose name contains this, e.g. cross-entropy")
+        parser.add_argument("--overhead", action="store_true", help="the per-call cost: each op on tiny tensors")
 
     args = setup(__doc__, more_arguments=more_arguments)
-    rows = run(args.device, args.batch_sizes, args.min_run_time, args.rounds, args.only)
+    if args.overhead:
+        rows = overhead_rows(args.device, args.min_run_time, args.rounds, args.only)
+    else:
+        rows = run(args.device, args.batch_sizes, args.min_run_time, args.rounds, args.only)
     if not rows:
         raise SystemExit(f"bench_ops.py: no case's name contains {args.only!r}")
     print(f"device: {describe(args.device)}")
-    print(table(rows))
-    worst = max(max(r["ratio_fwd"], r["ratio_bwd"]) for r in rows)
+    print(overhead_table(rows) if args.overhead else table(rows))
+    worst = max(r["ratio"] for r in rows) if args.overhead else max(max(r["ratio_fwd"], r["ratio_bwd"]) for r in rows)
     print(f"worst ratio: {worst:.2f}×")
     if args.json:
         args.json.write_text(json.dumps({"device": describe(args.device), "rows": rows, "worst_ratio": worst}, indent=1))

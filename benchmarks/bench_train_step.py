@@ -1,5 +1,7 @@
 """Times one training step of the MNIST model (train.py's default) built from torchcnn's layers
-against the identical model built from torch.nn's, on the same batch.
+against the identical model built from torch.nn's, on the same batch; and the same for a
+Fashion-MNIST-shaped model written with torch.nn and turned into torchcnn's by
+``torchcnn.nn.convert``, as a user's own model would be.
 
     python benchmarks/bench_train_step.py                 # CPU
     python benchmarks/bench_train_step.py --device cuda   # GPU (torch uses cuDNN)
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 from bench_ops import describe, setup  # noqa: E402  (imports torchcnn before torch.utils.benchmark)
 from bench_conv import interleaved_ms  # noqa: E402
 
+import torchcnn.nn  # noqa: E402
 from torchcnn.mnist.cuda_graph import GraphedTrainStep  # noqa: E402
 from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
 
@@ -58,6 +61,40 @@ def make_step(backend: str, batch: int, device: str, fuse: bool = True, graphed:
     return step
 
 
+def fashion_mnist_net() -> torch.nn.Sequential:
+    """A Fashion-MNIST classifier as one is written with torch.nn, outside this project: a 5×5
+    padded convolution 1→16 and a 3×3 padded one 16→32, each with a ReLU and a 2×2 pool, then two
+    dense layers."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def make_fashion_step(backend: str, batch: int, device: str, fuse: bool = True):
+    """One training step of :func:`fashion_mnist_net` (SGD with momentum) on a fixed batch: torch.nn's
+    model, or for ``backend="torchcnn"`` the same model through ``torchcnn.nn.convert``."""
+    torch.manual_seed(0)
+    model = fashion_mnist_net().to(device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if backend == "torchcnn":
+        model, loss_fn = torchcnn.nn.convert(model, fuse=fuse), torchcnn.nn.convert(loss_fn)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 1, 28, 28, generator=gen).to(device)
+    labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        optimizer.step()
+
+    for _ in range(5):
+        step()
+    return step
+
+
 def main() -> None:
     args = setup(__doc__, more_arguments=lambda p: p.add_argument("--rounds", type=int, default=5))
     rows = []
@@ -74,6 +111,14 @@ def main() -> None:
         if "torch_graph" in ms:
             rows[-1].update(torch_graph_ms=ms["torch_graph"], torchcnn_graph_ms=ms["torchcnn_graph"],
                             graph_ratio=ms["ratio_torchcnn_graph"] / ms["ratio_torch_graph"])
+    for batch in args.batch_sizes:
+        steps = {"torch": make_fashion_step("torch", batch, args.device),
+                 "torchcnn": make_fashion_step("torchcnn", batch, args.device),
+                 "unfused": make_fashion_step("torchcnn", batch, args.device, fuse=False)}
+        ms = interleaved_ms(steps, args.device, args.rounds, args.min_run_time)
+        rows.append({"case": "Fashion-MNIST-shaped, converted (SGD)", "batch": batch, "torch_ms": ms["torch"],
+                     "torchcnn_ms": ms["torchcnn"], "ratio": ms["ratio"], "unfused_ms": ms["unfused"],
+                     "unfused_ratio": ms["ratio_unfused"]})
     print(f"device: {describe(args.device)}")
     print("| case | batch | torch ms | torchcnn ms (fused) | ratio | torchcnn --no-fuse ms | ratio | torchcnn img/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

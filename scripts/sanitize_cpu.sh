@@ -19,5 +19,5 @@ LD_PRELOAD="$PRELOAD" "$PYTHON" -c "import torchcnn; torchcnn.load()"
 LD_PRELOAD="$PRELOAD" "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys -k "not emulated and not cuda" \
   tests/test_conv_strategies.py tests/test_conv2d.py tests/test_max_pool2d.py tests/test_ops.py \
   tests/test_properties.py tests/test_layers.py tests/test_memory_format.py tests/test_higher_order.py \
-  tests/test_fused.py tests/test_cross_entropy.py \
+  tests/test_fused.py tests/test_cross_entropy.py tests/test_autograd_kernels.py \
   "$@"

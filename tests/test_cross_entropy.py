@@ -212,7 +212,7 @@ def test_the_softmax_exp_is_correctly_rounded_to_an_ulp_over_floats_range():
 
 def test_compiled_autograd_takes_the_cpp_node():
     """torch.compile's compiled autograd runs the C++ node's backward (which therefore marks no
-    output non-differentiable: it hands log Σ exp and the total weight on detached)."""
+    output non-differentiable: log Σ exp and the total weight leave it as plain tensors)."""
     torchcnn.load()
     x = torch.randn(8, 5, requires_grad=True)
     target = torch.randint(0, 5, (8,))

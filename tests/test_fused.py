@@ -14,6 +14,7 @@ import torchcnn
 import torchcnn.functional as F
 from samples import conv2d_samples, make_conv
 from torchcnn.mnist.model import MnistNet
+from torchcnn.testing import forced_fused_backward_route
 
 TOLERANCE = {torch.float64: {}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
 
@@ -358,27 +359,24 @@ def test_an_empty_batch_gives_empty_results_and_gradients(device):
 SPARSE_OP = torch.ops.torchcnn._cpu_conv2d_relu_max_pool2d_backward
 
 
-def _backward_by(route, monkeypatch, x, w, b, kwargs, ceil_mode, grad):
-    sparse = route == "sparse"
-    monkeypatch.setattr("torchcnn._ops.conv2d._sparse_backward_applies",
-                        lambda *args: sparse and not torch.is_grad_enabled())
+def _backward_by(route, x, w, b, kwargs, ceil_mode, grad):
     out = F.conv2d_relu_max_pool2d(x, w, b, **kwargs, ceil_mode=ceil_mode)
-    with torch.profiler.profile() as prof:
+    with forced_fused_backward_route(route), torch.profiler.profile() as prof:
         grads = _grads(out, (x, w, b), grad)
-    assert any(e.name.endswith("_cpu_conv2d_relu_max_pool2d_backward") for e in prof.events()) == sparse
+    assert any(e.name.endswith("_cpu_conv2d_relu_max_pool2d_backward") for e in prof.events()) == (route == "sparse")
     return grads
 
 
 @pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sample", [s for s in conv2d_samples() if s.shape[0] != 0], ids=repr)
-def test_the_sparse_cpu_backward_is_the_dense_one(sample, dtype, ceil_mode, monkeypatch):
+def test_the_sparse_cpu_backward_is_the_dense_one(sample, dtype, ceil_mode):
     if not _pools(sample, ceil_mode):
         pytest.skip("the convolution's output is smaller than the pool")
     x, w, b = make_conv(sample, "cpu", dtype, requires_grad=True)
     grad = torch.randn_like(F.conv2d_relu_max_pool2d(x, w, b, **sample.kwargs, ceil_mode=ceil_mode))
-    sparse = _backward_by("sparse", monkeypatch, x, w, b, sample.kwargs, ceil_mode, grad)
-    dense = _backward_by("dense", monkeypatch, x, w, b, sample.kwargs, ceil_mode, grad)
+    sparse = _backward_by("sparse", x, w, b, sample.kwargs, ceil_mode, grad)
+    dense = _backward_by("dense", x, w, b, sample.kwargs, ceil_mode, grad)
     for got, want in zip(sparse, dense):
         assert got.shape == want.shape and got.stride() == want.stride() and got.dtype == want.dtype
         scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
@@ -390,6 +388,8 @@ def test_the_sparse_backward_serves_wide_filters_and_not_what_differentiates_it_
     """The route the CPU backward takes: the sparse op where a filter row is ≥ 16 values (the
     MNIST model's second layer), the dense route for its first layer (3 values) and whenever the
     backward is itself differentiated (create_graph)."""
+    torchcnn.load()  # before the first call: the C++ node, which takes the sparse op, serves only calls after it
+
     def takes_sparse(channels, create_graph=False):
         x = torch.randn(2, channels, 12, 12, dtype=torch.float64, requires_grad=True)
         w = torch.randn(8, channels, 3, 3, dtype=torch.float64, requires_grad=True)

@@ -22,6 +22,10 @@ __all__ = ["conv2d", "conv2d_relu", "conv2d_relu_max_pool2d", "max_pool2d", "rel
 
 def _pair(name: str, fn: str, value) -> tuple[int, int]:
     """An int or a sequence of two ints, as torch accepts them; anything else is a TypeError."""
+    if type(value) is int:  # the common cases first: this runs on every call
+        return value, value
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) == 1:
             value = (value[0], value[0])

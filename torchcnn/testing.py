@@ -170,6 +170,17 @@ def forced_cpu_conv2d_strategy(name: str):
     return _cpu_setting("_cpu_conv2d_force_strategy", name)
 
 
+def forced_fused_backward_route(name: str):
+    """Makes the CPU backward of :func:`torchcnn.functional.conv2d_relu_max_pool2d` take the
+    ``"sparse"`` op (the convolution's gradients from one non-zero per pool window) or the
+    ``"dense"`` route (max_pool2d_backward, then the convolution's gradient ops) wherever it is not
+    differentiated again, for the tests to hold both to the same samples; a context manager.
+    Process-wide, like :func:`forced_cpu_conv2d_strategy`."""
+    if name not in ("sparse", "dense"):
+        raise ValueError(f"forced_fused_backward_route: expected name to be 'sparse' or 'dense' but got {name!r}")
+    return _cpu_setting("_cpu_fused_backward_route", name)
+
+
 CPU_CAPABILITIES = ("avx512", "avx2", "default")
 
 

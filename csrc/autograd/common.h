@@ -24,6 +24,16 @@ inline bool has_tangent(const at::Tensor& t) {
   return t.defined() && t._fw_grad(/*level=*/0).defined();
 }
 
+// Outputs that take no gradient (relu's mask, max pooling's indices, the loss's log Σ exp) are not
+// outputs of the C++ Function: its forward hands them back through a pointer argument, which
+// Function::apply passes on untouched, so they leave as plain tensors, as torch's own indices do.
+// (Returned by the node, each would cost a detach, and mark_non_differentiable, which compiled
+// autograd refuses in a C++ node, would be the only other way to keep its gradient out.)
+
+// Every node is_traceable: compiled autograd traces its backward into the graph instead of
+// running it eagerly behind a graph break. A backward may read only what compiled autograd hands
+// over: saved variables, saved_data, and its gradients (tracing reads the route knob's setting).
+
 // The Python Autograd kernel is registered for the Autograd alias key, these C++ ones for
 // AutogradCPU and AutogradCUDA, which take precedence; redispatching with AutogradOther, a key the
 // alias covers and they do not, reaches the Python one.

@@ -1,8 +1,8 @@
 // The Autograd kernel of torchcnn::cross_entropy for CPU and CUDA tensors, in C++.
 //
-// Every other op's Autograd kernel is Python (torchcnn/_ops/registration.py). For this op that cost
-// more than the op: a 64×10 loss is a few microseconds of arithmetic, and the Python kernel and
-// its Function added ~15 µs to the forward and ~40 µs to the backward of every training step.
+// The Python kernel (torchcnn/_ops/registration.py) cost more than the op: a 64×10 loss is a few
+// microseconds of arithmetic, and the Python kernel and its Function added ~15 µs to the forward
+// and ~40 µs to the backward of every training step.
 // Here the same backward is a C++ node: cross_entropy_backward below autograd, or, when the
 // backward is itself differentiated (create_graph, or a tangent to carry), the differentiable
 // formula torchcnn::_cross_entropy_gradient, the Python one (torchcnn/_ops/cross_entropy.py).
@@ -35,31 +35,32 @@ const c10::TypedOperatorHandle<ForwardSignature>& cross_entropy_op() {
 }
 
 struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
+  static constexpr bool is_traceable = true;  // common.h
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
                                                 const at::Tensor& target, const std::optional<at::Tensor>& weight,
                                                 c10::string_view reduction, int64_t ignore_index,
-                                                double label_smoothing) {
+                                                double label_smoothing, at::Tensor* log_sum_exp_out,
+                                                at::Tensor* total_weight_out) {
     auto [loss, log_sum_exp, total_weight] = [&] {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       return cross_entropy_op().call(input, target, weight, reduction, ignore_index, label_smoothing);
     }();
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), log_sum_exp, total_weight});
-    // log_sum_exp and total_weight take no gradient: the kernel below hands them on detached (as
-    // mark_non_differentiable would, which compiled autograd refuses in a C++ node), and their
-    // gradients, always undefined, are not materialised as zeros.
-    ctx->set_materialize_grads(false);
+    // log_sum_exp and total_weight take no gradient: handed back as plain tensors (common.h).
+    *log_sum_exp_out = log_sum_exp;
+    *total_weight_out = total_weight;
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
-    return {loss, log_sum_exp, total_weight};
+    return {loss};
   }
 
   // ∂L/∂input only: targets are indices, and a weight that asks for a gradient never gets here.
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    torch::autograd::variable_list result(6);  // one per argument of forward
+    torch::autograd::variable_list result(8);  // one per argument of forward
     const at::Tensor& grad_loss = grads[0];
-    if (!grad_loss.defined() || !ctx->needs_input_grad(0)) {
+    if (!ctx->needs_input_grad(0)) {
       return result;
     }
     const auto saved = ctx->get_saved_variables();
@@ -101,8 +102,10 @@ Outputs cross_entropy_autograd(c10::DispatchKeySet keys, const at::Tensor& input
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return cross_entropy_op().redispatch(below, input, target, weight, reduction, ignore_index, label_smoothing);
   }
-  auto outputs = CrossEntropy::apply(input, target, weight, reduction, ignore_index, label_smoothing);
-  return {outputs[0], outputs[1].detach(), outputs[2].detach()};
+  at::Tensor log_sum_exp, total_weight;
+  auto outputs = CrossEntropy::apply(input, target, weight, reduction, ignore_index, label_smoothing, &log_sum_exp,
+                                     &total_weight);
+  return {outputs[0], log_sum_exp, total_weight};
 }
 
 }  // namespace

@@ -21,28 +21,27 @@ const c10::TypedOperatorHandle<Outputs(const at::Tensor&)>& relu_op() {
   return handle;
 }
 
+// The mask takes no gradient: the node's one output is A, and forward hands M back through
+// `passes_out` as a plain tensor (common.h).
 struct ReLU : public torch::autograd::Function<ReLU> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input) {
+  static constexpr bool is_traceable = true;  // common.h
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                                                at::Tensor* passes_out) {
     auto [output, passes] = [&] {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       return relu_op().call(input);
     }();
     ctx->save_for_backward({passes});
-    // The mask takes no gradient: handed on detached (compiled autograd refuses
-    // mark_non_differentiable in a C++ node), its gradient, always undefined, never materialised.
-    ctx->set_materialize_grads(false);
-    return {output, passes};
+    *passes_out = passes;
+    return {output};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     static const auto relu_backward =
         find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("torchcnn::relu_backward");
-    torch::autograd::variable_list result(1);
+    torch::autograd::variable_list result(2);  // one per argument of forward
     const at::Tensor& grad_output = grads[0];
-    if (!grad_output.defined()) {
-      return result;
-    }
     const at::Tensor passes = ctx->get_saved_variables()[0];
     if (at::GradMode::is_enabled() || has_tangent(grad_output)) {
       result[0] = relu_backward.call(grad_output, passes);  // recorded: differentiable again
@@ -62,8 +61,9 @@ Outputs relu_autograd(c10::DispatchKeySet keys, const at::Tensor& input) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return relu_op().redispatch(keys & c10::after_autograd_keyset, input);
   }
-  auto outputs = ReLU::apply(input);
-  return {outputs[0], outputs[1].detach()};
+  at::Tensor passes;
+  auto outputs = ReLU::apply(input, &passes);
+  return {outputs[0], passes};
 }
 
 }  // namespace

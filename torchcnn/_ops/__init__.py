@@ -20,6 +20,11 @@ torchcnn's kernels, and ``torch.compile`` traces the same route. ``generate_vmap
 ``torch.func`` run a Function under vmap by the ops' own vmap rules.
 ``Conv2dFunction.apply(x, w, b, Conv2dParams(...))`` is the same computation as the op.
 
+On CPU and CUDA tensors the forward ops' Autograd kernels are C++ nodes (csrc/autograd), which
+take precedence over these Python kernels: the same backward formulas, at a fraction of the
+per-call cost. Forward-mode tangents and torch.func's transforms still reach the Python kernels
+and their Functions, and so does the first call in a process (the one that loads the kernels).
+
 One exception to the single route: torch.func's differentiating transforms (grad, jvp, jacrev,
 ...) can take a Function only where it is applied from Python, not from inside a dispatcher
 kernel, so while any torch.func transform is active :mod:`torchcnn.functional` applies the

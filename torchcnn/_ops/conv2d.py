@@ -8,7 +8,7 @@ import functools
 import torch
 
 from .max_pool2d import gather_at_argmax
-from .routing import below_autograd, call, sum_present, tracks_derivatives
+from .routing import below_autograd, call, sum_present
 from .schemas import conv2d_output_shape, ops
 
 
@@ -128,14 +128,12 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices, _grad_passes):
+        # The dense route, differentiable again: this kernel serves torch.func, forward-mode AD,
+        # other devices and the first call in a process. (The C++ node of CPU tensors,
+        # csrc/autograd/conv2d_function.cpp, takes the sparse op where nothing differentiates it.)
         input, weight, indices, passes = ctx.saved_tensors
-        mask = _gradient_mask(ctx)
-        if _sparse_backward_applies(grad_output, input, weight, ctx.params):
-            # On the CPU, one op from the pooled gradient: the non-zeros of ∂L/∂Y, one per window.
-            grads = below_autograd(ops._cpu_conv2d_relu_max_pool2d_backward, grad_output, input, weight, indices,
-                                    passes, *ctx.params.args(), mask)
-            return *(grad if wanted else None for grad, wanted in zip(grads, mask)), None
-        return *conv2d_relu_max_pool2d_gradients(grad_output, input, weight, indices, passes, ctx.params, mask), None
+        return *conv2d_relu_max_pool2d_gradients(grad_output, input, weight, indices, passes, ctx.params,
+                                                 _gradient_mask(ctx)), None
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, _):
@@ -156,20 +154,6 @@ def conv2d_relu_max_pool2d_gradients(grad_output, input, weight, indices, passes
     grad_y = call("max_pool2d_backward", call("relu_backward", grad_output, passes), y_shape, indices,
                   *params.pool().args())
     return _conv2d_gradients(grad_y, input, weight, conv, mask)
-
-
-def _sparse_backward_applies(grad_output, input, weight, params) -> bool:
-    """Whether conv2d_relu_max_pool2d's backward takes the CPU's sparse op: CPU tensors, a backward
-    that is not itself differentiated (no create_graph, no tangents, no torch.func transform: the
-    dense route's ops carry those derivatives), and filters whose contiguous pieces are at least
-    16 values long (a filter row, KW · C, with one group and no horizontal dilation; else one
-    tap's C/groups), which the sparse op's vector loops need to beat the dense route's GEMMs (the
-    MNIST model's second layer: 3 · 32 = 96; its first, 3 · 1 = 3, takes the dense route)."""
-    if grad_output.device.type != "cpu" or torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
-        return False
-    group_channels = input.shape[1] // params.groups
-    piece = group_channels * weight.shape[3] if params.groups == 1 and params.dilation[1] == 1 else group_channels
-    return piece >= 16 and not tracks_derivatives((grad_output, input, weight))
 
 
 class _Conv2dGradientFunction(torch.autograd.Function):

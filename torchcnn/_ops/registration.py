@@ -1,6 +1,8 @@
 """The ops' Autograd kernels: the op's arguments are its Function's tensors followed by its other
 arguments spelled out. Without a gradient or tangent to track, the call goes straight on to the
 kernels below autograd, as torch.library.register_autograd's kernels do (that API has no jvp).
+On CPU and CUDA tensors the forward ops' C++ kernels (csrc/autograd) come first; these serve the
+gradient ops, forward-mode tangents, torch.func's transforms and other devices.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ imported: ``torch.compile``, ``torch.export`` and fake tensors need no compiled 
 compiled until a kernel is first needed (:func:`install_loader`). The compiled libraries register
 kernels for these ops (and define a few private ops of their own, knobs for the tests and
 benchmarks: ``_cuda_set_chunk_budget`` in csrc/cuda, ``_cpu_conv2d_strategy``,
-``_cpu_conv2d_force_strategy``, ``_cpu_set_gemm``, ``_cpu_matmul`` and ``_cpu_capability`` in csrc/cpu; see
+``_cpu_conv2d_force_strategy``, ``_cpu_set_gemm``, ``_cpu_matmul`` and ``_cpu_capability`` in csrc/cpu,
+``_cpu_fused_backward_route`` in csrc/autograd; see
 :mod:`torchcnn.testing`): csrc/cpu and csrc/cuda for ``torchcnn``, and the emulated CUDA test
 library for the same schemas in ``torchcnn_emulated``.
 """
@@ -45,7 +46,8 @@ SCHEMAS = {
                               "int[2] dilation=1, int groups=1, bool ceil_mode=False) -> (Tensor, Tensor, Tensor)",
     # conv2d_relu_max_pool2d's gradients (input, weight, bias; each only if its output_mask entry is
     # set, else an empty tensor) from the pooled gradient, its indices and passes: the sparse ∂L/∂Y
-    # (one value per window) taken as it is. CPU only: the backward's route there (conv2d.py).
+    # (one value per window) taken as it is. CPU only: the backward's route there
+    # (csrc/autograd/conv2d_function.cpp).
     "_cpu_conv2d_relu_max_pool2d_backward": "(Tensor grad_output, Tensor input, Tensor weight, Tensor indices, "
                                             "Tensor passes, int[2] stride, int[2] padding, int[2] dilation, "
                                             "int groups, bool ceil_mode, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
