@@ -37,7 +37,13 @@ def test_the_rule_picks_the_intended_strategy(sample, expected):
 
 
 @pytest.mark.parametrize("shape,weight,kwargs,expected", [
-    ((64, 1, 28, 28), (32, 1, 3, 3), {}, "depthwise"),  # the MNIST model's first layer: one input channel
+    ((64, 1, 28, 28), (32, 1, 3, 3), {}, "gemm_batched"),  # the MNIST model's first layer: 288 filter values
+    ((32, 1, 28, 28), (8, 1, 3, 3), {"padding": 1}, "depthwise"),  # one channel, 72 filter values: direct
+    ((128, 1, 28, 28), (16, 1, 5, 5), {"padding": 2}, "gemm_batched"),  # a Fashion-MNIST model's first layer
+    ((8, 128, 15, 15), (16, 128, 1, 1), {}, "gemm_per_image"),  # SqueezeNet's squeeze: pointwise, no columns
+    ((32, 256, 8, 8), (64, 256, 1, 1), {}, "gemm_per_image"),  # a bottleneck's pointwise at 8×8
+    ((32, 512, 4, 4), (128, 512, 1, 1), {}, "gemm_batched"),  # 16 pixels: the images' columns together
+    ((32, 64, 16, 16), (128, 64, 1, 1), {"stride": 2}, "gemm_batched"),  # a strided 1×1 is not pointwise
     ((64, 32, 26, 26), (64, 32, 3, 3), {}, "winograd"),  # … and its second
     ((32, 256, 8, 8), (256, 256, 3, 3), {"padding": 1}, "winograd"),  # ResNet-18's layer3 on CIFAR
     ((32, 512, 4, 4), (512, 512, 3, 3), {"padding": 1}, "winograd"),  # … its layer4: 512 output pixels

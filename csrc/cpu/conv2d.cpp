@@ -18,14 +18,22 @@ namespace torchcnn::cpu {
 namespace {
 
 // The rule, in one place. Thresholds measured on the development VM (docs/BENCHMARKS.md):
-// - one input channel per group (depthwise, or a one-channel image): the direct kernel — a GEMM
-//   would contract over KH·KW = 9 values only;
+// - one input channel per group: the direct kernel — a GEMM would contract over KH·KW values only —
+//   for depthwise convolutions, and for a one-channel image while its filters hold fewer than
+//   kDirectMaxFilterValues values (K·KH·KW: 1→8 3×3 is 0.40× torch's time direct, 0.66× by GEMM;
+//   from 1→32 3×3, or 5×5 filters, the GEMM's reuse wins: 1→16 5×5 0.35× against 0.72×);
 // - 3×3, stride 1, undilated, ungrouped, with at least 8 channels in and out and 512 output
 //   pixels in the batch: Winograd F(2×2, 3×3) (2.25× fewer multiplications; with fewer channels or
 //   pixels, transforming the filters and tiles costs more than it saves);
+// - a pointwise convolution (1×1, stride 1, unpadded) of planes of at least kPointwiseMinPlane
+//   pixels: one product per image, on the input itself, without columns (SqueezeNet's 128→16 at
+//   15×15: 0.98× against 1.93× with the images' columns copied together; only planes of a few
+//   pixels make products too thin to beat that copy);
 // - anything else: im2col + GEMM, with as many images' columns per product as give it about
 //   kGemmColumns columns (planes at least that large get one product per image), within
 //   kColumnBytes of column buffer.
+constexpr int64_t kDirectMaxFilterValues = 256;
+constexpr int64_t kPointwiseMinPlane = 64;
 constexpr int64_t kWinogradMinChannels = 8;
 constexpr int64_t kWinogradMinPixels = 512;
 constexpr int64_t kGemmColumns = 1024;
@@ -76,12 +84,16 @@ Strategy choose(const Conv2dGeometry& g) {
   if (forced >= 0 && applies(static_cast<Strategy>(forced), g)) {
     return static_cast<Strategy>(forced);
   }
-  if (depthwise_applies(g)) {
+  if (depthwise_applies(g) &&
+      (g.groups > 1 || g.out_channels * g.kernel_h * g.kernel_w < kDirectMaxFilterValues)) {
     return Strategy::kDepthwise;
   }
   if (winograd_applies(g) && g.channels >= kWinogradMinChannels && g.out_channels >= kWinogradMinChannels &&
       g.batch * g.out_plane() >= kWinogradMinPixels) {
     return Strategy::kWinograd;
+  }
+  if (g.is_pointwise() && g.out_plane() >= kPointwiseMinPlane) {
+    return Strategy::kGemmPerImage;
   }
   return g.out_plane() >= kGemmColumns ? Strategy::kGemmPerImage : Strategy::kGemmBatched;
 }
