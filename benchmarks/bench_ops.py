@@ -141,11 +141,12 @@ def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, o
     return rows
 
 
-def set_tf32(enabled: bool) -> None:
-    """One float32 precision for both libraries: cuDNN's convolutions default to TF32 while cuBLAS's
-    matmuls (which torchcnn's convolutions use) do not."""
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+def set_tf32(mode: str) -> None:
+    """float32 precision on the GPU: "off" (both libraries' products in full float32, a
+    like-for-like comparison), "on" (TF32 for both), or "torch" (torch's defaults: TF32 for cuDNN's
+    convolutions, not for cuBLAS's matmuls, which torchcnn's convolutions use)."""
+    torch.backends.cudnn.allow_tf32 = mode in ("on", "torch")
+    torch.backends.cuda.matmul.allow_tf32 = mode == "on"
 
 
 def describe(device: str) -> str:
@@ -174,8 +175,9 @@ def setup(description: str, batch_sizes: bool = True, more_arguments=None) -> ar
         parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--tf32", action="store_true",
-                        help="let cuDNN and cuBLAS use TF32 for float32 (default: off for both, a like-for-like comparison)")
+    parser.add_argument("--tf32", nargs="?", const="on", default="off", choices=["off", "on", "torch"],
+                        help="TF32 for float32 on the GPU: off for both (default, a like-for-like comparison), on "
+                             "for both (--tf32), or torch's defaults (--tf32 torch: cuDNN yes, cuBLAS no)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     capability.add_argument(parser)
     if more_arguments:

@@ -1,247 +1,235 @@
 #!/usr/bin/env bash
-# The GPU verification run: on a machine with a CUDA GPU and torch installed (no network needed),
-#   1. builds the extension from this checkout (CUDA kernels for the GPU present),
-#   2. runs the whole test suite (every op test runs on CUDA too),
-#   3. benchmarks the ops against cuDNN (MNIST shapes and the fused conv–ReLU–pool, then
-#      bench_conv.py's ResNet/depthwise table) and a training step of the MNIST model (fused and not)
-#      against torch.nn,
-#   4. with the MNIST files: the time to 99 % test accuracy (--recipe fast) for both backends, and
-#      one epoch of `train.py --device cuda`, without and with --cuda-graphs,
-#   5. with --sanitize, runs the CUDA op tests under compute-sanitizer (memcheck and racecheck),
-# and prints a summary table last (also written to $OUT_DIR/summary.md).
+# The GPU verification run, made for one command of at most 10 minutes on a fresh machine (the
+# device tool's): stages, the most valuable first, each within a time budget, each writing its
+# result file to $OUT_DIR as soon as it ends, so that a run cut short still returns what it did.
 #
-#   scripts/gpu_check.sh [--sanitize | --sanitize-only]
+#   1_build.txt     device and versions; the build, for this GPU's architecture only    240 s
+#   2_ops.txt       every CUDA op test: torchcnn's kernels against torch's, on the GPU   150 s
+#   3_train.txt     train.py --device cuda --epochs 1 (needs the MNIST files)            60 s
+#   4_step.txt      the MNIST step against torch.nn (cuDNN, TF32 as torch defaults) at
+#                   batch 64 and 256, eager and from CUDA graphs                         75 s
+#   5_profile.txt   kernels per step and where the device time goes, both models         30 s
+#   6_memcheck.txt  compute-sanitizer memcheck of the CUDA op tests (no CUDA graphs)     90 s
+#   7_ops_bench.txt the MNIST-shape ops against cuDNN, if time is left                   60 s
+#   summary.md      one line per stage, rewritten after each
 #
-# Without --sanitize it takes a few minutes on an H100; --sanitize-only builds and runs only step 5
-# (for machines that limit one command's time).
-# Environment: OUT_DIR (default gpu_check/), TORCH_CUDA_ARCH_LIST (default: this GPU's arch only;
-# CI compiles all of 8.0, 8.6, 8.9 and 9.0), TORCHCNN_DATA_DIR (MNIST; default ./data).
+# A stage that runs out of its budget is stopped and says so; the whole run keeps within
+# GPU_CHECK_SECONDS (default 570; a rehearsal's budgets are longer, below). Full logs go to $LOG_DIR (default /tmp/gpu_check_logs), the
+# result files hold their tails. The MNIST files are read from $TORCHCNN_DATA_DIR, else ./data: on
+# the device tool, copy them into data/ (git ignores it) and name it in `carry`:
+#
+#   mkdir -p data && cp ../shared/data/mnist/*.gz data/
+#   run: OUT_DIR=$OUT bash scripts/gpu_check.sh        with carry ["data"], timeout_s 600
+#
+#   scripts/gpu_check.sh [--rehearse]
+#
+# --rehearse runs the same stages on a machine without a GPU, to time them and try the script:
+# the build compiles the CUDA kernels for sm_90 all the same, the op tests run the CUDA kernels
+# emulated on the CPU, training and the benchmarks run on the CPU, and memcheck is skipped.
+# Environment: OUT_DIR (default gpu_check/), LOG_DIR, GPU_CHECK_SECONDS, PYTHON,
+# TORCH_CUDA_ARCH_LIST (default: this GPU's architecture), TORCHCNN_DATA_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-sanitize=0
-main=1
+rehearse=0
 for arg in "$@"; do
   case "$arg" in
-    --sanitize) sanitize=1 ;;
-    --sanitize-only) sanitize=1; main=0 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --rehearse) rehearse=1 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
 
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 OUT_DIR="${OUT_DIR:-gpu_check}"
-mkdir -p "$OUT_DIR"
+LOG_DIR="${LOG_DIR:-/tmp/gpu_check_logs}"
+# A second run on the same machine starts clean: no logs of the last (train.py refuses a used --out),
+# and no build lock left by a build that a stage's timeout killed.
+rm -rf "$LOG_DIR"
+find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -path '*torchcnn*/lock' -delete 2>/dev/null
+mkdir -p "$OUT_DIR" "$LOG_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+export PYTHONUNBUFFERED=1  # a stage killed at its budget keeps its log to the end
+# A rehearsal's CPU runs everything slower (a 2-core VM builds the CUDA kernels in many minutes,
+# a GPU machine's 16 cores in a few): its budgets are 3 times as long, its build's 5 times.
+scale=1 build_budget=240 total=570
+[ "$rehearse" -eq 0 ] || scale=3 build_budget=1200 total=2400
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-$total}))
+device=cuda
+[ "$rehearse" -eq 0 ] || device=cpu
 summary=()
 status=0
-note() { summary+=("$1|$2"); }
-stage() { echo; echo "== $*"; }
-print_summary() {
-  echo
-  echo "== summary"
+
+# One line of the summary, which is rewritten in full after every stage.
+note() {
+  summary+=("$1|$2")
   {
-    echo "| check | result |"
+    echo "# gpu_check.sh$([ "$rehearse" -eq 0 ] || echo ' --rehearse (no GPU: a rehearsal)')"
+    echo
+    echo "| stage | result |"
     echo "|---|---|"
     for row in "${summary[@]}"; do echo "| ${row%%|*} | ${row#*|} |"; done
-  } | tee "$OUT_DIR/summary.md"
+  } > "$OUT_DIR/summary.md"
 }
 
-# Wheels carried to a machine without network (the device tool's way): installed into a folder of
-# their own, used for this run only.
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$OUT_DIR/site" \
-    .whl/*.whl && export PYTHONPATH="$OUT_DIR/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# run_stage FILE NAME BUDGET COMMAND...: runs the command within min(BUDGET, time left), its output
+# in $LOG_DIR/NAME.log; sets $rc (124: out of time) and $took.
+run_stage() {
+  local file=$1 name=$2 budget=$(($3 * scale))
+  shift 3
+  local left=$((deadline - SECONDS))
+  [ "$budget" -le "$left" ] || budget=$left
+  echo; echo "== $name (budget ${budget} s)"
+  if [ "$budget" -lt 10 ]; then
+    rc=125 took=0
+    echo "skipped: the run's time is spent" > "$OUT_DIR/$file"
+    return
+  fi
+  local start=$SECONDS
+  timeout --kill-after=10 "$budget" "$@" > "$LOG_DIR/$name.log" 2>&1
+  rc=$?
+  took=$((SECONDS - start))
+  tail -n 25 "$LOG_DIR/$name.log"
+}
 
-if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-  echo "gpu_check.sh: $PYTHON cannot import torch (set PYTHON to the interpreter that has it)" >&2
-  exit 2
-fi
-if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check.sh: torch sees no CUDA GPU here" >&2
-  exit 2
-fi
-# The suite needs these besides torch (torch.library.opcheck imports expecttest); say which are missing.
-missing=$("$PYTHON" - <<'EOF'
-import importlib.util
-names = {"pytest": "pytest", "expecttest": "expecttest", "hypothesis": "hypothesis", "torchvision": "torchvision",
-         "tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "pillow", "numpy": "numpy", "ninja": "ninja"}
-print(" ".join(pip for mod, pip in names.items() if importlib.util.find_spec(mod) is None))
-EOF
-)
-if [ -n "$missing" ]; then
-  echo "gpu_check.sh: missing Python packages: $missing (pip install them, or carry their wheels in .whl/);" \
-       "the tests that need them are skipped" >&2
-fi
-device=$("$PYTHON" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}')")
-versions=$("$PYTHON" -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}')")
-note "device" "$device ($versions)"
-[ -z "$missing" ] || note "missing packages" "$missing: the tests that need them are skipped"
+# finish FILE NAME HEADLINE: the stage's result file (headline, then its log's tail) and its
+# summary line.
+finish() {
+  local file=$1 name=$2 headline=$3
+  if [ "$rc" -eq 125 ]; then  # run_stage skipped it
+    note "$name" "skipped: the run's time is spent"
+    status=1
+    return
+  fi
+  [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || headline="OUT OF TIME after ${took} s; $headline"
+  { echo "$name: $headline"; echo "(rc $rc, ${took} s)"; echo; tail -n 80 "$LOG_DIR/$name.log" 2>/dev/null; } \
+    > "$OUT_DIR/$file"
+  note "$name" "$headline (${took} s)"
+  [ "$rc" -eq 0 ] || status=1
+}
 
-stage "build (just in time, from this checkout)"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
-export TORCH_EXTENSIONS_DIR="$OUT_DIR/torch_extensions"
+# --- 1: device, versions, build ----------------------------------------------------------------
 export TORCHCNN_JIT=1
-start=$SECONDS
-if "$PYTHON" -c "import torchcnn, sys; ext = torchcnn.load(); print('CUDA kernels:', ext.with_cuda); sys.exit(0 if ext.with_cuda else 1)" \
-    2>&1 | tee "$OUT_DIR/build.log"; then
-  note "build" "ok, arch $TORCH_CUDA_ARCH_LIST, $((SECONDS - start)) s"
+if [ "$rehearse" -eq 1 ]; then
+  export TORCHCNN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+  about=$("$PYTHON" -c "import torch; print(f'no GPU (rehearsal); torch {torch.__version__}')" 2>/dev/null)
 else
-  note "build" "FAILED (see $OUT_DIR/build.log)"
-  print_summary
-  exit 1
+  about=$("$PYTHON" - <<'EOF' 2>&1 | tail -1
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit("torch sees no CUDA GPU here (--rehearse tries the script without one)")
+p = torch.cuda.get_device_properties(0)
+print(f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}; torch {torch.__version__}, "
+      f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+EOF
+  ) || { echo "gpu_check.sh: $about" >&2; note "device" "$about"; exit 2; }
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c \
+    "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
 fi
+note "device" "$about"
+run_stage 1_build.txt build $((build_budget / scale)) "$PYTHON" -c "
+import sys, torchcnn
+ext = torchcnn.load()
+print('loaded:', ext)
+sys.exit(0 if ext.with_cuda else 1)"
+finish 1_build.txt build "$([ "$rc" -eq 0 ] && echo "ok, arch $TORCH_CUDA_ARCH_LIST" || echo "FAILED")"
+[ "$rc" -eq 0 ] || exit 1
 
 if [ -z "${TORCHCNN_DATA_DIR:-}" ] && [ -d data ]; then
   TORCHCNN_DATA_DIR="$(cd data && pwd)"
   export TORCHCNN_DATA_DIR
 fi
+have_mnist=0
+"$PYTHON" -c "import sys; from torchcnn.mnist import data; sys.exit(0 if data.find_files(data.default_data_dir()) else 1)" \
+  2>/dev/null && have_mnist=1
 
-if [ "$main" -eq 1 ]; then
-stage "tests (the whole suite; CUDA cases included)"
-start=$SECONDS
-"$PYTHON" -m pytest -q -rfEs --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log"
-tests_rc=${PIPESTATUS[0]}
-counts=$("$PYTHON" - "$OUT_DIR/tests.xml" <<'EOF'
-import re
-import sys
-import xml.etree.ElementTree as ET
-cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
-def outcome(case):
-    for tag in ("failure", "error", "skipped"):
-        if case.find(tag) is not None:
-            return tag
-    return "passed"
-def count(selected):
-    outcomes = [outcome(c) for c in selected]
-    return {k: outcomes.count(k) for k in ("passed", "failure", "error", "skipped")}
-every = count(cases)
-cuda = count([c for c in cases if re.search(r"[\[-]cuda[-\]]", c.get("name", ""))
-              or c.get("classname", "").endswith("test_cuda")])
-print(f"{every['passed']} passed, {every['failure']} failed, {every['error']} errors, {every['skipped']} skipped "
-      f"(CUDA cases: {cuda['passed']} passed, {cuda['failure'] + cuda['error']} failed, {cuda['skipped']} skipped)")
+# pytest's closing line ("3 failed, 120 passed, 4 skipped in 40.1s"); for a run its budget cut
+# short, how far its progress got ("[ 812/2561]") and how many failed on the way.
+pytest_result() {
+  local line
+  line=$(grep -E "(passed|failed|error|deselected|no tests ran)" "$LOG_DIR/$1.log" | grep -E " in [0-9.]+s" | tail -1 |
+    sed 's/=//g; s/^ *//')
+  if [ -z "$line" ]; then
+    line="stopped at $(grep -Eo '\[ *[0-9]+/[0-9]+\]' "$LOG_DIR/$1.log" | tail -1), $(grep -E '^[.sFExX]+ +\[' \
+      "$LOG_DIR/$1.log" | tr -cd 'FE' | wc -c) failed so far"
+  fi
+  echo "$line"
+}
+
+# --- 2: every CUDA op test ---------------------------------------------------------------------
+# The kernels' own tests first; test_cuda.py last (a cold inductor compile, subprocesses, > 2^31 elements).
+op_tests=(tests/test_conv2d.py tests/test_max_pool2d.py tests/test_fused.py tests/test_cross_entropy.py
+          tests/test_layers.py tests/test_ops.py tests/test_autograd_kernels.py tests/test_cuda_graph.py tests/test_cuda.py)
+if [ "$rehearse" -eq 1 ]; then
+  selection="emulated and not gradcheck"  # the CUDA kernels, emulated on the CPU
+else
+  selection="cuda and not emulated"
+fi
+run_stage 2_ops.txt ops 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rfE -o console_output_style=count \
+  -k "$selection" "${op_tests[@]}"
+finish 2_ops.txt ops "$(pytest_result ops)"
+
+# --- 3: train.py, one epoch --------------------------------------------------------------------
+if [ "$have_mnist" -eq 1 ]; then
+  run_stage 3_train.txt train 60 "$PYTHON" train.py --device "$device" --epochs 1 --no-download --quiet --no-plots \
+    --out "$LOG_DIR/train_run" $([ "$rehearse" -eq 0 ] || echo "--limit-train 6400")
+  headline=$("$PYTHON" -c "
+import json; m = json.load(open('$LOG_DIR/train_run/metrics.json'))
+print(f\"1 epoch: test accuracy {m['test_accuracy']:.2%}, {m['train_seconds']:.1f} s, {m['images_per_second']:,.0f} img/s\")" \
+    2>/dev/null || echo "FAILED")
+  finish 3_train.txt train "$headline"
+else
+  echo "skipped: no MNIST files (data/ or TORCHCNN_DATA_DIR)" > "$OUT_DIR/3_train.txt"
+  note train "skipped: no MNIST files (copy them into data/ and carry it)"
+fi
+
+# --- 4: the MNIST step against torch.nn --------------------------------------------------------
+run_stage 4_step.txt step 75 "$PYTHON" benchmarks/bench_train_step.py --device "$device" --batch-sizes 64 256 \
+  --min-run-time 0.3 --rounds 3 --tf32 torch --json "$LOG_DIR/step.json"
+headline=$("$PYTHON" - "$LOG_DIR/step.json" <<'EOF' 2>/dev/null || echo "FAILED"
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print("; ".join(f"{r['case'].split(' ')[0].rstrip(',')} b{r['batch']} {r['ratio']:.2f}x"
+                + (f", graphed {r['graph_ratio']:.2f}x" if "graph_ratio" in r else "") for r in rows))
 EOF
 )
-note "tests" "$counts; rc $tests_rc, $((SECONDS - start)) s"
-[ "$tests_rc" -eq 0 ] || status=1
+[ "$rc" -eq 0 ] || headline="$headline: $(grep -E 'Error|error:' "$LOG_DIR/step.log" | tail -1)"
+finish 4_step.txt step "$headline"
 
-stage "op benchmarks vs cuDNN (float32, TF32 off for both)"
-if "$PYTHON" benchmarks/bench_ops.py --device cuda --min-run-time 0.5 --json "$OUT_DIR/bench_ops.json" \
-    2>&1 | tee "$OUT_DIR/bench_ops.log"; then
-  note "ops vs cuDNN" "$("$PYTHON" - "$OUT_DIR/bench_ops.json" <<'EOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-ratios = [r[f"torchcnn_{p}"] / r[f"torch_{p}"] for r in d["rows"] for p in ("fwd", "bwd")]
-over = sum(x > 2 for x in ratios)
-print(f"ratios {min(ratios):.2f}x..{max(ratios):.2f}x, {over} of {len(ratios)} over 2x (target <= 2x)")
-EOF
-)"
+# --- 5: kernel profile -------------------------------------------------------------------------
+run_stage 5_profile.txt profile 30 "$PYTHON" scripts/gpu_profile.py --device "$device" --batch 256 --steps 5
+headline=$(grep -E "^[a-z]+: MNIST step at batch" "$LOG_DIR/profile.log" | sed 's/:.*batch 256, / /' | paste -sd ';' -)
+[ "$rc" -eq 0 ] || headline="$headline $(grep -E 'Error|error:' "$LOG_DIR/profile.log" | tail -1)"
+finish 5_profile.txt profile "$headline"
+
+# --- 6: compute-sanitizer memcheck -------------------------------------------------------------
+sanitizer="$(command -v compute-sanitizer || true)"
+for candidate in "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")/compute-sanitizer" \
+    /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+  [ -n "$sanitizer" ] || { [ -x "$candidate" ] && sanitizer="$candidate"; }
+done
+if [ "$rehearse" -eq 1 ] || [ -z "$sanitizer" ]; then
+  reason=$([ "$rehearse" -eq 1 ] && echo "a rehearsal has no GPU" || echo "compute-sanitizer not found")
+  echo "skipped: $reason" > "$OUT_DIR/6_memcheck.txt"
+  note memcheck "skipped: $reason"
 else
-  note "ops vs cuDNN" "FAILED (see $OUT_DIR/bench_ops.log)"; status=1
+  # Without the caching allocator every tensor is an allocation of its own, so memcheck sees an
+  # overrun; CUDA graphs are left out (they need the caching allocator).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage 6_memcheck.txt memcheck 90 "$sanitizer" --tool memcheck \
+    --error-exitcode 99 "$PYTHON" -m pytest -q -x -p no:cacheprovider -o console_output_style=count \
+    tests/test_conv2d.py tests/test_max_pool2d.py tests/test_fused.py tests/test_cross_entropy.py \
+    -k "cuda and not emulated and not gradcheck and not graph"
+  # A run cut short prints no summary: count the errors it reported on the way ("Program hit"
+  # lines are CUDA API errors, which torch may raise on purpose: read them in the log).
+  errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$LOG_DIR/memcheck.log" | tail -1)
+  [ -n "$errors" ] || errors="no summary, $(grep -c '^========= Invalid' "$LOG_DIR/memcheck.log") invalid accesses so far"
+  finish 6_memcheck.txt memcheck "$errors; $(pytest_result memcheck)"
 fi
 
-stage "conv2d on ResNet/depthwise/MNIST shapes vs cuDNN (and a ResNet-18 step where torchvision is found)"
-resnet_flag=$("$PYTHON" -c "import torchvision" 2>/dev/null || echo --skip-resnet)
-if "$PYTHON" benchmarks/bench_conv.py --device cuda --min-run-time 1 --rounds 3 $resnet_flag \
-    --json "$OUT_DIR/bench_conv.json" 2>&1 | tee "$OUT_DIR/bench_conv.log"; then
-  note "conv2d vs cuDNN" "$("$PYTHON" - "$OUT_DIR/bench_conv.json" <<'EOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-step = f", ResNet-18 step {d['resnet18_step']:.2f}x" if "resnet18_step" in d else ""
-print(f"geometric mean {d['geomean']:.2f}x, worst {d['worst']:.2f}x{step} (table in bench_conv.log)")
-EOF
-)"
-else
-  note "conv2d vs cuDNN" "FAILED (see $OUT_DIR/bench_conv.log)"; status=1
-fi
+# --- 7: the ops against cuDNN, if time is left -------------------------------------------------
+run_stage 7_ops_bench.txt ops_bench 60 "$PYTHON" benchmarks/bench_ops.py --device "$device" --batch-sizes 64 256 \
+  --min-run-time 0.3 --rounds 3
+finish 7_ops_bench.txt ops_bench "$(grep -E "worst ratio" "$LOG_DIR/ops_bench.log" || echo "no result")"
 
-stage "MNIST training step: torchcnn layers vs torch.nn layers"
-if "$PYTHON" benchmarks/bench_train_step.py --device cuda --min-run-time 0.5 --json "$OUT_DIR/bench_train_step.json" \
-    2>&1 | tee "$OUT_DIR/bench_train_step.log"; then
-  note "train step" "$("$PYTHON" - "$OUT_DIR/bench_train_step.json" <<'EOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-print(", ".join(f"batch {r['batch']}: {r['torchcnn_ms']:.2f} ms vs {r['torch_ms']:.2f} ms "
-                f"({r['ratio']:.2f}x; --no-fuse {r['unfused_ratio']:.2f}x; CUDA graph "
-                f"{r['torchcnn_graph_ms']:.2f} vs {r['torch_graph_ms']:.2f} ms, {r['graph_ratio']:.2f}x)"
-                for r in d["rows"]))
-EOF
-)"
-else
-  note "train step" "FAILED (see $OUT_DIR/bench_train_step.log)"; status=1
-fi
-
-stage "time to 99 % test accuracy, --recipe fast, steps from CUDA graphs: torchcnn vs torch"
-if "$PYTHON" -c "import sys; from torchcnn.mnist import data; sys.exit(0 if data.find_files(data.default_data_dir()) else 1)"; then
-  for backend in torchcnn torch; do
-    "$PYTHON" benchmarks/time_to_accuracy.py --device cuda --backend "$backend" --cuda-graphs \
-      --json "$OUT_DIR/tta_$backend.json" 2>&1 | tee "$OUT_DIR/tta_$backend.log"
-  done
-  note "time to 99%" "$("$PYTHON" - "$OUT_DIR" <<'EOF'
-import json, os, sys
-parts = []
-for backend in ("torchcnn", "torch"):
-    path = os.path.join(sys.argv[1], f"tta_{backend}.json")
-    if not os.path.exists(path):
-        parts.append(f"{backend}: FAILED"); continue
-    d = json.load(open(path))
-    parts.append(f"{backend}: {d['seconds_to_target']:.1f} s" if d["reached"] else
-                 f"{backend}: not reached ({d['test_accuracy']:.2%} in {d['training_seconds']:.1f} s)")
-print(", ".join(parts))
-EOF
-)"
-else
-  note "time to 99%" "skipped: no MNIST files (set TORCHCNN_DATA_DIR)"
-fi
-
-stage "train.py --device cuda --epochs 1"
-if "$PYTHON" -c "import sys; from torchcnn.mnist import data; sys.exit(0 if data.find_files(data.default_data_dir()) else 1)"; then
-  if "$PYTHON" train.py --device cuda --epochs 1 --no-download --quiet --out "$OUT_DIR/train_run" \
-      2>&1 | tee "$OUT_DIR/train.log"; then
-    note "train.py cuda" "$("$PYTHON" -c "
-import json; m = json.load(open('$OUT_DIR/train_run/metrics.json'))
-print(f\"1 epoch: test accuracy {m['test_accuracy']:.2%}, {m['train_seconds']:.1f} s, {m['images_per_second']:,.0f} img/s\")")"
-  else
-    note "train.py cuda" "FAILED (see $OUT_DIR/train.log)"; status=1
-  fi
-  if "$PYTHON" train.py --device cuda --epochs 1 --cuda-graphs --no-download --quiet --out "$OUT_DIR/train_graphs" \
-      2>&1 | tee "$OUT_DIR/train_graphs.log"; then
-    note "train.py cuda --cuda-graphs" "$("$PYTHON" -c "
-import json; m = json.load(open('$OUT_DIR/train_graphs/metrics.json'))
-print(f\"1 epoch: test accuracy {m['test_accuracy']:.2%}, {m['train_seconds']:.1f} s, {m['images_per_second']:,.0f} img/s\")")"
-  else
-    note "train.py cuda --cuda-graphs" "FAILED (see $OUT_DIR/train_graphs.log)"; status=1
-  fi
-else
-  note "train.py cuda" "skipped: no MNIST files (set TORCHCNN_DATA_DIR)"
-fi
-fi  # main
-
-if [ "$sanitize" -eq 1 ]; then
-  sanitizer="$(command -v compute-sanitizer || true)"
-  for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
-    [ -n "$sanitizer" ] || { [ -x "$candidate" ] && sanitizer="$candidate"; }
-  done
-  if [ -z "$sanitizer" ]; then
-    note "compute-sanitizer" "not found"; status=1
-  else
-    # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
-    for tool in memcheck racecheck; do
-      stage "compute-sanitizer --tool $tool (CUDA op tests)"
-      start=$SECONDS
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 99 \
-        "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_conv2d.py tests/test_max_pool2d.py \
-        tests/test_fused.py tests/test_cross_entropy.py tests/test_layers.py tests/test_cuda_graph.py \
-        -k "cuda and not emulated and not gradcheck" 2>&1 | tee "$OUT_DIR/sanitize_$tool.log"
-      rc=${PIPESTATUS[0]}
-      errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$OUT_DIR/sanitize_$tool.log" | tail -1)
-      note "$tool" "rc $rc, ${errors:-no summary}, $((SECONDS - start)) s"
-      [ "$rc" -eq 0 ] || status=1
-    done
-  fi
-fi
-
-print_summary
+echo; cat "$OUT_DIR/summary.md"
 exit $status
