@@ -24,6 +24,23 @@ inline bool has_tangent(const at::Tensor& t) {
   return t.defined() && t._fw_grad(/*level=*/0).defined();
 }
 
+// Whether a backward is itself differentiated: create_graph, or a tangent riding on the gradient
+// (forward-over-reverse). Then the ops it calls must go through autograd, which records them.
+inline bool differentiated(const at::Tensor& grad_output) {
+  return at::GradMode::is_enabled() || has_tangent(grad_output);
+}
+
+// Runs `call` through autograd when `recorded` (it is recorded, differentiable again), else below
+// autograd: the two ways a backward calls an op.
+template <typename Call>
+auto call_recorded_if(bool recorded, Call&& call) {
+  if (recorded) {
+    return call();
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return call();
+}
+
 // Outputs that take no gradient (relu's mask, max pooling's indices, the loss's log Σ exp) are not
 // outputs of the C++ Function: its forward hands them back through a pointer argument, which
 // Function::apply passes on untouched, so they leave as plain tensors, as torch's own indices do.

@@ -63,12 +63,6 @@ struct ConvArgs {
   }
 };
 
-// Whether a backward is itself differentiated: create_graph, or a tangent riding on the gradient
-// (forward-over-reverse). Then its ops go through autograd, which records them.
-bool differentiated(const at::Tensor& grad_output) {
-  return at::GradMode::is_enabled() || has_tangent(grad_output);
-}
-
 // Which of a convolution node's (input, weight, bias) need a gradient. needs_input_grad counts
 // the tensors the node was given: bias is the third only if it was given.
 Mask gradient_mask(AutogradContext* ctx) {
@@ -83,7 +77,7 @@ variable_list conv2d_gradients(const at::Tensor& grad_y, const at::Tensor& input
   static const auto backward_input = find_op<GradientSignature>("torchcnn::conv2d_backward_input");
   static const auto backward_weight = find_op<GradientSignature>("torchcnn::conv2d_backward_weight");
   variable_list result(arguments);
-  const auto run = [&] {
+  call_recorded_if(recorded, [&] {
     if (mask[0]) {
       result[0] = backward_input.call(grad_y, input, weight, a.stride, a.padding, a.dilation, a.groups);
     }
@@ -93,24 +87,14 @@ variable_list conv2d_gradients(const at::Tensor& grad_y, const at::Tensor& input
     if (mask[2]) {
       result[2] = grad_y.sum({0, 2, 3});
     }
-  };
-  if (recorded) {
-    run();
-  } else {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    run();
-  }
+  });
   return result;
 }
 
 // ∂L/∂Y = M ⊙ ∂L/∂A, where the ReLU passes.
 at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& passes, bool recorded) {
   static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("torchcnn::relu_backward");
-  if (recorded) {
-    return op.call(grad_output, passes);
-  }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grad_output, passes);
+  return call_recorded_if(recorded, [&] { return op.call(grad_output, passes); });
 }
 
 const c10::TypedOperatorHandle<Conv2dSignature>& conv2d_op() {
@@ -278,13 +262,8 @@ struct Conv2dReLUMaxPool2d : public torch::autograd::Function<Conv2dReLUMaxPool2
     const at::Tensor y_shape = grad_output.new_empty({}).expand_symint(y_sizes);
     const at::Tensor grad_pooled = relu_backward(grad_output, passes, recorded);
     const std::vector<int64_t> two = {2, 2}, zero = {0, 0}, one = {1, 1};
-    at::Tensor grad_y;
-    if (recorded) {
-      grad_y = pool_backward.call(grad_pooled, y_shape, indices, two, two, zero, one, ceil_mode);
-    } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      grad_y = pool_backward.call(grad_pooled, y_shape, indices, two, two, zero, one, ceil_mode);
-    }
+    const at::Tensor grad_y = call_recorded_if(
+        recorded, [&] { return pool_backward.call(grad_pooled, y_shape, indices, two, two, zero, one, ceil_mode); });
     return conv2d_gradients(grad_y, input, weight, a, mask, kArguments, recorded);
   }
 };

@@ -70,7 +70,7 @@ struct CrossEntropy : public torch::autograd::Function<CrossEntropy> {
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
-    if (at::GradMode::is_enabled() || has_tangent(grad_loss) || has_tangent(input)) {
+    if (differentiated(grad_loss) || has_tangent(input)) {
       // create_graph, or tangents to carry (forward-over-reverse): a formula autograd can
       // differentiate again; the op below autograd would drop them.
       static const auto gradient = find_op<GradientSignature>("torchcnn::_cross_entropy_gradient");

@@ -57,16 +57,10 @@ struct MaxPool2d : public torch::autograd::Function<MaxPool2d> {
     }
     const auto saved = ctx->get_saved_variables();
     const auto p = ctx->saved_data["pool"].toIntVector();
-    const auto call = [&] {
+    result[0] = call_recorded_if(differentiated(grad_output), [&] {
       return max_pool2d_backward.call(grad_output, saved[0], saved[1], {p[0], p[1]}, {p[2], p[3]}, {p[4], p[5]},
                                       {p[6], p[7]}, p[8] != 0);
-    };
-    if (at::GradMode::is_enabled() || has_tangent(grad_output)) {
-      result[0] = call();  // recorded: differentiable again
-    } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      result[0] = call();
-    }
+    });
     return result;
   }
 };

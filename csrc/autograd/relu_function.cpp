@@ -43,12 +43,7 @@ struct ReLU : public torch::autograd::Function<ReLU> {
     torch::autograd::variable_list result(2);  // one per argument of forward
     const at::Tensor& grad_output = grads[0];
     const at::Tensor passes = ctx->get_saved_variables()[0];
-    if (at::GradMode::is_enabled() || has_tangent(grad_output)) {
-      result[0] = relu_backward.call(grad_output, passes);  // recorded: differentiable again
-    } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      result[0] = relu_backward.call(grad_output, passes);
-    }
+    result[0] = call_recorded_if(differentiated(grad_output), [&] { return relu_backward.call(grad_output, passes); });
     return result;
   }
 };
