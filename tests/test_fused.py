@@ -34,7 +34,7 @@ def _pools(sample, ceil_mode):
 
 
 def _grads(outputs, inputs, grad):
-    inputs = [t for t in inputs if t is not None]
+    inputs = [t for t in inputs if t is not None and t.requires_grad]
     return torch.autograd.grad(outputs, inputs, grad)
 
 
@@ -386,19 +386,59 @@ def test_the_sparse_cpu_backward_is_the_dense_one(sample, dtype, ceil_mode):
 
 def test_the_sparse_backward_serves_wide_filters_and_not_what_differentiates_it_again():
     """The route the CPU backward takes: the sparse op where a filter row is ≥ 16 values (the
-    MNIST model's second layer), the dense route for its first layer (3 values) and whenever the
-    backward is itself differentiated (create_graph)."""
+    MNIST model's second layer) and, for ∂W alone in float (a network's first layer), where a
+    filter is a few short rows (one channel, 3×3 to 7×7); the dense route for short rows that
+    need ∂X, for double's, for filters of more than eight pieces, and whenever the backward is
+    itself differentiated (create_graph)."""
     torchcnn.load()  # before the first call: the C++ node, which takes the sparse op, serves only calls after it
 
-    def takes_sparse(channels, create_graph=False):
-        x = torch.randn(2, channels, 12, 12, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(8, channels, 3, 3, dtype=torch.float64, requires_grad=True)
-        out = F.conv2d_relu_max_pool2d(x, w, None, padding=1)
+    def takes_sparse(channels, create_graph=False, first_layer=False, dtype=torch.float64, kernel=3, groups=1):
+        x = torch.randn(2, channels, 12, 12, dtype=dtype, requires_grad=not first_layer)
+        w = torch.randn(8, channels // groups, kernel, kernel, dtype=dtype, requires_grad=True)
+        out = F.conv2d_relu_max_pool2d(x, w, None, padding=1, groups=groups)
         with torch.profiler.profile() as prof:
-            torch.autograd.grad(out.sum(), (x, w), create_graph=create_graph)
+            torch.autograd.grad(out.sum(), [t for t in (x, w) if t.requires_grad], create_graph=create_graph)
         return any(e.name.endswith("_cpu_conv2d_relu_max_pool2d_backward") for e in prof.events())
 
     assert takes_sparse(32) and not takes_sparse(1) and not takes_sparse(32, create_graph=True)
+    for kernel in (3, 5, 7):
+        assert takes_sparse(1, first_layer=True, dtype=torch.float32, kernel=kernel)
+    assert takes_sparse(2, first_layer=True, dtype=torch.float32, kernel=7)  # seven rows of 14
+    assert not takes_sparse(1, first_layer=True, dtype=torch.float32, kernel=9)  # nine rows
+    assert not takes_sparse(1, first_layer=True, dtype=torch.float64)
+    assert not takes_sparse(1, dtype=torch.float32)  # ∂X wanted too
+    assert not takes_sparse(8, first_layer=True, dtype=torch.float32, groups=4)  # nine taps of two channels
+
+
+# Filters the sparse op's ∂W sums in registers all at once (at most eight pieces of at most 16
+# values: csrc/cpu/sparse_pieces.h) — filter rows of 1 to 16 values, taps of a few channels when
+# grouped or dilated — and one just past each limit, against the dense route.
+SHORT_PIECES = [
+    ((5, 1, 13, 11), (6, 1, 1, 1), {}),
+    ((5, 1, 14, 15), (6, 1, 3, 3), {"padding": 1}),
+    ((5, 1, 16, 16), (6, 1, 5, 5), {}),
+    ((3, 1, 17, 18), (4, 1, 7, 7), {"padding": 3, "stride": 2}),
+    ((3, 2, 15, 15), (4, 2, 8, 8), {"padding": 2}),  # eight rows of 16 values: two vectors each
+    ((3, 3, 12, 13), (5, 3, 5, 3), {"padding": (2, 1)}),  # rows of 9
+    ((3, 1, 20, 20), (4, 1, 9, 9), {}),  # nine rows: the general loop
+    ((3, 17, 9, 9), (4, 17, 1, 1), {}),  # one row of 17: the general loop
+    ((3, 4, 12, 12), (6, 2, 2, 2), {"groups": 2}),  # four taps of two channels
+    ((3, 3, 14, 14), (4, 3, 2, 2), {"dilation": 2, "padding": 1}),  # four taps of three channels
+]
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+@pytest.mark.parametrize("shape,weight_shape,kwargs", SHORT_PIECES, ids=repr)
+def test_the_sparse_op_sums_short_filter_pieces_as_the_dense_route(shape, weight_shape, kwargs, input_grad):
+    x = torch.randn(shape, requires_grad=input_grad)
+    w = torch.randn(weight_shape, requires_grad=True)
+    b = torch.randn(weight_shape[0], requires_grad=True)
+    grad = torch.randn_like(F.conv2d_relu_max_pool2d(x, w, b, **kwargs))
+    sparse = _backward_by("sparse", x, w, b, kwargs, False, grad)
+    dense = _backward_by("dense", x, w, b, kwargs, False, grad)
+    assert len(sparse) == len(dense) == (3 if input_grad else 2)
+    for got, want in zip(sparse, dense):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(want.abs().max())))
 
 
 def _sparse_op_arguments(batch=3, channels=16, dtype=torch.float32, memory_format=torch.contiguous_format):

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "../cpu/sparse_pieces.h"
 #include "common.h"
 
 namespace torchcnn::autograd {
@@ -166,14 +167,14 @@ struct Conv2dReLU : public torch::autograd::Function<Conv2dReLU> {
 enum class Route : int { kRule, kSparse, kDense };
 std::atomic<Route> forced_route{Route::kRule};
 
-// Whether conv2d_relu_max_pool2d's backward takes the CPU's sparse op: CPU tensors, a backward that
-// is not itself differentiated (the dense route's ops carry those derivatives), and filters whose
-// contiguous pieces are at least 16 values long (a filter row, KW · C, with one group and no
-// horizontal dilation; else one tap's C/groups), which the sparse op's vector loops need to beat
-// the dense route's GEMMs (the MNIST model's second layer: 3 · 32 = 96; its first, 3 · 1 = 3,
-// takes the dense route).
+// Whether conv2d_relu_max_pool2d's backward takes the CPU's sparse op: CPU tensors and a backward
+// that is not itself differentiated (the dense route's ops carry those derivatives), with filters
+// whose pieces (cpu/sparse_pieces.h) the op's vector loops take faster than the dense route's
+// GEMMs: pieces of at least 16 values (the MNIST model's second layer: rows of 3 · 32 = 96), or,
+// when only ∂W and ∂b are wanted (a network's first layer), few short ones in float sums (a
+// one-channel 5×5 filter: five rows of five), whose ∂W is summed in registers all at once.
 bool sparse_backward_applies(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                             const ConvArgs& a) {
+                             const ConvArgs& a, const Mask& mask) {
   if (!grad_output.is_cpu() || differentiated(grad_output) || functorch_active()) {
     return false;
   }
@@ -182,15 +183,19 @@ bool sparse_backward_applies(const at::Tensor& grad_output, const at::Tensor& in
     return forced == Route::kSparse;
   }
   // Sizes as SymInts: traced with symbolic shapes (torch.compile's dynamic=True), a plain size()
-  // would specialise the graph to them. A symbolic channel count takes the dense route.
+  // would specialise the graph to them. A symbolic channel count or filter takes the dense route.
   const auto channels = input.sym_size(1).maybe_as_int();
+  const auto kernel_h = weight.sym_size(2).maybe_as_int();
   const auto kernel_w = weight.sym_size(3).maybe_as_int();
-  if (!channels || !kernel_w) {
+  if (!channels || !kernel_h || !kernel_w) {
     return false;
   }
-  const int64_t group_channels = *channels / a.groups;
-  const int64_t piece = a.groups == 1 && a.dilation[1] == 1 ? group_channels * *kernel_w : group_channels;
-  return piece >= 16;
+  const bool rows = a.groups == 1 && a.dilation[1] == 1;
+  const auto pieces = cpu::filter_pieces(*channels / a.groups, *kernel_h, *kernel_w, rows);
+  if (pieces.len >= 16) {
+    return true;
+  }
+  return !mask[0] && pieces.short_enough() && input.scalar_type() != at::kDouble;
 }
 
 // Forces the route ("sparse", "dense", or "" for the rule again); returns the previous one.
@@ -232,7 +237,7 @@ struct Conv2dReLUMaxPool2d : public torch::autograd::Function<Conv2dReLUMaxPool2
     const ConvArgs a = ConvArgs::load(ctx);
     const bool ceil_mode = ctx->saved_data["ceil_mode"].toBool();
     const Mask mask = gradient_mask(ctx);
-    if (sparse_backward_applies(grad_output, input, weight, a)) {
+    if (sparse_backward_applies(grad_output, input, weight, a, mask)) {
       using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, IntArrayRef,
           IntArrayRef, IntArrayRef, int64_t, bool, Mask);

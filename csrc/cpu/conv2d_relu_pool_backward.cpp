@@ -21,10 +21,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../shapes.h"
 #include "conv2d_algorithms.h"
+#include "sparse_pieces.h"
 #include "simd.h"
 
 namespace torchcnn::cpu {
@@ -186,11 +188,88 @@ std::vector<Piece> pieces(const Conv2dGeometry& g, int64_t padded_w) {
   return out;
 }
 
-// What the loops share: the non-zeros (values, zero where the ReLU did not pass, and their flat
-// index in Y's plane), image by image (K planes of `pooled` each), and the sizes.
+// ∂W's sums when every piece is short — at most kShortPiece values, as in a first layer's
+// one-channel filters (a 5×5 filter: five rows of five) — and there are at most kMaxShortPieces:
+// all the pieces' sums in registers at once, in one pass over the non-zeros, where
+// accumulate_rows would take one pass per piece with a single sum (a chain of dependent
+// multiply-adds, five lanes of sixteen busy). Each piece is read as kVectors whole vectors from
+// its start: up to kShortPiece − len values past its end, which the padded image's slack
+// (kShortPieceSlack) keeps in bounds and whose lanes are dropped.
+constexpr int64_t kShortPieceSlack = kShortPiece;  // sparse_pieces.h
+
+template <int kPieces, int kVectors>
+[[gnu::always_inline]] inline void accumulate_short_pieces(const float* const* src, const Piece* pieces,
+                                                           const float* v, int64_t count, float* dw) {
+  Floats8 sum[kPieces][kVectors] = {};
+  int64_t offset[kPieces];
+  for (int p = 0; p < kPieces; ++p) {
+    offset[p] = pieces[p].image;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const float* s = src[i];
+    const float vi = v[i];
+    for (int p = 0; p < kPieces; ++p) {
+      for (int r = 0; r < kVectors; ++r) {
+        Floats8 x;
+        std::memcpy(&x, s + offset[p] + 8 * r, sizeof x);
+        sum[p][r] += vi * x;
+      }
+    }
+  }
+  for (int p = 0; p < kPieces; ++p) {
+    float lanes[8 * kVectors];
+    std::memcpy(lanes, sum[p], sizeof lanes);
+    float* d = dw + pieces[p].filter;
+    for (int64_t c = 0; c < pieces[p].len; ++c) {
+      d[c] += lanes[c];
+    }
+  }
+}
+
+template <int kVectors>
+[[gnu::always_inline]] inline void accumulate_short_vectors(const float* const* src, const Piece* pieces,
+                                                            int64_t n_pieces, const float* v, int64_t count,
+                                                            float* dw) {
+  switch (n_pieces) {
+    case 1: return accumulate_short_pieces<1, kVectors>(src, pieces, v, count, dw);
+    case 2: return accumulate_short_pieces<2, kVectors>(src, pieces, v, count, dw);
+    case 3: return accumulate_short_pieces<3, kVectors>(src, pieces, v, count, dw);
+    case 4: return accumulate_short_pieces<4, kVectors>(src, pieces, v, count, dw);
+    case 5: return accumulate_short_pieces<5, kVectors>(src, pieces, v, count, dw);
+    case 6: return accumulate_short_pieces<6, kVectors>(src, pieces, v, count, dw);
+    case 7: return accumulate_short_pieces<7, kVectors>(src, pieces, v, count, dw);
+    default: return accumulate_short_pieces<8, kVectors>(src, pieces, v, count, dw);
+  }
+}
+
+[[gnu::always_inline]] inline void accumulate_short(const float* const* src, const Piece* pieces, int64_t n_pieces,
+                                                    int64_t longest, const float* v, int64_t count, float* dw) {
+  if (longest <= 8) {
+    accumulate_short_vectors<1>(src, pieces, n_pieces, v, count, dw);
+  } else {
+    accumulate_short_vectors<2>(src, pieces, n_pieces, v, count, dw);
+  }
+}
+
+TORCHCNN_TIERED(accumulate_short_tiered, accumulate_short,
+                (const float* const* src, const Piece* pieces, int64_t n_pieces, int64_t longest, const float* v,
+                 int64_t count, float* dw),
+                (src, pieces, n_pieces, longest, v, count, dw))
+
+// Whether ∂W takes accumulate_short: float sums and short pieces, few enough to stay in registers.
+template <typename T>
+bool short_pieces(const std::vector<Piece>& pieces) {
+  return std::is_same_v<T, float> && !pieces.empty() &&
+         static_cast<int64_t>(pieces.size()) <= kMaxShortPieces &&
+         std::all_of(pieces.begin(), pieces.end(), [](const Piece& p) { return p.len <= kShortPiece; });
+}
+
+// What the loops share: the non-zeros (the pooled gradient where the ReLU passed, and the flat
+// index in Y's plane of its argmax), image by image (K planes of `pooled` each), and the sizes.
 template <typename T>
 struct SparseGrad {
   const T* values;
+  const bool* passes;
   const int64_t* at;
   int64_t out_channels, pooled, plane;
   int64_t group_out_channels, group_channels;
@@ -200,6 +279,8 @@ struct SparseGrad {
   std::vector<int64_t> window;
 
   int64_t per_image() const { return out_channels * pooled; }
+  // Entry i's gradient: zero where the ReLU did not pass, whatever grad_output holds there (a NaN).
+  T value(int64_t i) const { return passes[i] ? values[i] : T(0); }
   int64_t group_offset(int64_t k) const { return k / group_out_channels * group_channels; }
 };
 
@@ -220,6 +301,11 @@ void weight_grad(const SparseGrad<T>& s, const T* xp, int64_t batch, int64_t pad
                  T* dw, T* db) {
   // Images per block: what fits a 32 KiB L1 data cache, one image at least.
   const int64_t block = std::max<int64_t>(1, (32 << 10) / (padded_image * int64_t(sizeof(T))));
+  const bool short_rows = short_pieces<T>(s.pieces);
+  int64_t longest = 0;
+  for (const Piece& piece : s.pieces) {
+    longest = std::max(longest, piece.len);
+  }
   at::parallel_for(0, s.out_channels, 1, [&](int64_t k_begin, int64_t k_end) {
     std::vector<const T*> src(block * s.pooled);
     std::vector<T> v(block * s.pooled);
@@ -229,18 +315,25 @@ void weight_grad(const SparseGrad<T>& s, const T* xp, int64_t batch, int64_t pad
         int64_t count = 0;
         T bias = 0;
         for (int64_t n = n0; n < n1; ++n) {
-          const T* g = s.values + n * s.per_image() + k * s.pooled;
-          const int64_t* at = s.at + n * s.per_image() + k * s.pooled;
+          const int64_t first = n * s.per_image() + k * s.pooled;
+          const int64_t* at = s.at + first;
           const T* image = xp + n * padded_image + s.group_offset(k);
-          for (int64_t j = 0; j < s.pooled; ++j) {
-            if (g[j] != T(0)) {
-              bias += g[j];
-              src[count] = image + s.window[at[j]];
-              v[count++] = g[j];
-            }
+          for (int64_t j = 0; j < s.pooled; ++j) {  // without a branch: the ReLU's zeros fall at random
+            const T g = s.value(first + j);
+            bias += g;
+            src[count] = image + s.window[at[j]];
+            v[count] = g;
+            count += g != T(0);
           }
         }
         db[k] += bias;
+        if constexpr (std::is_same_v<T, float>) {
+          if (short_rows) {
+            accumulate_short_tiered(src.data(), s.pieces.data(), static_cast<int64_t>(s.pieces.size()), longest,
+                                    v.data(), count, dw + k * filter_size);
+            continue;
+          }
+        }
         for (const Piece& piece : s.pieces) {
           accumulate_rows(src.data(), piece.image, v.data(), count, piece.len, dw + k * filter_size + piece.filter);
         }
@@ -261,13 +354,13 @@ void input_grad(const SparseGrad<T>& s, const T* filters, int64_t batch, int64_t
     std::vector<const T*> src(s.per_image());
     std::vector<T> v(s.per_image());
     for (int64_t n = begin; n < end; ++n) {
-      const T* g = s.values + n * s.per_image();
-      const int64_t* at = s.at + n * s.per_image();
+      const int64_t first_entry = n * s.per_image();
+      const int64_t* at = s.at + first_entry;
       std::fill(first.begin(), first.end(), 0);  // a counting sort of the non-zeros by bucket
       for (int64_t k = 0; k < s.out_channels; ++k) {
         int64_t* counts = first.data() + 1 + k / s.group_out_channels * s.plane;
         for (int64_t j = k * s.pooled; j < (k + 1) * s.pooled; ++j) {
-          counts[at[j]] += g[j] != T(0);
+          counts[at[j]] += s.value(first_entry + j) != T(0);
         }
       }
       for (int64_t b = 0; b < buckets; ++b) {
@@ -277,10 +370,11 @@ void input_grad(const SparseGrad<T>& s, const T* filters, int64_t batch, int64_t
       for (int64_t k = 0; k < s.out_channels; ++k) {
         int64_t* slots = next.data() + k / s.group_out_channels * s.plane;
         for (int64_t j = k * s.pooled; j < (k + 1) * s.pooled; ++j) {
-          if (g[j] != T(0)) {
+          const T g = s.value(first_entry + j);
+          if (g != T(0)) {
             const int64_t slot = slots[at[j]]++;
             src[slot] = filters + k * filter_size;
-            v[slot] = g[j];
+            v[slot] = g;
           }
         }
       }
@@ -302,10 +396,13 @@ void input_grad(const SparseGrad<T>& s, const T* filters, int64_t batch, int64_t
 }
 
 // A zeroed (N, H + 2·pad_h, W + 2·pad_w, C) tensor of `like`'s dtype in this thread's workspace slot
-// (conv2d_algorithms.h: no page faults on every call), and its (N, C, H, W) interior.
+// (conv2d_algorithms.h: no page faults on every call), followed by kShortPieceSlack zeros that
+// accumulate_short's whole-vector loads may read, and its (N, C, H, W) interior.
 std::pair<at::Tensor, at::Tensor> padded_channels_last(Slot slot, const Conv2dGeometry& g, const at::Tensor& like) {
-  auto padded = workspace_tensor(slot, {g.batch, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.channels}, like);
-  padded.zero_();
+  const int64_t numel = g.batch * (g.height + 2 * g.pad_h) * (g.width + 2 * g.pad_w) * g.channels;
+  auto flat = workspace_tensor(slot, {numel + kShortPieceSlack}, like);
+  flat.zero_();
+  auto padded = flat.narrow(0, 0, numel).view({g.batch, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.channels});
   return {padded, padded.narrow(1, g.pad_h, g.height).narrow(2, g.pad_w, g.width).permute({0, 3, 1, 2})};
 }
 
@@ -321,13 +418,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_c
 
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto format = conv2d_memory_format(input, weight);
-  // The gradient at each argmax, zero where the ReLU did not pass, and the indices, checked.
+  // The pooled gradient, where the ReLU passed (SparseGrad::value), and the indices, checked.
   const auto at_argmax = indices.contiguous();
-  const auto values = grad_output.to(acc).masked_fill(passes.logical_not(), 0).contiguous();
+  const auto values = grad_output.to(acc).contiguous();
+  const auto passed = passes.contiguous();
   const int64_t plane = g.out_plane();
   {  // the indices' values: data, which only a kernel reads (shapes.h checks the arguments' form)
     const int64_t* idx = at_argmax.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < at_argmax.numel(); ++i) {
+    const int64_t count = at_argmax.numel();
+    bool outside = false;
+    for (int64_t i = 0; i < count; ++i) {  // no early exit: the check vectorizes
+      outside |= static_cast<uint64_t>(idx[i]) >= static_cast<uint64_t>(plane);
+    }
+    for (int64_t i = 0; outside && i < count; ++i) {  // the first one, for the message
       TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < plane, op, ": index ", idx[i], " is outside the convolution's ",
                         g.out_height, "×", g.out_width, " output plane");
     }
@@ -341,7 +444,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_c
   at::Tensor grad_bias = at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const SparseGrad<acc_t> s{values.const_data_ptr<acc_t>(), at_argmax.const_data_ptr<int64_t>(), g.out_channels,
+    const SparseGrad<acc_t> s{values.const_data_ptr<acc_t>(), passed.const_data_ptr<bool>(),
+                              at_argmax.const_data_ptr<int64_t>(), g.out_channels,
                               pool.out_height * pool.out_width, plane, g.out_channels_per_group(),
                               g.in_channels_per_group(), pieces(g, padded_w), window_starts(g, padded_w)};
     if (output_mask[0]) {
