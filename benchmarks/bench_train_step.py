@@ -1,5 +1,6 @@
 """Times one training step of the MNIST model (train.py's default) built from torchcnn's layers
-against the identical model built from torch.nn's, on the same batch; and the same for a
+against the identical model built from torch.nn's, on the same batch; the same for the model of
+``train.py --recipe fast`` at its batch of 256; and the same for a
 Fashion-MNIST-shaped model written with torch.nn and turned into torchcnn's by
 ``torchcnn.nn.convert``, as a user's own model would be.
 
@@ -31,16 +32,19 @@ from bench_conv import interleaved_ms  # noqa: E402
 
 import torchcnn.nn  # noqa: E402
 from torchcnn.mnist.cuda_graph import GraphedTrainStep  # noqa: E402
+from torchcnn.mnist.cli import RECIPES  # noqa: E402
 from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
 
 
-def make_step(backend: str, batch: int, device: str, fuse: bool = True, graphed: bool = False):
-    """One training step of train.py's model on a fixed batch, as a function (``graphed``: replayed
-    from a CUDA graph)."""
+def make_step(backend: str, batch: int, device: str, fuse: bool = True, graphed: bool = False,
+              recipe: str = "standard"):
+    """One training step of train.py's model (that of ``recipe``: its size, dropout, label smoothing
+    and Adam's betas) on a fixed batch, as a function (``graphed``: replayed from a CUDA graph)."""
     torch.manual_seed(0)
-    model = MnistNet(backend, fuse=fuse).to(device)
-    loss_fn = loss_function(backend)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    r = RECIPES[recipe]
+    model = MnistNet(backend, **r.model, dropout=r.dropout, fuse=fuse).to(device)
+    loss_fn = loss_function(backend, label_smoothing=r.label_smoothing)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=r.betas)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 1, 28, 28, generator=gen).to(device)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
@@ -111,6 +115,14 @@ def main() -> None:
         if "torch_graph" in ms:
             rows[-1].update(torch_graph_ms=ms["torch_graph"], torchcnn_graph_ms=ms["torchcnn_graph"],
                             graph_ratio=ms["ratio_torchcnn_graph"] / ms["ratio_torch_graph"])
+    fast_batch = RECIPES["fast"].batch_size
+    steps = {"torch": make_step("torch", fast_batch, args.device, recipe="fast"),
+             "torchcnn": make_step("torchcnn", fast_batch, args.device, recipe="fast"),
+             "unfused": make_step("torchcnn", fast_batch, args.device, fuse=False, recipe="fast")}
+    ms = interleaved_ms(steps, args.device, args.rounds, args.min_run_time)
+    rows.append({"case": "MNIST, --recipe fast's model (Adam)", "batch": fast_batch, "torch_ms": ms["torch"],
+                 "torchcnn_ms": ms["torchcnn"], "ratio": ms["ratio"], "unfused_ms": ms["unfused"],
+                 "unfused_ratio": ms["ratio_unfused"]})
     for batch in args.batch_sizes:
         steps = {"torch": make_fashion_step("torch", batch, args.device),
                  "torchcnn": make_fashion_step("torchcnn", batch, args.device),

@@ -86,8 +86,8 @@ def train_to_target(args, backend: str, seed: int, mnist, device) -> dict:
     recipe = RECIPES[args.recipe]
     torch.manual_seed(seed)
     model = MnistNet(backend, **recipe.model, dropout=recipe.dropout, fuse=not args.no_fuse).to(device)
-    loss_fn = loss_function(backend)
-    optimizer = engine.make_optimizer(recipe.optimizer, model.parameters(), recipe.lr)
+    loss_fn = loss_function(backend, label_smoothing=recipe.label_smoothing)
+    optimizer = engine.make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, betas=recipe.betas)
     steps_per_epoch = data.Batches.per_epoch(mnist.train_images.shape[0], recipe.batch_size)
     schedule = engine.make_schedule(recipe.schedule, optimizer, lr=recipe.lr, epochs=recipe.epochs,
                                     steps_per_epoch=steps_per_epoch)

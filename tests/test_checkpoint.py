@@ -12,6 +12,7 @@ from mnist_support import ROOT, needs_mnist, run_train
 
 from torchcnn.mnist import checkpoint, data, engine
 from torchcnn.mnist.checkpoint import CheckpointError, TrainingState
+from torchcnn.mnist.cli import RECIPES
 from torchcnn.mnist.model import MnistNet, loss_function
 
 
@@ -247,3 +248,22 @@ def test_a_stale_interrupted_pt_is_removed_once_superseded(tmp_path):
     assert (tmp_path / "interrupted.pt").is_file()  # not behind a last.pt of no epochs
     checkpoint.remove_superseded(tmp_path / "interrupted.pt", 1)
     assert not (tmp_path / "interrupted.pt").exists()  # behind a last.pt of epoch 1
+
+
+def test_the_fast_recipes_model_keeps_its_filters_in_its_config(tmp_path):
+    """MnistNet's filter sizes and padding (the fast recipe's unpadded 5×5 and 3×3, 28 → 24 → 12 →
+    10 → 5) live in its config, so a checkpoint rebuilds the same model on either backend; a
+    config without them means the 3×3 padded filters they were before."""
+    fast = RECIPES["fast"].model
+    torch.manual_seed(0)
+    net = MnistNet("torchcnn", **fast, dropout=0.0)
+    assert net.config == {"channels": [24, 32], "hidden": 256, "dropout": 0.0, "kernels": [5, 3], "padding": [0, 0]}
+    assert net.classifier[2].weight.shape == (256, 32 * 5 * 5)
+    torch.manual_seed(0)
+    twin = MnistNet.from_config("torch", net.config)
+    images = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(twin(images), net(images), rtol=1e-5, atol=1e-5)
+    assert MnistNet("torch").config == {"channels": [32, 64], "hidden": 128, "dropout": 0.25}
+    for kernels, padding in [((5, 3), (3, 0)), ((0, 3), (0, 0)), ((13, 13), (0, 0))]:
+        with pytest.raises(ValueError, match="MnistNet: "):
+            MnistNet("torch", kernels=kernels, padding=padding)

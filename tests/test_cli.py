@@ -44,6 +44,9 @@ RANGES = [
     ("--dropout", "1", "must be in [0, 1), got 1"),
     ("--shift", "-1", "must be between 0 and 27, got -1"),
     ("--shift", "28", "must be between 0 and 27, got 28"),
+    ("--label-smoothing", "1", "must be in [0, 1), got 1"),
+    ("--label-smoothing", "-0.1", "must be in [0, 1), got -0.1"),
+    ("--betas", "0.9 1", "must be in [0, 1), got 1"),
     ("--seed", "-1", "must be between 0 and 2**63 - 1, got -1"),
     ("--limit-train", "0", "must be at least 1, got 0"),
     ("--limit-test", "-5", "must be at least 1, got -5"),
@@ -53,7 +56,7 @@ RANGES = [
 
 @pytest.mark.parametrize("flag, value, message", RANGES, ids=[f"{f}={v}" for f, v, _ in RANGES])
 def test_each_number_is_range_checked_under_its_own_name(flag, value, message, capsys):
-    line = error_of([flag, value], capsys)
+    line = error_of([flag, *value.split()], capsys)
     assert line == f"train.py: error: argument {flag}: {message}"
 
 
@@ -161,7 +164,7 @@ def test_resume_takes_the_checkpoints_recipe():
 
 CONTRADICTIONS = [("--lr", "0.01"), ("--optimizer", "sgd"), ("--schedule", "none"), ("--batch-size", "32"),
                   ("--step-size", "2"), ("--gamma", "0.5"), ("--weight-decay", "0.1"), ("--dropout", "0.5"),
-                  ("--shift", "0"), ("--seed", "2"), ("--limit-train", "100"), ("--limit-test", "100"),
+                  ("--shift", "0"), ("--label-smoothing", "0.1"), ("--seed", "2"), ("--limit-train", "100"), ("--limit-test", "100"),
                   ("--backend", "torch")]
 
 
@@ -170,6 +173,18 @@ def test_resume_refuses_a_contradicting_flag_by_name(flag, value):
     with pytest.raises(ValueError, match=rf"^argument {flag}: {value} contradicts the checkpoint's .*"
                                          "a resumed run keeps its recipe"):
         resume(flag, value)
+
+
+def test_resume_of_a_checkpoint_from_before_label_smoothing_and_betas_keeps_what_it_trained_with():
+    """SAVED has neither: it was trained without smoothing and with Adam's own betas, whatever
+    today's recipe of the same name says."""
+    args, _ = resume()
+    assert (args.label_smoothing, args.betas) == (0.0, (0.9, 0.999))
+    with pytest.raises(ValueError, match=r"^argument --betas: \(0.7, 0.9\) contradicts the checkpoint's "
+                                         r"\(0.9, 0.999\)"):
+        resume("--betas", "0.7", "0.9")
+    args, _ = resume(label_smoothing=0.1, betas=[0.7, 0.9])  # a newer checkpoint's, as saved
+    assert (args.label_smoothing, args.betas) == (0.1, (0.7, 0.9))
 
 
 def test_resume_honours_epochs_where_the_schedule_allows():
@@ -325,14 +340,24 @@ def test_fewer_training_images_than_processes_are_refused(tmp_path, monkeypatch,
 def test_a_recipe_sets_the_defaults_the_command_line_leaves():
     args, _ = cli.parse_args(["--recipe", "fast"])
     fast = cli.RECIPES["fast"]
-    assert (args.epochs, args.batch_size, args.optimizer, args.lr, args.schedule, args.dropout, args.shift) == (
-        fast.epochs, fast.batch_size, fast.optimizer, fast.lr, fast.schedule, fast.dropout, fast.shift)
+    assert {name: getattr(args, name) for name in fast.arguments()} == fast.arguments()
+    assert (fast.label_smoothing, fast.betas) == (0.1, (0.7, 0.9))
+    args, _ = cli.parse_args(["--recipe", "fast", "--betas", "0.8", "0.95", "--label-smoothing", "0"])
+    assert (args.betas, args.label_smoothing) == ((0.8, 0.95), 0.0)
     args, _ = cli.parse_args(["--recipe", "fast", "--epochs", "3", "--lr", "0.02"])
     assert (args.epochs, args.lr, args.batch_size) == (3, 0.02, fast.batch_size)
     args, _ = cli.parse_args(["--recipe", "fast", "--optimizer", "sgd"])
     assert args.lr is None  # sgd's own rate, not the recipe's Adam one
     args, _ = cli.parse_args([])
     assert args.recipe == "standard" and (args.epochs, args.batch_size, args.lr) == (12, 64, 5e-3)
+    assert (args.betas, args.label_smoothing) == ((0.9, 0.999), 0.0)
+
+
+def test_betas_are_refused_with_an_optimizer_other_than_adam(capsys):
+    line = error_of(["--optimizer", "sgd", "--betas", "0.5", "0.9"], capsys)
+    assert line == "train.py: error: argument --betas: Adam's, not used by --optimizer sgd"
+    args, _ = cli.parse_args(["--recipe", "fast", "--optimizer", "momentum"])  # the recipe's betas: unused
+    assert args.optimizer == "momentum"
 
 
 def test_the_recipes_are_runs_the_package_can_make():

@@ -19,6 +19,7 @@ SCHEDULES = ("onecycle", "step", "none")
 # The optimizers whose update can be captured in a CUDA graph (torchcnn/mnist/cuda_graph.py).
 GRAPHED_OPTIMIZERS = ("adam", "adadelta")
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
+ADAM_BETAS = (0.9, 0.999)  # torch's
 # What --device accepts; engine.parse_device then checks that the device exists.
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
@@ -34,27 +35,36 @@ class Recipe:
     schedule: str
     dropout: float
     shift: int
-    model: dict = field(default_factory=dict)  # MnistNet's size: channels, hidden
+    label_smoothing: float = 0.0
+    betas: tuple[float, float] = ADAM_BETAS  # Adam's
+    model: dict = field(default_factory=dict)  # MnistNet's size: channels, hidden, kernels, padding
 
     def arguments(self) -> dict:
         """The train.py arguments it sets, by their argparse names."""
         return {"epochs": self.epochs, "batch_size": self.batch_size, "optimizer": self.optimizer, "lr": self.lr,
-                "schedule": self.schedule, "dropout": self.dropout, "shift": self.shift}
+                "schedule": self.schedule, "dropout": self.dropout, "shift": self.shift,
+                "label_smoothing": self.label_smoothing, "betas": self.betas}
 
 
 # standard (the default): 12 epochs of Adam with a one-cycle rate and ±2-pixel shifts, 99.4–99.5 %
-# (docs/BENCHMARKS.md). fast: the quickest way to 99 % found on a 2-core CPU — a narrower model,
-# larger batches, one short one-cycle run (benchmarks/time_to_accuracy.py trains with it).
+# (docs/BENCHMARKS.md). fast: the quickest way to 99 % found on a 2-core CPU, on every seed tried —
+# one epoch at batch 256 of a model with unpadded 5×5 and 3×3 filters (24 and 32 channels, a
+# 256-unit hidden layer), Adam with short memories (betas 0.7, 0.9) under a one-cycle rate, and
+# labels smoothed by 0.1 (benchmarks/time_to_accuracy.py trains with it; after the shape of
+# github.com/tuomaso/train_mnist_fast's one-epoch GPU recipe).
 RECIPES = {
     "standard": Recipe(epochs=12, batch_size=64, optimizer="adam", lr=5e-3, schedule="onecycle", dropout=0.25, shift=2),
-    "fast": Recipe(epochs=1, batch_size=128, optimizer="adam", lr=1e-2, schedule="onecycle", dropout=0.1, shift=1,
-                   model={"channels": (16, 32), "hidden": 128}),
+    "fast": Recipe(epochs=1, batch_size=256, optimizer="adam", lr=1e-2, schedule="onecycle", dropout=0.0, shift=0,
+                   label_smoothing=0.1, betas=(0.7, 0.9),
+                   model={"channels": (24, 32), "hidden": 256, "kernels": (5, 3), "padding": (0, 0)}),
 }
+# What a checkpoint from before a recipe argument existed was trained with.
+LEGACY_RECIPE = {"label_smoothing": 0.0, "betas": ADAM_BETAS}
 
 # The arguments that define a run. A checkpoint keeps them, and --resume holds the run to them:
 # see resume_args for the one that may change (--epochs).
 RECIPE = ("recipe", "epochs", "batch_size", "optimizer", "lr", "schedule", "step_size", "gamma", "weight_decay",
-          "dropout", "shift", "seed", "limit_train", "limit_test")
+          "dropout", "shift", "label_smoothing", "betas", "seed", "limit_train", "limit_test")
 # The arguments --eval uses; any other given with it is refused.
 EVAL_ARGS = {"eval", "backend", "device", "data_dir", "no_download", "test_batch_size", "limit_test", "quiet",
              "no_fuse"}
@@ -98,10 +108,10 @@ def parser() -> argparse.ArgumentParser:
                    help="never try to download MNIST (default: download when it is not found)")
     default, fast = RECIPES["standard"], RECIPES["fast"]
     p.add_argument("--recipe", choices=tuple(RECIPES), default="standard",
-                   help="standard: 12 epochs, 99.4–99.5 %%; fast: a narrower model (channels "
-                        f"{'/'.join(map(str, fast.model['channels']))}, hidden {fast.model['hidden']}) for one "
-                        "epoch, 99 %% in seconds; the flags below take the recipe's values unless given "
-                        "(default: standard)")
+                   help="standard: 12 epochs, 99.4–99.5 %%; fast: one epoch of a smaller model ("
+                        f"{' and '.join(f'{k}×{k}' for k in fast.model['kernels'])} unpadded filters, channels "
+                        f"{'/'.join(map(str, fast.model['channels']))}, hidden {fast.model['hidden']}), 99 %% "
+                        "in seconds; the flags below take the recipe's values unless given (default: standard)")
     p.add_argument("--epochs", type=positive_int, default=default.epochs, metavar="N",
                    help=f"epochs to train (default: {default.epochs}; fast: {fast.epochs})")
     p.add_argument("--batch-size", type=positive_int, default=default.batch_size, metavar="N",
@@ -131,6 +141,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=number(int, "between 0 and 27", lambda v: 0 <= v <= 27), default=default.shift,
                    metavar="N", help="augmentation: shift each training image by up to this many pixels, "
                                      f"0 for none (default: {default.shift}; fast: {fast.shift})")
+    p.add_argument("--label-smoothing", type=number(float, "in [0, 1)", lambda v: 0 <= v < 1),
+                   default=default.label_smoothing, metavar="E",
+                   help="train against the targets (1 − E)·one-hot + E/10, as torch's "
+                        f"CrossEntropyLoss(label_smoothing=E) (default: {default.label_smoothing:g}; fast: "
+                        f"{fast.label_smoothing:g})")
+    p.add_argument("--betas", type=number(float, "in [0, 1)", lambda v: 0 <= v < 1), nargs=2,
+                   default=list(default.betas), metavar=("B1", "B2"),
+                   help="Adam's decay rates of its gradient and squared-gradient averages (default: "
+                        f"{' '.join(f'{b:g}' for b in default.betas)}; fast: {' '.join(f'{b:g}' for b in fast.betas)})")
     p.add_argument("--seed", type=number(int, "between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
                    default=1, metavar="N", help="seeds the weights, the data order, shifts and dropout "
                                                  "(default: 1)")
@@ -173,6 +192,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
             setattr(args, name, value)
     if "lr" not in given and "optimizer" in given and args.optimizer != recipe.optimizer:
         args.lr = None  # the optimizer's own default
+    args.betas = tuple(args.betas)
+    if "betas" in given and args.optimizer != "adam":
+        p.error(f"argument --betas: Adam's, not used by --optimizer {args.optimizer}")
     if args.cuda_graphs and args.optimizer not in GRAPHED_OPTIMIZERS and not args.resume:
         p.error(f"argument --cuda-graphs: {args.optimizer}'s update reads its learning rate on the host, so it "
                 f"cannot be captured; use --optimizer {' or '.join(GRAPHED_OPTIMIZERS)}")
@@ -192,8 +214,9 @@ def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> list[
     recipe flag must agree with the checkpoint (a ValueError names the first that does not).
     Returns the notes to print about what was honoured.
     """
-    recipe = {**saved["recipe"], "backend": saved["backend"]}
+    recipe = {**LEGACY_RECIPE, **saved["recipe"], "backend": saved["backend"]}
     recipe.setdefault("recipe", "standard")  # checkpoints from before --recipe
+    recipe["betas"] = tuple(recipe["betas"])
     for name in ("backend", *RECIPE):
         if name not in recipe or (name == "epochs" and name in given):
             continue

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .cli import DEVICE_PATTERN, OPTIMIZERS, SCHEDULES
+from .cli import ADAM_BETAS, DEVICE_PATTERN, OPTIMIZERS, SCHEDULES
 
 
 def parse_device(text: str) -> torch.device:
@@ -177,14 +177,16 @@ class StopRequest:
         return step % self.every == 0 and self.agreed()
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """``sgd`` is the design notes' gradient descent, θ ← θ − η ∂L/∂θ; the others are torch's."""
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
+                   betas: tuple[float, float] = ADAM_BETAS) -> torch.optim.Optimizer:
+    """``sgd`` is the design notes' gradient descent, θ ← θ − η ∂L/∂θ; the others are torch's
+    (``betas``: Adam's)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "momentum":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "adadelta":
         return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")

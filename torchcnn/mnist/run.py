@@ -137,7 +137,10 @@ class Run:
         except checkpoint.CheckpointError as e:
             raise RunError(str(e)) from None
         self.net.to(self.device)
-        self.loss_fn = loss_function(args.backend)
+        # Training minimises the recipe's loss (labels smoothed or not); the test loss reported is
+        # always the plain cross-entropy, comparable across recipes.
+        self.loss_fn = loss_function(args.backend, label_smoothing=args.label_smoothing)
+        self.test_loss_fn = loss_function(args.backend)
 
     def load_kernels(self):
         """torchcnn's compiled kernels, loaded (built, the first time in a source checkout) now,
@@ -149,7 +152,7 @@ class Run:
         """--eval: the checkpoint's accuracy and loss on the test set."""
         self.load_kernels()
         started = time.perf_counter()
-        test = engine.evaluate(self.net, self.loss_fn, self.test_batches)
+        test = engine.evaluate(self.net, self.test_loss_fn, self.test_batches)
         self.say(f"{self.args.eval}: test accuracy {100 * test.accuracy:.2f}% ({test.correct.item()}/{test.count}), "
                  f"test loss {test.mean_loss:.4f}, {time.perf_counter() - started:.1f} s")
         return 0
@@ -160,7 +163,8 @@ class Run:
         set up last, since a graph holds on to the tensors it was captured with."""
         args, net = self.args, self.net
         self.model = DistributedDataParallel(net) if self.world_size > 1 else net
-        self.optimizer = engine.make_optimizer(args.optimizer, self.model.parameters(), self.lr, args.weight_decay)
+        self.optimizer = engine.make_optimizer(args.optimizer, self.model.parameters(), self.lr, args.weight_decay,
+                                              args.betas)
         steps_per_epoch = data.Batches.per_epoch(self.mnist.train_images.shape[0], args.batch_size, self.world_size)
         self.schedule = engine.make_schedule(args.schedule, self.optimizer, lr=self.lr, epochs=args.epochs,
                                              steps_per_epoch=steps_per_epoch, step_size=args.step_size,
@@ -250,7 +254,7 @@ class Run:
         epoch_lr = float(self.optimizer.param_groups[0]["lr"])  # the epoch's (under onecycle: after its last step)
         self.schedule.step_epoch()
         train = state.totals.all_reduced()
-        test = engine.evaluate(self.net, self.loss_fn, self.test_batches)
+        test = engine.evaluate(self.net, self.test_loss_fn, self.test_batches)
         epoch_train_seconds = state.epoch_train_seconds
         seconds = epoch_train_seconds + time.perf_counter() - self.epoch_started - self.epoch_train
         state.end_epoch({"epoch": state.epoch + 1, "train_loss": train.mean_loss, "train_accuracy": train.accuracy,
