@@ -52,6 +52,24 @@ def conv_cases():
     for channels, size in ((64, 32), (256, 8)):
         yield (f"depthwise {channels} 3×3, {size}×{size}", (32, channels, size, size),
                (channels, 1, 3, 3), 1, 1, channels)
+    # Few channels and wider filters (issue 25): the layers of small models and first layers.
+    yield "MNIST fast conv1 1→24 5×5, 28×28", (256, 1, 28, 28), (24, 1, 5, 5), 1, 0, 1
+    yield "MNIST fast conv2 24→32 3×3, 12×12", (256, 24, 12, 12), (32, 24, 3, 3), 1, 0, 1
+    yield "Fashion conv1 1→16 5×5 pad 2, 28×28", (128, 1, 28, 28), (16, 1, 5, 5), 1, 2, 1
+    yield "Fashion conv2 16→32 3×3, 14×14", (128, 16, 14, 14), (32, 16, 3, 3), 1, 1, 1
+    yield "small 8→16 3×3, 28×28", (32, 8, 28, 28), (16, 8, 3, 3), 1, 1, 1
+    yield "small 16→32 3×3, 7×7", (64, 16, 7, 7), (32, 16, 3, 3), 1, 1, 1
+    yield "small 32→64 3×3, 56×56", (8, 32, 56, 56), (64, 32, 3, 3), 1, 1, 1
+    yield "5×5 16→32 pad 2, 28×28", (32, 16, 28, 28), (32, 16, 5, 5), 1, 2, 1
+    yield "5×5 32→64 pad 2, 14×14", (32, 32, 14, 14), (64, 32, 5, 5), 1, 2, 1
+    yield "7×7 3→32 pad 3, 56×56", (8, 3, 56, 56), (32, 3, 7, 7), 1, 3, 1
+    yield "7×7 16→32 pad 3, 14×14", (32, 16, 14, 14), (32, 16, 7, 7), 1, 3, 1
+    # Grouped (not depthwise) and pointwise layers of torchvision's models.
+    yield "RegNet-like 64, 8 groups 3×3, 16×16", (32, 64, 16, 16), (64, 8, 3, 3), 1, 1, 8
+    yield "ResNeXt-like 128, 32 groups 3×3, 16×16", (16, 128, 16, 16), (128, 4, 3, 3), 1, 1, 32
+    yield "SqueezeNet squeeze 128→16 1×1, 15×15", (8, 128, 15, 15), (16, 128, 1, 1), 1, 0, 1
+    yield "SqueezeNet expand 16→64 1×1, 15×15", (8, 16, 15, 15), (64, 16, 1, 1), 1, 0, 1
+    yield "DenseNet bottleneck 256→128 1×1, 8×8", (8, 256, 8, 8), (128, 256, 1, 1), 1, 0, 1
 
 
 def interleaved_ms(fns: dict, device: str, rounds: int, seconds: float) -> dict:
@@ -72,9 +90,11 @@ def interleaved_ms(fns: dict, device: str, rounds: int, seconds: float) -> dict:
     return {**{name: statistics.median(t) for name, t in times.items()}, **ratios, "ratio": ratios["ratio_torchcnn"]}
 
 
-def conv_rows(device: str, rounds: int, seconds: float) -> list[dict]:
+def conv_rows(device: str, rounds: int, seconds: float, match: str = "") -> list[dict]:
     rows = []
     for name, x_shape, w_shape, stride, padding, groups in conv_cases():
+        if match.lower() not in name.lower():
+            continue
         gen = torch.Generator().manual_seed(0)
         x, w = (torch.randn(s, generator=gen).to(device).requires_grad_() for s in (x_shape, w_shape))
         b = torch.randn(w_shape[0], generator=gen).to(device).requires_grad_()
@@ -145,11 +165,15 @@ def table(rows: list[dict]) -> str:
 def arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure")
     parser.add_argument("--skip-resnet", action="store_true", help="only the conv rows")
+    parser.add_argument("--match", default="", metavar="TEXT",
+                        help="only the conv rows whose case names TEXT (any case), e.g. 5×5 or groups")
 
 
 def main() -> None:
     args = setup(__doc__, batch_sizes=False, more_arguments=arguments)
-    rows = conv_rows(args.device, args.rounds, args.min_run_time)
+    rows = conv_rows(args.device, args.rounds, args.min_run_time, args.match)
+    if not rows:
+        sys.exit(f"bench_conv.py: argument --match: no conv case names {args.match!r}")
     ratios = [r["ratio"] for r in rows]
     summary = {"geomean": math.exp(statistics.fmean(map(math.log, ratios))), "worst": max(ratios)}
     if not args.skip_resnet:
