@@ -93,7 +93,7 @@ def interleaved_ms(fns: dict, device: str, rounds: int, seconds: float) -> dict:
 def conv_rows(device: str, rounds: int, seconds: float, match: str = "") -> list[dict]:
     rows = []
     for name, x_shape, w_shape, stride, padding, groups in conv_cases():
-        if match.lower() not in name.lower():
+        if match.lower().replace("x", "×") not in name.lower():
             continue
         gen = torch.Generator().manual_seed(0)
         x, w = (torch.randn(s, generator=gen).to(device).requires_grad_() for s in (x_shape, w_shape))
@@ -166,7 +166,8 @@ def arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure")
     parser.add_argument("--skip-resnet", action="store_true", help="only the conv rows")
     parser.add_argument("--match", default="", metavar="TEXT",
-                        help="only the conv rows whose case names TEXT (any case), e.g. 5×5 or groups")
+                        help="only the conv rows whose case names TEXT (any case; x stands for ×), e.g. 5x5 "
+                             "or groups, and no ResNet-18 step")
 
 
 def main() -> None:
@@ -176,7 +177,7 @@ def main() -> None:
         sys.exit(f"bench_conv.py: argument --match: no conv case names {args.match!r}")
     ratios = [r["ratio"] for r in rows]
     summary = {"geomean": math.exp(statistics.fmean(map(math.log, ratios))), "worst": max(ratios)}
-    if not args.skip_resnet:
+    if not args.skip_resnet and not args.match:
         rows.append(resnet_row(args.device, args.rounds, args.min_run_time))
         summary["resnet18_step"] = rows[-1]["ratio"]
     print(f"device: {describe(args.device)}")

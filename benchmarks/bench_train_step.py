@@ -44,7 +44,7 @@ def make_step(backend: str, batch: int, device: str, fuse: bool = True, graphed:
     r = RECIPES[recipe]
     model = MnistNet(backend, **r.model, dropout=r.dropout, fuse=fuse).to(device)
     loss_fn = loss_function(backend, label_smoothing=r.label_smoothing)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=r.betas)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=r.betas or (0.9, 0.999))
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 1, 28, 28, generator=gen).to(device)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)

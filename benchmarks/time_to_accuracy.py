@@ -90,7 +90,7 @@ def train_to_target(args, backend: str, seed: int, mnist, device) -> dict:
     optimizer = engine.make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, betas=recipe.betas)
     steps_per_epoch = data.Batches.per_epoch(mnist.train_images.shape[0], recipe.batch_size)
     schedule = engine.make_schedule(recipe.schedule, optimizer, lr=recipe.lr, epochs=recipe.epochs,
-                                    steps_per_epoch=steps_per_epoch)
+                                    steps_per_epoch=steps_per_epoch, cycle_momentum=recipe.betas is None)
     generator = torch.Generator().manual_seed(seed)
     test_batches = data.Batches(mnist.test_images, mnist.test_labels, 1000)
     every = max(1, round(args.eval_every * steps_per_epoch))

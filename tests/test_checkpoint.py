@@ -264,6 +264,6 @@ def test_the_fast_recipes_model_keeps_its_filters_in_its_config(tmp_path):
     images = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(twin(images), net(images), rtol=1e-5, atol=1e-5)
     assert MnistNet("torch").config == {"channels": [32, 64], "hidden": 128, "dropout": 0.25}
-    for kernels, padding in [((5, 3), (3, 0)), ((0, 3), (0, 0)), ((13, 13), (0, 0))]:
+    for kernels, padding in [((5, 3), (3, 0)), ((0, 3), (0, 0)), ((13, 13), (0, 0)), ((5,), (0,))]:
         with pytest.raises(ValueError, match="MnistNet: "):
             MnistNet("torch", kernels=kernels, padding=padding)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from mnist_support import ROOT, help_blocks, needs_mnist, run_train, short_run
 
 import train
@@ -179,12 +180,15 @@ def test_resume_of_a_checkpoint_from_before_label_smoothing_and_betas_keeps_what
     """SAVED has neither: it was trained without smoothing and with Adam's own betas, whatever
     today's recipe of the same name says."""
     args, _ = resume()
-    assert (args.label_smoothing, args.betas) == (0.0, (0.9, 0.999))
+    assert (args.label_smoothing, args.betas) == (0.0, None)
     with pytest.raises(ValueError, match=r"^argument --betas: \(0.7, 0.9\) contradicts the checkpoint's "
-                                         r"\(0.9, 0.999\)"):
+                                         r"torch's \(β₁ cycled by onecycle\)"):
         resume("--betas", "0.7", "0.9")
     args, _ = resume(label_smoothing=0.1, betas=[0.7, 0.9])  # a newer checkpoint's, as saved
     assert (args.label_smoothing, args.betas) == (0.1, (0.7, 0.9))
+    with pytest.raises(ValueError, match=r"^argument --betas: Adam's, not used by the checkpoint's --optimizer "
+                                         "momentum"):
+        resume("--betas", "0.9", "0.999", optimizer="momentum")
 
 
 def test_resume_honours_epochs_where_the_schedule_allows():
@@ -350,14 +354,33 @@ def test_a_recipe_sets_the_defaults_the_command_line_leaves():
     assert args.lr is None  # sgd's own rate, not the recipe's Adam one
     args, _ = cli.parse_args([])
     assert args.recipe == "standard" and (args.epochs, args.batch_size, args.lr) == (12, 64, 5e-3)
-    assert (args.betas, args.label_smoothing) == ((0.9, 0.999), 0.0)
+    assert (args.betas, args.label_smoothing) == (None, 0.0)  # torch's betas, β₁ cycled by onecycle
 
 
 def test_betas_are_refused_with_an_optimizer_other_than_adam(capsys):
     line = error_of(["--optimizer", "sgd", "--betas", "0.5", "0.9"], capsys)
     assert line == "train.py: error: argument --betas: Adam's, not used by --optimizer sgd"
-    args, _ = cli.parse_args(["--recipe", "fast", "--optimizer", "momentum"])  # the recipe's betas: unused
-    assert args.optimizer == "momentum"
+    args, _ = cli.parse_args(["--recipe", "fast", "--optimizer", "momentum"])  # the recipe's betas: Adam's
+    assert args.optimizer == "momentum" and args.betas is None
+
+
+def test_given_betas_hold_through_a_one_cycle_schedule_and_torchs_are_cycled():
+    """OneCycleLR moves Adam's β₁ (0.95 → 0.85 → 0.95) unless told not to: betas the recipe or the
+    command line gives are held for the whole run; without them β₁ cycles, as torch does."""
+    for betas, cycled in [((0.7, 0.9), False), (None, True)]:
+        weight = torch.nn.Parameter(torch.zeros(3))
+        optimizer = engine.make_optimizer("adam", [weight], 1e-2, betas=betas)
+        schedule = engine.make_schedule("onecycle", optimizer, lr=1e-2, epochs=1, steps_per_epoch=10,
+                                        cycle_momentum=betas is None)
+        seen = set()
+        for _ in range(10):
+            weight.grad = torch.ones(3)
+            optimizer.step()
+            schedule.step_batch()
+            seen.add(tuple(optimizer.param_groups[0]["betas"]))
+        assert (len(seen) > 1) == cycled
+        if not cycled:
+            assert seen == {(0.7, 0.9)}
 
 
 def test_the_recipes_are_runs_the_package_can_make():

@@ -196,6 +196,7 @@ std::vector<Piece> pieces(const Conv2dGeometry& g, int64_t padded_w) {
 // its start: up to kShortPiece − len values past its end, which the padded image's slack
 // (kShortPieceSlack) keeps in bounds and whose lanes are dropped.
 constexpr int64_t kShortPieceSlack = kShortPiece;  // sparse_pieces.h
+static_assert(kShortPiece <= 16 && kShortPieceSlack >= 15, "a piece of up to 16 values is read as two vectors of 8");
 
 template <int kPieces, int kVectors>
 [[gnu::always_inline]] inline void accumulate_short_pieces(const float* const* src, const Piece* pieces,
@@ -238,7 +239,8 @@ template <int kVectors>
     case 5: return accumulate_short_pieces<5, kVectors>(src, pieces, v, count, dw);
     case 6: return accumulate_short_pieces<6, kVectors>(src, pieces, v, count, dw);
     case 7: return accumulate_short_pieces<7, kVectors>(src, pieces, v, count, dw);
-    default: return accumulate_short_pieces<8, kVectors>(src, pieces, v, count, dw);
+    case 8: return accumulate_short_pieces<8, kVectors>(src, pieces, v, count, dw);
+    default: TORCH_INTERNAL_ASSERT(false, "accumulate_short: ", n_pieces, " pieces");  // short_pieces rules it out
   }
 }
 
@@ -397,7 +399,8 @@ void input_grad(const SparseGrad<T>& s, const T* filters, int64_t batch, int64_t
 
 // A zeroed (N, H + 2·pad_h, W + 2·pad_w, C) tensor of `like`'s dtype in this thread's workspace slot
 // (conv2d_algorithms.h: no page faults on every call), followed by kShortPieceSlack zeros that
-// accumulate_short's whole-vector loads may read, and its (N, C, H, W) interior.
+// accumulate_short's whole-vector loads may read (in the padded input; ∂X's buffer, written by
+// masked or exact stores, needs none), and its (N, C, H, W) interior.
 std::pair<at::Tensor, at::Tensor> padded_channels_last(Slot slot, const Conv2dGeometry& g, const at::Tensor& like) {
   const int64_t numel = g.batch * (g.height + 2 * g.pad_h) * (g.width + 2 * g.pad_w) * g.channels;
   auto flat = workspace_tensor(slot, {numel + kShortPieceSlack}, like);

@@ -19,7 +19,6 @@ SCHEDULES = ("onecycle", "step", "none")
 # The optimizers whose update can be captured in a CUDA graph (torchcnn/mnist/cuda_graph.py).
 GRAPHED_OPTIMIZERS = ("adam", "adadelta")
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adam": 5e-3, "adadelta": 1.0}
-ADAM_BETAS = (0.9, 0.999)  # torch's
 # What --device accepts; engine.parse_device then checks that the device exists.
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
@@ -36,7 +35,7 @@ class Recipe:
     dropout: float
     shift: int
     label_smoothing: float = 0.0
-    betas: tuple[float, float] = ADAM_BETAS  # Adam's
+    betas: tuple[float, float] | None = None  # Adam's, held fixed; None: torch's, β₁ cycled by onecycle
     model: dict = field(default_factory=dict)  # MnistNet's size: channels, hidden, kernels, padding
 
     def arguments(self) -> dict:
@@ -49,7 +48,7 @@ class Recipe:
 # standard (the default): 12 epochs of Adam with a one-cycle rate and ±2-pixel shifts, 99.4–99.5 %
 # (docs/BENCHMARKS.md). fast: the quickest way to 99 % found on a 2-core CPU, on every seed tried —
 # one epoch at batch 256 of a model with unpadded 5×5 and 3×3 filters (24 and 32 channels, a
-# 256-unit hidden layer), Adam with short memories (betas 0.7, 0.9) under a one-cycle rate, and
+# 256-unit hidden layer), Adam with short memories (betas 0.7, 0.9, held fixed) under a one-cycle rate, and
 # labels smoothed by 0.1 (benchmarks/time_to_accuracy.py trains with it; after the shape of
 # github.com/tuomaso/train_mnist_fast's one-epoch GPU recipe).
 RECIPES = {
@@ -59,7 +58,7 @@ RECIPES = {
                    model={"channels": (24, 32), "hidden": 256, "kernels": (5, 3), "padding": (0, 0)}),
 }
 # What a checkpoint from before a recipe argument existed was trained with.
-LEGACY_RECIPE = {"label_smoothing": 0.0, "betas": ADAM_BETAS}
+LEGACY_RECIPE = {"label_smoothing": 0.0, "betas": None}
 
 # The arguments that define a run. A checkpoint keeps them, and --resume holds the run to them:
 # see resume_args for the one that may change (--epochs).
@@ -147,9 +146,10 @@ def parser() -> argparse.ArgumentParser:
                         f"CrossEntropyLoss(label_smoothing=E) (default: {default.label_smoothing:g}; fast: "
                         f"{fast.label_smoothing:g})")
     p.add_argument("--betas", type=number(float, "in [0, 1)", lambda v: 0 <= v < 1), nargs=2,
-                   default=list(default.betas), metavar=("B1", "B2"),
-                   help="Adam's decay rates of its gradient and squared-gradient averages (default: "
-                        f"{' '.join(f'{b:g}' for b in default.betas)}; fast: {' '.join(f'{b:g}' for b in fast.betas)})")
+                   default=default.betas, metavar=("B1", "B2"),
+                   help="Adam's decay rates of its gradient and squared-gradient averages, held for the whole "
+                        "run (default: torch's 0.9 0.999, whose B1 a onecycle schedule moves between 0.95 and "
+                        f"0.85 as torch's OneCycleLR does; fast: {' '.join(f'{b:g}' for b in fast.betas)})")
     p.add_argument("--seed", type=number(int, "between 0 and 2**63 - 1", lambda v: 0 <= v < 2**63),
                    default=1, metavar="N", help="seeds the weights, the data order, shifts and dropout "
                                                  "(default: 1)")
@@ -192,9 +192,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
             setattr(args, name, value)
     if "lr" not in given and "optimizer" in given and args.optimizer != recipe.optimizer:
         args.lr = None  # the optimizer's own default
-    args.betas = tuple(args.betas)
-    if "betas" in given and args.optimizer != "adam":
-        p.error(f"argument --betas: Adam's, not used by --optimizer {args.optimizer}")
+    if args.optimizer != "adam":
+        if "betas" in given and not args.resume:  # resumed: checked against the checkpoint's optimizer
+            p.error(f"argument --betas: Adam's, not used by --optimizer {args.optimizer}")
+        if "betas" not in given:
+            args.betas = None  # the recipe's are Adam's
+    args.betas = None if args.betas is None else tuple(args.betas)
     if args.cuda_graphs and args.optimizer not in GRAPHED_OPTIMIZERS and not args.resume:
         p.error(f"argument --cuda-graphs: {args.optimizer}'s update reads its learning rate on the host, so it "
                 f"cannot be captured; use --optimizer {' or '.join(GRAPHED_OPTIMIZERS)}")
@@ -216,13 +219,16 @@ def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> list[
     """
     recipe = {**LEGACY_RECIPE, **saved["recipe"], "backend": saved["backend"]}
     recipe.setdefault("recipe", "standard")  # checkpoints from before --recipe
-    recipe["betas"] = tuple(recipe["betas"])
+    recipe["betas"] = None if recipe["betas"] is None else tuple(recipe["betas"])
+    if "betas" in given and recipe.get("optimizer", "adam") != "adam":
+        raise ValueError(f"argument --betas: Adam's, not used by the checkpoint's --optimizer {recipe['optimizer']}")
     for name in ("backend", *RECIPE):
         if name not in recipe or (name == "epochs" and name in given):
             continue
         if name in given and getattr(args, name) != recipe[name]:
+            saved = "torch's (β₁ cycled by onecycle)" if name == "betas" and recipe[name] is None else recipe[name]
             raise ValueError(f"argument --{name.replace('_', '-')}: {getattr(args, name)} contradicts the "
-                             f"checkpoint's {recipe[name]}; a resumed run keeps its recipe (start a new run "
+                             f"checkpoint's {saved}; a resumed run keeps its recipe (start a new run "
                              "to change it)")
         setattr(args, name, recipe[name])
     notes = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .cli import ADAM_BETAS, DEVICE_PATTERN, OPTIMIZERS, SCHEDULES
+from .cli import DEVICE_PATTERN, OPTIMIZERS, SCHEDULES
 
 
 def parse_device(text: str) -> torch.device:
@@ -178,15 +178,15 @@ class StopRequest:
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = ADAM_BETAS) -> torch.optim.Optimizer:
+                   betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
     """``sgd`` is the design notes' gradient descent, θ ← θ − η ∂L/∂θ; the others are torch's
-    (``betas``: Adam's)."""
+    (``betas``: Adam's, torch's own when None)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "momentum":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **({} if betas is None else {"betas": betas}))
     if name == "adadelta":
         return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -216,12 +216,15 @@ class Schedule:
 
 
 def make_schedule(name: str, optimizer, *, lr: float, epochs: int, steps_per_epoch: int,
-                  step_size: int = 1, gamma: float = 0.7) -> Schedule:
-    """``onecycle``: warm up to ``lr`` then anneal to ~0 over the run (per batch); ``step``: multiply
-    by ``gamma`` every ``step_size`` epochs (pytorch/examples' mnist); ``none``: constant."""
+                  step_size: int = 1, gamma: float = 0.7, cycle_momentum: bool = True) -> Schedule:
+    """``onecycle``: warm up to ``lr`` then anneal to ~0 over the run (per batch), and, with
+    ``cycle_momentum``, the momentum (Adam's β₁) down from 0.95 to 0.85 and back, as torch's
+    OneCycleLR does by default (without it, the optimizer's own stays); ``step``: multiply by
+    ``gamma`` every ``step_size`` epochs (pytorch/examples' mnist); ``none``: constant."""
     if name == "onecycle":
         return Schedule(torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch), per_batch=True)
+            optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, cycle_momentum=cycle_momentum),
+            per_batch=True)
     if name == "step":
         return Schedule(torch.optim.lr_scheduler.StepLR(optimizer, step_size, gamma), per_batch=False)
     if name == "none":

@@ -37,6 +37,9 @@ class MnistNet(torch_nn.Module):
         super().__init__()
         L = layers(backend)
         c1, c2 = channels
+        if len(kernels) != 2 or len(padding) != 2:
+            raise ValueError(f"MnistNet: expected two kernels and two paddings, one per convolution, got kernels "
+                             f"{tuple(kernels)} and padding {tuple(padding)}")
         (k1, k2), (p1, p2) = kernels, padding
         side = 28
         for k, p in zip(kernels, padding):

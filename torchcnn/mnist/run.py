@@ -168,7 +168,7 @@ class Run:
         steps_per_epoch = data.Batches.per_epoch(self.mnist.train_images.shape[0], args.batch_size, self.world_size)
         self.schedule = engine.make_schedule(args.schedule, self.optimizer, lr=self.lr, epochs=args.epochs,
                                              steps_per_epoch=steps_per_epoch, step_size=args.step_size,
-                                             gamma=args.gamma)
+                                             gamma=args.gamma, cycle_momentum=args.betas is None)
         recipe = {**{name: getattr(args, name) for name in RECIPE}, "lr": self.lr, "world_size": self.world_size}
         # The data generator draws each epoch's order and shifts, the same on every rank.
         self.state = checkpoint.TrainingState(net, self.optimizer, self.schedule,
