@@ -172,7 +172,8 @@ std::atomic<Route> forced_route{Route::kRule};
 // whose pieces (cpu/sparse_pieces.h) the op's vector loops take faster than the dense route's
 // GEMMs: pieces of at least 16 values (the MNIST model's second layer: rows of 3 · 32 = 96), or,
 // when only ∂W and ∂b are wanted (a network's first layer), few short ones in float sums (a
-// one-channel 5×5 filter: five rows of five), whose ∂W is summed in registers all at once.
+// one-channel 5×5 filter: five rows of five), whose ∂W is summed in registers all at once, on the
+// CPUs where that pays off (cpu/sparse_pieces.h).
 bool sparse_backward_applies(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                              const ConvArgs& a, const Mask& mask) {
   if (!grad_output.is_cpu() || differentiated(grad_output) || functorch_active()) {
@@ -195,7 +196,7 @@ bool sparse_backward_applies(const at::Tensor& grad_output, const at::Tensor& in
   if (pieces.len >= 16) {
     return true;
   }
-  return !mask[0] && pieces.short_enough() && input.scalar_type() != at::kDouble;
+  return !mask[0] && pieces.short_enough() && input.scalar_type() != at::kDouble && cpu::short_pieces_pay_off();
 }
 
 // Forces the route ("sparse", "dense", or "" for the rule again); returns the previous one.

@@ -23,4 +23,9 @@ inline FilterPieces filter_pieces(int64_t group_channels, int64_t kernel_h, int6
   return rows ? FilterPieces{kernel_h, kernel_w * group_channels} : FilterPieces{kernel_h * kernel_w, group_channels};
 }
 
+// Whether this CPU's tier runs accumulate_short faster than the dense route's GEMMs: x86 with AVX2
+// or AVX-512 (0.45–0.83× the dense route's time on first layers). At the baseline x86 tier its
+// vectors spill and the op took 1.45–2.3×; on other CPUs (aarch64) it is untimed, so not taken.
+bool short_pieces_pay_off();
+
 }  // namespace torchcnn::cpu
