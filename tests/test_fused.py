@@ -5,6 +5,7 @@ gradients, autocast, channels_last); the layers' weights interchange; and the MN
 and not, step for step. gradcheck, opcheck and compile draw from samples.py (test_ops.py,
 test_compile.py)."""
 
+import platform
 import warnings
 
 import pytest
@@ -401,7 +402,9 @@ def test_the_sparse_backward_serves_wide_filters_and_not_what_differentiates_it_
             torch.autograd.grad(out.sum(), [t for t in (x, w) if t.requires_grad], create_graph=create_graph)
         return any(e.name.endswith("_cpu_conv2d_relu_max_pool2d_backward") for e in prof.events())
 
-    assert takes_sparse(32) and not takes_sparse(1) and not takes_sparse(32, create_graph=True)
+    x86_baseline = cpu_capability() == "default" and platform.machine() in ("x86_64", "AMD64")
+    assert takes_sparse(32) == (not x86_baseline)  # slower than the dense route at x86's baseline tier
+    assert not takes_sparse(1) and not takes_sparse(32, create_graph=True)
     pays_off = cpu_capability() in ("avx512", "avx2")  # the short rows' kernel: spills at x86's baseline tier
     for kernel in (3, 5, 7):
         assert takes_sparse(1, first_layer=True, dtype=torch.float32, kernel=kernel) == pays_off

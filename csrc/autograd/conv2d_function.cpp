@@ -172,8 +172,8 @@ std::atomic<Route> forced_route{Route::kRule};
 // whose pieces (cpu/sparse_pieces.h) the op's vector loops take faster than the dense route's
 // GEMMs: pieces of at least 16 values (the MNIST model's second layer: rows of 3 · 32 = 96), or,
 // when only ∂W and ∂b are wanted (a network's first layer), few short ones in float sums (a
-// one-channel 5×5 filter: five rows of five), whose ∂W is summed in registers all at once, on the
-// CPUs where that pays off (cpu/sparse_pieces.h).
+// one-channel 5×5 filter: five rows of five), whose ∂W is summed in registers all at once — each on
+// the CPUs where it pays off (cpu/sparse_pieces.h: not x86's baseline tier).
 bool sparse_backward_applies(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                              const ConvArgs& a, const Mask& mask) {
   if (!grad_output.is_cpu() || differentiated(grad_output) || functorch_active()) {
@@ -185,6 +185,9 @@ bool sparse_backward_applies(const at::Tensor& grad_output, const at::Tensor& in
   }
   // Sizes as SymInts: traced with symbolic shapes (torch.compile's dynamic=True), a plain size()
   // would specialise the graph to them. A symbolic channel count or filter takes the dense route.
+  if (!cpu::sparse_route_pays_off()) {
+    return false;
+  }
   const auto channels = input.sym_size(1).maybe_as_int();
   const auto kernel_h = weight.sym_size(2).maybe_as_int();
   const auto kernel_w = weight.sym_size(3).maybe_as_int();

@@ -478,6 +478,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_c
 
 }  // namespace
 
+bool sparse_route_pays_off() {
+#if TORCHCNN_X86_TIERS
+  return cpu_tier() != Tier::kDefault;
+#else
+  return true;
+#endif
+}
+
 bool short_pieces_pay_off() {
 #if TORCHCNN_X86_TIERS
   return cpu_tier() != Tier::kDefault;

@@ -23,9 +23,14 @@ inline FilterPieces filter_pieces(int64_t group_channels, int64_t kernel_h, int6
   return rows ? FilterPieces{kernel_h, kernel_w * group_channels} : FilterPieces{kernel_h * kernel_w, group_channels};
 }
 
-// Whether this CPU's tier runs accumulate_short faster than the dense route's GEMMs: x86 with AVX2
-// or AVX-512 (0.45–0.83× the dense route's time on first layers). At the baseline x86 tier its
-// vectors spill and the op took 1.45–2.3×; on other CPUs (aarch64) it is untimed, so not taken.
+// Whether this CPU's tier runs the sparse op faster than the dense route: on x86, with AVX2 or
+// AVX-512 (0.5–0.9× the dense route's time on the MNIST-like layers), not at the baseline tier,
+// where it took 1.8–3.5× (docs/BENCHMARKS.md); on other CPUs (aarch64, untimed) as before.
+bool sparse_route_pays_off();
+
+// The same for short pieces (accumulate_short): on x86 with AVX2 or AVX-512 (0.45–0.83× the dense
+// route on first layers); not at the baseline tier (1.45–2.3×: its vectors spill), nor on other
+// CPUs, where it is untimed.
 bool short_pieces_pay_off();
 
 }  // namespace torchcnn::cpu
