@@ -487,11 +487,7 @@ bool sparse_route_pays_off() {
 }
 
 bool short_pieces_pay_off() {
-#if TORCHCNN_X86_TIERS
-  return cpu_tier() != Tier::kDefault;
-#else
-  return false;
-#endif
+  return TORCHCNN_X86_TIERS && sparse_route_pays_off();  // elsewhere untimed
 }
 
 TORCH_LIBRARY_IMPL(torchcnn, CPU, m) {
