@@ -93,7 +93,7 @@ def interleaved_ms(fns: dict, device: str, rounds: int, seconds: float) -> dict:
 def conv_rows(device: str, rounds: int, seconds: float, match: str = "") -> list[dict]:
     rows = []
     for name, x_shape, w_shape, stride, padding, groups in conv_cases():
-        if match.lower().replace("x", "×") not in name.lower():
+        if match.lower().replace("×", "x") not in name.lower().replace("×", "x"):
             continue
         gen = torch.Generator().manual_seed(0)
         x, w = (torch.randn(s, generator=gen).to(device).requires_grad_() for s in (x_shape, w_shape))
@@ -166,7 +166,7 @@ def arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure")
     parser.add_argument("--skip-resnet", action="store_true", help="only the conv rows")
     parser.add_argument("--match", default="", metavar="TEXT",
-                        help="only the conv rows whose case names TEXT (any case; x stands for ×), e.g. 5x5 "
+                        help="only the conv rows whose case names TEXT (any case; x and × alike), e.g. 5x5 "
                              "or groups, and no ResNet-18 step")
 
 

@@ -397,3 +397,23 @@ def test_resume_holds_the_recipe():
     before_recipes = {**saved, "recipe": {"epochs": 12}}  # a checkpoint from before --recipe: standard
     with pytest.raises(ValueError, match="argument --recipe: fast contradicts the checkpoint's standard"):
         cli.resume_args(args, given, before_recipes)
+
+
+@needs_mnist
+@pytest.mark.parametrize("argv, betas, momentum, cycled", [
+    (["--betas", "0.8", "0.95"], (0.8, 0.95), None, False),  # given: held through onecycle
+    ([], None, None, True),  # torch's betas: β₁ cycled, as before --betas
+    (["--optimizer", "sgd"], None, 0, False),  # plain gradient descent keeps no momentum
+], ids=["betas", "default", "sgd"])
+def test_a_run_trains_with_the_betas_and_momentum_it_says(argv, betas, momentum, cycled, tmp_path):
+    """train.py's own wiring, end to end: the checkpoint's optimizer and one-cycle schedule."""
+    out = tmp_path / "run"
+    assert run_train([*argv, "--epochs", 1, "--limit-train", 64, "--limit-test", 64, "--no-plots", "--out", out]) == 0
+    saved = checkpoint.load(out / "last.pt")
+    group = saved["optimizer"]["param_groups"][0]
+    assert saved["scheduler"]["cycle_momentum"] == cycled
+    assert saved["recipe"]["betas"] == betas
+    if betas is not None:
+        assert tuple(group["betas"]) == betas
+    if momentum is not None:
+        assert group["momentum"] == momentum

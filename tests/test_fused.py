@@ -388,8 +388,8 @@ def test_the_sparse_cpu_backward_is_the_dense_one(sample, dtype, ceil_mode):
 def test_the_sparse_backward_serves_wide_filters_and_not_what_differentiates_it_again():
     """The route the CPU backward takes: the sparse op where a filter row is ≥ 16 values (the
     MNIST model's second layer) and, for ∂W alone in float (a network's first layer), where a
-    filter is a few short rows (one channel, 3×3 to 7×7) and the CPU has AVX2 or AVX-512; the
-    dense route elsewhere for short rows, for short rows that
+    filter is a few short rows (one channel, 3×3 to 7×7) and the CPU has AVX2 or AVX-512; no
+    sparse route at x86's baseline tier; the dense route for short rows that
     need ∂X, for double's, for filters of more than eight pieces, and whenever the backward is
     itself differentiated (create_graph)."""
     torchcnn.load()  # before the first call: the C++ node, which takes the sparse op, serves only calls after it

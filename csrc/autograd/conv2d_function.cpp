@@ -183,11 +183,11 @@ bool sparse_backward_applies(const at::Tensor& grad_output, const at::Tensor& in
   if (forced != Route::kRule) {
     return forced == Route::kSparse;
   }
-  // Sizes as SymInts: traced with symbolic shapes (torch.compile's dynamic=True), a plain size()
-  // would specialise the graph to them. A symbolic channel count or filter takes the dense route.
   if (!cpu::sparse_route_pays_off()) {
     return false;
   }
+  // Sizes as SymInts: traced with symbolic shapes (torch.compile's dynamic=True), a plain size()
+  // would specialise the graph to them. A symbolic channel count or filter takes the dense route.
   const auto channels = input.sym_size(1).maybe_as_int();
   const auto kernel_h = weight.sym_size(2).maybe_as_int();
   const auto kernel_w = weight.sym_size(3).maybe_as_int();

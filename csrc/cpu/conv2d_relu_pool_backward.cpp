@@ -303,7 +303,7 @@ void weight_grad(const SparseGrad<T>& s, const T* xp, int64_t batch, int64_t pad
                  T* dw, T* db) {
   // Images per block: what fits a 32 KiB L1 data cache, one image at least.
   const int64_t block = std::max<int64_t>(1, (32 << 10) / (padded_image * int64_t(sizeof(T))));
-  const bool short_rows = short_pieces<T>(s.pieces);
+  const bool short_rows = short_pieces<T>(s.pieces) && short_pieces_pay_off();
   int64_t longest = 0;
   for (const Piece& piece : s.pieces) {
     longest = std::max(longest, piece.len);

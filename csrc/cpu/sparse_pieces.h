@@ -29,8 +29,9 @@ inline FilterPieces filter_pieces(int64_t group_channels, int64_t kernel_h, int6
 bool sparse_route_pays_off();
 
 // The same for short pieces (accumulate_short): on x86 with AVX2 or AVX-512 (0.45–0.83× the dense
-// route on first layers); not at the baseline tier (1.45–2.3×: its vectors spill), nor on other
-// CPUs, where it is untimed.
+// route on first layers); not at the baseline tier (1.45–2.3× on 7 first layers of 8: its vectors
+// spill), nor on other CPUs, where it is untimed. The op itself sums short pieces one at a time
+// where this is false (a forced sparse route, or rows of exactly kShortPiece values).
 bool short_pieces_pay_off();
 
 }  // namespace torchcnn::cpu

@@ -226,9 +226,9 @@ def resume_args(args: argparse.Namespace, given: set[str], saved: dict) -> list[
         if name not in recipe or (name == "epochs" and name in given):
             continue
         if name in given and getattr(args, name) != recipe[name]:
-            saved = "torch's (β₁ cycled by onecycle)" if name == "betas" and recipe[name] is None else recipe[name]
+            shown = "torch's (β₁ cycled by onecycle)" if name == "betas" and recipe[name] is None else recipe[name]
             raise ValueError(f"argument --{name.replace('_', '-')}: {getattr(args, name)} contradicts the "
-                             f"checkpoint's {saved}; a resumed run keeps its recipe (start a new run "
+                             f"checkpoint's {shown}; a resumed run keeps its recipe (start a new run "
                              "to change it)")
         setattr(args, name, recipe[name])
     notes = []

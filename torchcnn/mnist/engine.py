@@ -218,13 +218,16 @@ class Schedule:
 def make_schedule(name: str, optimizer, *, lr: float, epochs: int, steps_per_epoch: int,
                   step_size: int = 1, gamma: float = 0.7, cycle_momentum: bool = True) -> Schedule:
     """``onecycle``: warm up to ``lr`` then anneal to ~0 over the run (per batch), and, with
-    ``cycle_momentum``, the momentum (Adam's β₁) down from 0.95 to 0.85 and back, as torch's
-    OneCycleLR does by default (without it, the optimizer's own stays); ``step``: multiply by
-    ``gamma`` every ``step_size`` epochs (pytorch/examples' mnist); ``none``: constant."""
+    ``cycle_momentum``, an optimizer's momentum (Adam's β₁, momentum SGD's) down from 0.95 to 0.85
+    and back, as torch's OneCycleLR does by default (without it, the optimizer's own stays; plain
+    SGD and Adadelta have none to cycle); ``step``: multiply by ``gamma`` every ``step_size``
+    epochs (pytorch/examples' mnist); ``none``: constant."""
     if name == "onecycle":
+        # OneCycleLR would give plain SGD (momentum 0) a momentum of 0.95, and refuses Adadelta.
+        has_momentum = "betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0
         return Schedule(torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, cycle_momentum=cycle_momentum),
-            per_batch=True)
+            optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
+            cycle_momentum=cycle_momentum and has_momentum), per_batch=True)
     if name == "step":
         return Schedule(torch.optim.lr_scheduler.StepLR(optimizer, step_size, gamma), per_batch=False)
     if name == "none":
