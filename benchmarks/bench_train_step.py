@@ -31,6 +31,7 @@ from bench_ops import describe, setup  # noqa: E402  (imports torchcnn before to
 from bench_conv import interleaved_ms  # noqa: E402
 
 import torchcnn.nn  # noqa: E402
+from torchcnn.mnist import engine  # noqa: E402
 from torchcnn.mnist.cuda_graph import GraphedTrainStep  # noqa: E402
 from torchcnn.mnist.cli import RECIPES  # noqa: E402
 from torchcnn.mnist.model import MnistNet, loss_function  # noqa: E402
@@ -44,7 +45,7 @@ def make_step(backend: str, batch: int, device: str, fuse: bool = True, graphed:
     r = RECIPES[recipe]
     model = MnistNet(backend, **r.model, dropout=r.dropout, fuse=fuse).to(device)
     loss_fn = loss_function(backend, label_smoothing=r.label_smoothing)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=r.betas or (0.9, 0.999))
+    optimizer = engine.make_optimizer("adam", model.parameters(), lr=1e-3, betas=r.betas)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 1, 28, 28, generator=gen).to(device)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)

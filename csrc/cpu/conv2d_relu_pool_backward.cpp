@@ -258,14 +258,6 @@ TORCHCNN_TIERED(accumulate_short_tiered, accumulate_short,
                  int64_t count, float* dw),
                 (src, pieces, n_pieces, longest, v, count, dw))
 
-// Whether ∂W takes accumulate_short: float sums and short pieces, few enough to stay in registers.
-template <typename T>
-bool short_pieces(const std::vector<Piece>& pieces) {
-  return std::is_same_v<T, float> && !pieces.empty() &&
-         static_cast<int64_t>(pieces.size()) <= kMaxShortPieces &&
-         std::all_of(pieces.begin(), pieces.end(), [](const Piece& p) { return p.len <= kShortPiece; });
-}
-
 // What the loops share: the non-zeros (the pooled gradient where the ReLU passed, and the flat
 // index in Y's plane of its argmax), image by image (K planes of `pooled` each), and the sizes.
 template <typename T>
@@ -303,11 +295,14 @@ void weight_grad(const SparseGrad<T>& s, const T* xp, int64_t batch, int64_t pad
                  T* dw, T* db) {
   // Images per block: what fits a 32 KiB L1 data cache, one image at least.
   const int64_t block = std::max<int64_t>(1, (32 << 10) / (padded_image * int64_t(sizeof(T))));
-  const bool short_rows = short_pieces<T>(s.pieces) && short_pieces_pay_off();
   int64_t longest = 0;
   for (const Piece& piece : s.pieces) {
     longest = std::max(longest, piece.len);
   }
+  // accumulate_short (float sums only, below): pieces few and short enough to stay in registers,
+  // by the rule's own measure, on a CPU where that pays off.
+  const bool short_rows = !s.pieces.empty() && short_pieces_pay_off() &&
+                          FilterPieces{static_cast<int64_t>(s.pieces.size()), longest}.short_enough();
   at::parallel_for(0, s.out_channels, 1, [&](int64_t k_begin, int64_t k_end) {
     std::vector<const T*> src(block * s.pooled);
     std::vector<T> v(block * s.pooled);

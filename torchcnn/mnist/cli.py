@@ -48,8 +48,8 @@ class Recipe:
 # standard (the default): 12 epochs of Adam with a one-cycle rate and ±2-pixel shifts, 99.4–99.5 %
 # (docs/BENCHMARKS.md). fast: the quickest way to 99 % found on a 2-core CPU, on every seed tried —
 # one epoch at batch 256 of a model with unpadded 5×5 and 3×3 filters (24 and 32 channels, a
-# 256-unit hidden layer), Adam with short memories (betas 0.7, 0.9, held fixed) under a one-cycle rate, and
-# labels smoothed by 0.1 (benchmarks/time_to_accuracy.py trains with it; after the shape of
+# 256-unit hidden layer), Adam with short memories (betas 0.7, 0.9, held fixed) under a one-cycle
+# rate, and labels smoothed by 0.1 (benchmarks/time_to_accuracy.py trains with it; after the shape of
 # github.com/tuomaso/train_mnist_fast's one-epoch GPU recipe).
 RECIPES = {
     "standard": Recipe(epochs=12, batch_size=64, optimizer="adam", lr=5e-3, schedule="onecycle", dropout=0.25, shift=2),

@@ -9,9 +9,10 @@ replay would silently train on something else:
 - each batch is copied into the captured input tensors; a batch of another shape (an epoch's last,
   short one) and a model whose train/eval modes differ from the captured ones step eagerly;
 - the optimizer's learning rate and Adam's β₁, which a schedule changes every step (OneCycleLR cycles
-  β₁ too, unless told not to: train.py's --betas), live in device tensors that the update reads (Adam then takes its single-tensor update,
-  the one that reads β₁ without a host read); a schedule's new Python value is copied in before
-  each replay. Any other hyperparameter that changes after capture (β₂ included) is an error;
+  β₁ too, unless told not to: train.py's --betas), live in device tensors that the update reads
+  (Adam then takes its single-tensor update, the one that reads β₁ without a host read); a
+  schedule's new Python value is copied in before each replay. Any other hyperparameter that
+  changes after capture (β₂ included) is an error;
 - parameters and optimizer state must stay the tensors that were captured: loading a state_dict into
   them in place is fine, replacing them (``optimizer.load_state_dict`` after capture) is an error.
 
