@@ -52,23 +52,40 @@ struct AsIs {
   C10_HOST_DEVICE T operator()(T value) const { return value; }
 };
 
-// The max of window (oh, ow) of one (H, W) plane (of map(plane), tap by tap) and its flat index
-// h·W + w, scanned row by row. A window of −inf reports its first real pixel, and one with no real
-// pixel −inf at h0·W + w0 (an index outside the window, as torch's): both as torch does.
-template <typename scalar_t, typename Map = AsIs>
-C10_HOST_DEVICE inline void window_max(const scalar_t* plane, const Window2d& g, int64_t oh, int64_t ow,
-                                       scalar_t& value, int64_t& index, Map map = {}) {
+// The max of window (oh, ow) over the values at(h, w) of one (H, W) plane (of map(value), tap by
+// tap) and its flat index h·W + w, scanned row by row. A window of −inf reports its first real
+// pixel, and one with no real pixel −inf at h0·W + w0 (an index outside the window, as torch's):
+// both as torch does.
+template <typename scalar_t, typename At, typename Map = AsIs>
+C10_HOST_DEVICE inline void window_max_of(const At& at, const Window2d& g, int64_t oh, int64_t ow, scalar_t& value,
+                                          int64_t& index, Map map = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   const PoolWindow win = pool_window(g, oh, ow);
   int64_t best = win.h0 * g.width + win.w0;
   acc_t best_value = -std::numeric_limits<acc_t>::infinity();
   for (int64_t h = win.h0; h < win.h1; h += g.dilation_h) {
     for (int64_t w = win.w0; w < win.w1; w += g.dilation_w) {
-      take_if_larger(map(static_cast<acc_t>(plane[h * g.width + w])), h * g.width + w, best_value, best);
+      take_if_larger(map(static_cast<acc_t>(at(h, w))), h * g.width + w, best_value, best);
     }
   }
   value = static_cast<scalar_t>(best_value);
   index = best;
+}
+
+// A plane in memory, (H, W) contiguous.
+template <typename scalar_t>
+struct PlaneAt {
+  const scalar_t* plane;
+  int64_t width;
+
+  C10_HOST_DEVICE scalar_t operator()(int64_t h, int64_t w) const { return plane[h * width + w]; }
+};
+
+// window_max_of over a plane in memory.
+template <typename scalar_t, typename Map = AsIs>
+C10_HOST_DEVICE inline void window_max(const scalar_t* plane, const Window2d& g, int64_t oh, int64_t ow,
+                                       scalar_t& value, int64_t& index, Map map = {}) {
+  window_max_of(PlaneAt<scalar_t>{plane, g.width}, g, oh, ow, value, index, map);
 }
 
 // Whether input pixel (h, w) is one of the window's real pixels: the only places its gradient

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -44,6 +45,19 @@ def cuda_ops(request):
         return torchcnn.testing.emulated_cuda_ops()
     torchcnn.load()  # the CUDA kernels' private ops (_cuda_set_chunk_budget) come with them
     return torch.ops.torchcnn
+
+
+@contextlib.contextmanager
+def cuda_route(ops, route="", bits64=False):
+    """The CUDA forward forced onto `route` ("direct", "tiled" or "gemm"; "" the rule) wherever it
+    applies, and the tiled kernel onto 64-bit indices if `bits64`, for the length of the block."""
+    previous_route = ops._cuda_conv2d_force_route(route)
+    previous_bits = ops._cuda_force_64bit_indices(bits64)
+    try:
+        yield
+    finally:
+        ops._cuda_conv2d_force_route(previous_route)
+        ops._cuda_force_64bit_indices(previous_bits)
 
 
 @pytest.fixture

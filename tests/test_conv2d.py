@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as TF
 
 import torchcnn.functional as F
-from conftest import cuda_ops
+from conftest import cuda_ops, cuda_route
 from samples import Sample, conv2d_samples, make_conv
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
@@ -160,7 +160,7 @@ def test_chunks_hold_half_the_l2_cache_by_default(request, device):
     x = torch.randn(2 * per_chunk + 1, 32, 28, 28, device=device)
     w, b = torch.randn(4, 32, 3, 3, device=device), torch.randn(4, device=device)
     try:
-        with torch.profiler.profile() as prof:
+        with cuda_route(ops, "gemm"), torch.profiler.profile() as prof:
             y = F.conv2d(x, w, b, padding=1)
     finally:
         ops._cuda_set_chunk_budget(previous)
@@ -184,7 +184,7 @@ def test_many_chunks_give_the_same_result(request, device, dtype, sample):
     one_image = x.shape[1] * w.shape[2] * w.shape[3] * out_plane * x.element_size()  # its im2col columns
     previous = ops._cuda_set_chunk_budget(one_image)
     try:
-        with torch.profiler.profile() as prof:
+        with cuda_route(ops, "gemm"), torch.profiler.profile() as prof:
             y = F.conv2d(x, w, b, **sample.kwargs)
             grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
     finally:

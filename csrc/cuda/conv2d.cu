@@ -1,7 +1,7 @@
-// conv2d on CUDA: batched im2col feeding cuBLAS (at::bmm on the current stream), and — as on the
-// CPU (csrc/cpu/conv2d.cpp's rule) — a direct forward kernel for one input channel per group
-// (depthwise convs, and the MNIST first layer), where a GEMM with K = KH·KW = 9 would be all
-// overhead.
+// conv2d on CUDA: batched im2col feeding cuBLAS (at::bmm on the current stream), and two forward
+// routes without columns, picked by forward_route (conv2d_tiled.cu): a direct kernel for one input
+// channel per group and few outputs (depthwise convs), where a GEMM with K = KH·KW = 9 would be all
+// overhead, and the tiled kernel of conv2d_tiled.cu for thin products.
 //
 // For a chunk of B images, im2col lays every receptive field out as a column:
 //   cols[n, (c, p, q), (i, j)] = X[n, c, i·s + p·d − pad, j·s + q·d − pad]   (0 outside the image)
@@ -191,7 +191,12 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_, c
     return output;
   }
 
-  if (g.in_channels_per_group() == 1) {
+  const ForwardRoute route = forward_route(g, input.scalar_type());
+  if (route == ForwardRoute::kTiled) {
+    conv2d_tiled(input, weight, bias_, g, TiledEpilogue::kNone, output, nullptr, nullptr, nullptr);
+    return output;
+  }
+  if (route == ForwardRoute::kDirect) {
     const auto bias = has_bias ? bias_->contiguous() : at::Tensor();
     const int64_t total = output.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_direct", [&] {

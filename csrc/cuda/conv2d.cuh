@@ -11,8 +11,27 @@
 
 namespace torchcnn::TORCHCNN_CUDA_SHARED {
 
-// Y = X ⋆ W + b on arguments conv2d_geometry has checked: contiguous NCHW, in the input's dtype.
+// Y = X ⋆ W + b on arguments conv2d_geometry has checked: contiguous NCHW, in the input's dtype,
+// by the route forward_route picks.
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const Conv2dGeometry& g);
+
+// How the forward computes Y (conv2d_tiled.cu's forward_route is the rule):
+// - kDirect: a thread per output (conv2d.cu), for one input channel per group;
+// - kTiled: conv2d_tiled.cu's kernel, the ReLU and the pool in its epilogue;
+// - kGemm: im2col and cuBLAS (conv2d.cu).
+enum class ForwardRoute { kDirect = 0, kTiled = 1, kGemm = 2 };
+
+ForwardRoute forward_route(const Conv2dGeometry& g, at::ScalarType dtype);
+
+// What the tiled kernel writes: Y; relu(Y) and `passes`; or the 2×2 max pool of relu(Y), its
+// `indices` in Y's plane and `passes` (with `pool` the pool's geometry).
+enum class TiledEpilogue { kNone, kRelu, kReluMaxPool };
+
+// The tiled kernel into `out` (and `indices`, `passes`, as the epilogue writes them), all
+// contiguous NCHW of the epilogue's shape.
+void conv2d_tiled(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const Conv2dGeometry& g, TiledEpilogue epilogue, at::Tensor& out, at::Tensor* indices,
+                  at::Tensor* passes, const Window2d* pool);
 
 }  // namespace torchcnn::TORCHCNN_CUDA_SHARED

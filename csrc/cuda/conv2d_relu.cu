@@ -1,6 +1,7 @@
-// conv2d + bias + the design notes' ReLU (+ their 2×2 max pool) on CUDA, as one op each: the
-// convolution of conv2d.cu, then one epilogue kernel over its output that applies the ReLU (and
-// pools), so that neither relu(Y) nor a ReLU gradient is ever a tensor of its own. The results
+// conv2d + bias + the design notes' ReLU (+ their 2×2 max pool) on CUDA, as one op each: on the
+// tiled route (conv2d_tiled.cu) one kernel whose epilogue applies the ReLU (and pools); on the
+// others, the convolution of conv2d.cu, then one epilogue kernel over its output. Neither relu(Y)
+// nor a ReLU gradient is ever a tensor of its own. The results
 // equal the composition of the separate ops exactly: the same Y in the input's dtype, the same
 // window scan as max_pool2d (max_pool2d_window.h) on relu(Y) (relu.h).
 #include <ATen/Dispatch.h>
@@ -16,6 +17,8 @@
 
 namespace torchcnn {
 namespace {
+
+namespace shared = TORCHCNN_CUDA_SHARED;
 
 // One thread per pooled output (n, k, i, j): the max of relu(Y) over its window, the flat index of
 // that max in Y's plane, and whether the gradient passes at it (Y there ≥ 0).
@@ -41,7 +44,13 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_cuda(
   const auto g = conv2d_geometry("conv2d_relu", input, weight, bias, stride, padding, dilation, groups);
   const DeviceGuard guard(input.device());
   const auto format = conv2d_memory_format(input, weight);
-  auto output = TORCHCNN_CUDA_SHARED::conv2d_forward(input, weight, bias, g);
+  if (shared::forward_route(g, input.scalar_type()) == shared::ForwardRoute::kTiled) {
+    auto output = at::empty(g.output_sizes(), input.options());
+    auto passes = at::empty(output.sizes(), output.options().dtype(at::kBool));
+    shared::conv2d_tiled(input, weight, bias, g, shared::TiledEpilogue::kRelu, output, nullptr, &passes, nullptr);
+    return {output.contiguous(format), passes.contiguous(format)};
+  }
+  auto output = shared::conv2d_forward(input, weight, bias, g);
   auto passes = at::empty(output.sizes(), output.options().dtype(at::kBool));
   const int64_t total = output.numel();
   if (total > 0) {
@@ -61,10 +70,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cuda(
   const DeviceGuard guard(input.device());
   const Window2d& p = g.pool;
   const auto format = conv2d_memory_format(input, weight);
-  const auto y = TORCHCNN_CUDA_SHARED::conv2d_forward(input, weight, bias, g.conv);
-  auto output = at::empty({p.batch, p.channels, p.out_height, p.out_width}, y.options());
-  auto indices = at::empty(output.sizes(), y.options().dtype(at::kLong));
-  auto passes = at::empty(output.sizes(), y.options().dtype(at::kBool));
+  auto output = at::empty({p.batch, p.channels, p.out_height, p.out_width}, input.options());
+  auto indices = at::empty(output.sizes(), input.options().dtype(at::kLong));
+  auto passes = at::empty(output.sizes(), input.options().dtype(at::kBool));
+  if (shared::forward_route(g.conv, input.scalar_type()) == shared::ForwardRoute::kTiled) {
+    shared::conv2d_tiled(input, weight, bias, g.conv, shared::TiledEpilogue::kReluMaxPool, output, &indices, &passes,
+                         &p);
+    return {output.contiguous(format), indices.contiguous(format), passes.contiguous(format)};
+  }
+  const auto y = shared::conv2d_forward(input, weight, bias, g.conv);
   const int64_t total = output.numel();
   if (total > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "torchcnn::conv2d_relu_max_pool2d_cuda",

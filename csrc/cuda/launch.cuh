@@ -9,6 +9,10 @@
 //
 // The seams, each with its GPU and its emulated form below:
 //   launch(kernel, blocks, threads, args...)  the current stream + a launch check | the emulator
+//   launch_shared(kernel, blocks, threads,    the same, with `bytes` of dynamic shared memory per
+//                 bytes, args...)             block (at most 48 KiB) | a poisoned buffer per block
+//   shared_memory<T>()                        the block's dynamic shared memory: `extern __shared__` |
+//                                             the running block's buffer
 //   max_blocks()                              32 per multiprocessor | 3, so grid-stride loops wrap
 //   l2_cache_bytes()                          the device's L2 cache | 50 MB, an H100's
 //   DeviceGuard                               c10::cuda::CUDAGuard | nothing to switch
@@ -39,6 +43,9 @@
 namespace torchcnn {
 namespace {  // each library keeps its own copy: the real and the emulated ones differ
 
+// Dynamic shared memory a block may have without opting in to more, on every GPU since Volta.
+constexpr size_t kMaxSharedBytes = 48 * 1024;
+
 #ifdef TORCHCNN_EMULATE_CUDA
 
 // Small blocks and few of them, so that every grid-stride loop in the test sweeps wraps.
@@ -47,8 +54,14 @@ inline int64_t max_blocks() { return 3; }
 inline int64_t l2_cache_bytes() { return int64_t{50} << 20; }
 
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, Args&&... args) {
-  emulation::run_grid(kernel, blocks, threads, std::forward<Args>(args)...);
+void launch_shared(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, size_t shared_bytes,
+                   Args&&... args) {
+  emulation::run_grid(kernel, blocks, threads, shared_bytes, std::forward<Args>(args)...);
+}
+
+template <typename T>
+T* shared_memory() {
+  return reinterpret_cast<T*>(emulation::Grid::shared());
 }
 
 struct DeviceGuard {
@@ -74,9 +87,18 @@ inline int64_t l2_cache_bytes() {
 }
 
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, Args&&... args) {
-  kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+void launch_shared(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, size_t shared_bytes,
+                   Args&&... args) {
+  TORCH_INTERNAL_ASSERT(shared_bytes <= kMaxSharedBytes, "a launch asked for ", shared_bytes,
+                        " bytes of shared memory per block");
+  kernel<<<blocks, threads, shared_bytes, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+__device__ __forceinline__ T* shared_memory() {
+  extern __shared__ __align__(16) unsigned char block_shared_memory[];
+  return reinterpret_cast<T*>(block_shared_memory);
 }
 
 using DeviceGuard = c10::cuda::CUDAGuard;
@@ -88,6 +110,11 @@ inline void bmm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor
 }
 
 #endif
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads, Args&&... args) {
+  launch_shared(kernel, blocks, threads, 0, std::forward<Args>(args)...);
+}
 
 // A 1-D grid of kThreads-thread blocks covering `total` work items with grid-stride loops over
 // int64 indices: any size is covered by any grid (no 65535-block limit in y/z, no int32 overflow).

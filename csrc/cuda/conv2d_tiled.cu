@@ -1,0 +1,336 @@
+// conv2d's tiled forward on CUDA: the convolution as a direct, tiled product in shared memory, with
+// the bias, the design notes' ReLU and their 2×2 max pool applied to the tile before it leaves the
+// block, so that conv2d, conv2d_relu and conv2d_relu_max_pool2d are each one kernel launch and
+// neither the convolution's output nor any column buffer goes through device memory.
+//
+// A block computes one tile: kTileK output channels of one group of one image, over kTileH × kTileW
+// output pixels. It walks the group's input channels in chunks; for each chunk it stages in shared
+// memory the input patch the tile reads (zeros where the window hangs over the padding) and the
+// chunk's taps of its kTileK filters, then each thread adds its share of
+//   Y[n, k, i, j] = b[k] + Σ_c Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, c, p, q]
+// into registers: 4 neighbouring pixels of one row × 8 channels, 32 sums, so that each value read
+// from shared memory feeds 4 or 8 products. Sums are in at::opmath_type (float for half types) and
+// rounded to the input's dtype once, as the GEMM route's are.
+//
+// The epilogue: conv2d writes Y; conv2d_relu writes relu(Y) and where the gradient passes;
+// conv2d_relu_max_pool2d writes the rounded Y of the tile back to shared memory and pools relu(Y)
+// there (max_pool2d_window.h's scan, exactly as the separate ops do), writing the max, its index in
+// Y's plane and whether the gradient passes at it. Tiles start at even rows and columns, so every
+// 2×2 window lies in one tile.
+//
+// Indices are 32-bit wherever every tensor of the launch has fewer than 2^31 elements (GPUs divide
+// 64-bit integers in software); 64-bit otherwise.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/all.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+
+#include "../max_pool2d_window.h"
+#include "../relu.h"
+#include "../shapes.h"
+#include "conv2d.cuh"
+#include "launch.cuh"
+
+namespace torchcnn {
+namespace {
+
+using TORCHCNN_CUDA_SHARED::ForwardRoute;
+using TORCHCNN_CUDA_SHARED::TiledEpilogue;
+
+constexpr int kTileH = 8, kTileW = 16, kTileK = 16;
+constexpr int kPixelsPerThread = 4, kChannelsPerThread = 8;
+constexpr int kColumnGroups = kTileW / kPixelsPerThread;                             // 4
+constexpr int kTiledThreads = kTileH * kColumnGroups * (kTileK / kChannelsPerThread);  // 64
+// Shared memory one chunk of input channels may take (the rest of the 48 KiB is left so that
+// several blocks share a multiprocessor).
+constexpr int64_t kChunkBytes = 16 * 1024;
+
+// What the host works out once per launch: the chunking of the input channels and the grid.
+struct TiledPlan {
+  int64_t chunk;                    // input channels per shared-memory stage
+  int64_t patch_h, patch_w;         // the input rows and columns a tile reads
+  int64_t tiles_h, tiles_w, tiles_k;
+  int64_t tiles;                    // N · groups · tiles_k · tiles_h · tiles_w
+  int64_t shared_bytes;
+};
+
+// Forward-route knobs for the tests (process-wide): a route forced wherever it applies, and 64-bit
+// indices forced for the tiled kernel.
+std::atomic<int> forced_route{-1};
+std::atomic<bool> force_64bit{false};
+
+int64_t patch_extent(int64_t tile, int64_t stride, int64_t kernel, int64_t dilation) {
+  return (tile - 1) * stride + (kernel - 1) * dilation + 1;
+}
+
+int64_t shared_bytes_per_channel(const Conv2dGeometry& g, int64_t acc_size) {
+  const int64_t patch = patch_extent(kTileH, g.stride_h, g.kernel_h, g.dilation_h) *
+      patch_extent(kTileW, g.stride_w, g.kernel_w, g.dilation_w);
+  return (patch + g.kernel_h * g.kernel_w * kTileK) * acc_size;
+}
+
+TiledPlan tiled_plan(const Conv2dGeometry& g, int64_t acc_size, bool pools) {
+  TiledPlan plan;
+  const int64_t per_channel = shared_bytes_per_channel(g, acc_size);
+  plan.chunk = std::max<int64_t>(1, std::min(g.in_channels_per_group(), kChunkBytes / per_channel));
+  plan.patch_h = patch_extent(kTileH, g.stride_h, g.kernel_h, g.dilation_h);
+  plan.patch_w = patch_extent(kTileW, g.stride_w, g.kernel_w, g.dilation_w);
+  plan.tiles_h = (g.out_height + kTileH - 1) / kTileH;
+  plan.tiles_w = (g.out_width + kTileW - 1) / kTileW;
+  plan.tiles_k = (g.out_channels_per_group() + kTileK - 1) / kTileK;
+  plan.tiles = g.batch * g.groups * plan.tiles_k * plan.tiles_h * plan.tiles_w;
+  // The pool's epilogue reuses the patch's memory for the tile of Y.
+  const int64_t tile_of_y = pools ? int64_t{kTileK} * kTileH * kTileW * acc_size : 0;
+  plan.shared_bytes = std::max(plan.chunk * per_channel, tile_of_y);
+  return plan;
+}
+
+// The tile of Y in shared memory, read at Y's own (h, w) (max_pool2d_window.h's window_max_of).
+template <typename acc_t>
+struct TileAt {
+  const acc_t* tile;
+  int64_t h0, w0, width;
+
+  __device__ acc_t operator()(int64_t h, int64_t w) const { return tile[(h - h0) * width + w - w0]; }
+};
+
+template <typename scalar_t, typename index_t, TiledEpilogue epilogue>
+__global__ void __launch_bounds__(kTiledThreads) conv2d_tiled_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+    scalar_t* __restrict__ out, int64_t* __restrict__ indices, bool* __restrict__ passes, Conv2dGeometry geometry,
+    Window2d pool, TiledPlan plan) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t C = geometry.channels, H = geometry.height, W = geometry.width;
+  const index_t K = geometry.out_channels, OH = geometry.out_height, OW = geometry.out_width;
+  const index_t KH = geometry.kernel_h, KW = geometry.kernel_w;
+  const index_t sh = geometry.stride_h, sw = geometry.stride_w, dh = geometry.dilation_h, dw = geometry.dilation_w;
+  const index_t groups = geometry.groups, cg = C / groups, mg = K / groups;
+  const index_t patch_h = plan.patch_h, patch_w = plan.patch_w, taps = KH * KW;
+  const index_t tiles_h = plan.tiles_h, tiles_w = plan.tiles_w, tiles_k = plan.tiles_k;
+
+  acc_t* patch = shared_memory<acc_t>();                     // chunk × patch_h × patch_w
+  acc_t* filters = patch + plan.chunk * patch_h * patch_w;  // chunk × KH × KW × kTileK
+  acc_t* tile_of_y = patch;                                  // kTileK × kTileH × kTileW (pool only)
+
+  const int t = threadIdx.x;
+  const int columns = t % kColumnGroups * kPixelsPerThread;  // the thread's first column in the tile
+  const int row = t / kColumnGroups % kTileH;
+  const int channels = t / (kColumnGroups * kTileH) * kChannelsPerThread;  // its first channel
+
+  for (index_t tile = blockIdx.x; tile < static_cast<index_t>(plan.tiles); tile += gridDim.x) {
+    const index_t ow0 = tile % tiles_w * kTileW;
+    const index_t oh0 = tile / tiles_w % tiles_h * kTileH;
+    index_t rest = tile / (tiles_w * tiles_h);
+    const index_t kt = rest % tiles_k;
+    rest /= tiles_k;
+    const index_t group = rest % groups;
+    const index_t n = rest / groups;
+    const index_t k0 = group * mg + kt * kTileK;  // the tile's first output channel
+    const index_t k_count = mg - kt * kTileK < kTileK ? mg - kt * kTileK : kTileK;
+    const index_t ih0 = oh0 * sh - static_cast<index_t>(geometry.pad_h);
+    const index_t iw0 = ow0 * sw - static_cast<index_t>(geometry.pad_w);
+
+    acc_t sums[kPixelsPerThread][kChannelsPerThread];
+    for (int i = 0; i < kChannelsPerThread; ++i) {
+      const index_t k = channels + i;
+      const acc_t b = bias != nullptr && k < k_count ? static_cast<acc_t>(bias[k0 + k]) : acc_t(0);
+      for (int j = 0; j < kPixelsPerThread; ++j) {
+        sums[j][i] = b;
+      }
+    }
+
+    for (index_t c0 = 0; c0 < cg; c0 += plan.chunk) {
+      const index_t chunk = cg - c0 < plan.chunk ? cg - c0 : static_cast<index_t>(plan.chunk);
+      const scalar_t* xc = x + (n * C + group * cg + c0) * H * W;
+      for (index_t e = t; e < chunk * patch_h * patch_w; e += kTiledThreads) {
+        const index_t c = e / (patch_h * patch_w);
+        const index_t h = ih0 + e / patch_w % patch_h;
+        const index_t w = iw0 + e % patch_w;
+        const bool inside = h >= 0 && h < H && w >= 0 && w < W;
+        patch[e] = inside ? static_cast<acc_t>(xc[(c * H + h) * W + w]) : acc_t(0);
+      }
+      for (index_t e = t; e < chunk * taps * kTileK; e += kTiledThreads) {
+        const index_t k = e % kTileK;
+        const index_t c = e / (taps * kTileK);
+        const index_t tap = e / kTileK % taps;
+        filters[e] = k < k_count ? static_cast<acc_t>(weight[((k0 + k) * cg + c0 + c) * taps + tap]) : acc_t(0);
+      }
+      __syncthreads();
+      for (index_t c = 0; c < chunk; ++c) {
+        for (index_t p = 0; p < KH; ++p) {
+          const acc_t* x_row = patch + (c * patch_h + row * sh + p * dh) * patch_w + columns * sw;
+          const acc_t* f_row = filters + (c * taps + p * KW) * kTileK + channels;
+          for (index_t q = 0; q < KW; ++q) {
+            acc_t xs[kPixelsPerThread], fs[kChannelsPerThread];
+            for (int j = 0; j < kPixelsPerThread; ++j) {
+              xs[j] = x_row[j * sw + q * dw];
+            }
+            for (int i = 0; i < kChannelsPerThread; ++i) {
+              fs[i] = f_row[q * kTileK + i];
+            }
+            for (int j = 0; j < kPixelsPerThread; ++j) {
+              for (int i = 0; i < kChannelsPerThread; ++i) {
+                sums[j][i] += xs[j] * fs[i];
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();  // before the next chunk (or the pool's tile) overwrites the patch
+    }
+
+    const index_t oh = oh0 + row;
+    if constexpr (epilogue != TiledEpilogue::kReluMaxPool) {
+      for (int i = 0; i < kChannelsPerThread; ++i) {
+        for (int j = 0; j < kPixelsPerThread; ++j) {
+          const index_t ow = ow0 + columns + j;
+          if (channels + i < k_count && oh < OH && ow < OW) {
+            const index_t at = ((n * K + k0 + channels + i) * OH + oh) * OW + ow;
+            const scalar_t y = static_cast<scalar_t>(sums[j][i]);
+            if constexpr (epilogue == TiledEpilogue::kRelu) {
+              const bool pass = relu_passes(static_cast<acc_t>(y));
+              out[at] = pass ? y : scalar_t(0);
+              passes[at] = pass;
+            } else {
+              out[at] = y;
+            }
+          }
+        }
+      }
+    } else {
+      for (int i = 0; i < kChannelsPerThread; ++i) {
+        for (int j = 0; j < kPixelsPerThread; ++j) {
+          tile_of_y[((channels + i) * kTileH + row) * kTileW + columns + j] =
+              static_cast<acc_t>(static_cast<scalar_t>(sums[j][i]));
+        }
+      }
+      __syncthreads();
+      constexpr int kPooledH = kTileH / 2, kPooledW = kTileW / 2;
+      const index_t POH = pool.out_height, POW = pool.out_width;
+      for (int e = t; e < kTileK * kPooledH * kPooledW; e += kTiledThreads) {
+        const index_t k = e / (kPooledH * kPooledW);
+        const index_t ph = oh0 / 2 + e / kPooledW % kPooledH;
+        const index_t pw = ow0 / 2 + e % kPooledW;
+        if (k < k_count && ph < POH && pw < POW) {
+          const TileAt<acc_t> at{tile_of_y + k * kTileH * kTileW, oh0, ow0, kTileW};
+          scalar_t value;
+          int64_t index;
+          window_max_of(at, pool, ph, pw, value, index, Relu{});
+          const index_t o = ((n * K + k0 + k) * POH + ph) * POW + pw;
+          out[o] = value;
+          indices[o] = index;
+          passes[o] = relu_passes(at(index / OW, index % OW));
+        }
+      }
+      __syncthreads();  // before the next tile's patch overwrites the tile of Y
+    }
+  }
+}
+
+bool fits_int32(std::initializer_list<int64_t> numels) {
+  return !force_64bit.load() && std::all_of(numels.begin(), numels.end(), [](int64_t numel) {
+    return numel <= std::numeric_limits<int32_t>::max();
+  });
+}
+
+template <TiledEpilogue epilogue>
+void launch_tiled(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
+                  int64_t* indices, bool* passes, const Conv2dGeometry& g, const Window2d& pool) {
+  const auto acc_size = at::elementSize(at::toOpMathType(input.scalar_type()));
+  const TiledPlan plan = tiled_plan(g, acc_size, epilogue == TiledEpilogue::kReluMaxPool);
+  if (plan.tiles == 0) {
+    return;
+  }
+  const auto blocks = static_cast<unsigned int>(std::min(plan.tiles, max_blocks()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_tiled", [&] {
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t out_numel = g.batch * g.out_channels * g.out_plane();  // Y's, before any pool
+    if (fits_int32({input.numel(), weight.numel(), out_numel, plan.tiles})) {
+      launch_shared(conv2d_tiled_kernel<scalar_t, int32_t, epilogue>, blocks, kTiledThreads, plan.shared_bytes,
+                    input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
+                    out.mutable_data_ptr<scalar_t>(), indices, passes, g, pool, plan);
+    } else {
+      launch_shared(conv2d_tiled_kernel<scalar_t, int64_t, epilogue>, blocks, kTiledThreads, plan.shared_bytes,
+                    input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
+                    out.mutable_data_ptr<scalar_t>(), indices, passes, g, pool, plan);
+    }
+  });
+}
+
+const char* const kRouteNames[] = {"direct", "tiled", "gemm"};
+
+// torch.ops.torchcnn._cuda_conv2d_force_route(name) -> the previous one: the CUDA forward takes
+// route `name` ("direct", "tiled" or "gemm") wherever it applies, or follows the rule ("").
+std::string force_route(const std::string& name) {
+  int wanted = -1;
+  for (int i = 0; i < 3; ++i) {
+    wanted = name == kRouteNames[i] ? i : wanted;
+  }
+  TORCH_CHECK_VALUE(wanted >= 0 || name.empty(), "_cuda_conv2d_force_route: expected name to be 'direct', "
+                    "'tiled', 'gemm' or '' (the rule) but got '", name, "'");
+  const int previous = forced_route.exchange(wanted);
+  return previous < 0 ? "" : kRouteNames[previous];
+}
+
+// torch.ops.torchcnn._cuda_force_64bit_indices(on) -> the previous setting (tests only).
+bool set_force_64bit(bool on) { return force_64bit.exchange(on); }
+
+}  // namespace
+
+namespace TORCHCNN_CUDA_SHARED {
+
+ForwardRoute forward_route(const Conv2dGeometry& g, at::ScalarType dtype) {
+  const int64_t acc_size = at::elementSize(at::toOpMathType(dtype));
+  const bool direct = g.in_channels_per_group() == 1;
+  const bool tiled = shared_bytes_per_channel(g, acc_size) <= static_cast<int64_t>(kMaxSharedBytes);
+  const int forced = forced_route.load();
+  if (forced == static_cast<int>(ForwardRoute::kGemm) || (forced == static_cast<int>(ForwardRoute::kDirect) && direct) ||
+      (forced == static_cast<int>(ForwardRoute::kTiled) && tiled)) {
+    return static_cast<ForwardRoute>(forced);
+  }
+  // One input channel and fewer output channels than a tile holds per group (depthwise): a thread
+  // per output, nothing to stage.
+  if (direct && g.out_channels_per_group() < kTileK) {
+    return ForwardRoute::kDirect;
+  }
+  // A thin product (C/g · KH · KW ≤ 512, the MNIST model's layers, the first layers of most
+  // models): tiles in shared memory, no columns. A deeper one: im2col and cuBLAS, whose tiles pay
+  // for the columns' round trip. An estimate, until a GPU times both.
+  if (tiled && g.group_kernel_size() <= 512) {
+    return ForwardRoute::kTiled;
+  }
+  return ForwardRoute::kGemm;
+}
+
+void conv2d_tiled(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const Conv2dGeometry& g, TiledEpilogue epilogue, at::Tensor& out, at::Tensor* indices,
+                  at::Tensor* passes, const Window2d* pool) {
+  const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const auto x = input.contiguous();
+  const auto w = weight.contiguous();
+  bool* passes_data = passes != nullptr ? passes->mutable_data_ptr<bool>() : nullptr;
+  switch (epilogue) {
+    case TiledEpilogue::kNone:
+      launch_tiled<TiledEpilogue::kNone>(x, w, b, out, nullptr, nullptr, g, g);
+      break;
+    case TiledEpilogue::kRelu:
+      launch_tiled<TiledEpilogue::kRelu>(x, w, b, out, nullptr, passes_data, g, g);
+      break;
+    case TiledEpilogue::kReluMaxPool:
+      launch_tiled<TiledEpilogue::kReluMaxPool>(x, w, b, out, indices->mutable_data_ptr<int64_t>(), passes_data, g,
+                                                *pool);
+      break;
+  }
+}
+
+}  // namespace TORCHCNN_CUDA_SHARED
+
+TORCHCNN_LIBRARY_FRAGMENT(m) {
+  m.def("_cuda_conv2d_force_route(str name) -> str", &force_route);
+  m.def("_cuda_force_64bit_indices(bool on) -> bool", &set_force_64bit);
+}
+
+}  // namespace torchcnn

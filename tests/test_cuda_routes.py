@@ -1,0 +1,97 @@
+"""The CUDA forward's three routes (csrc/cuda/conv2d_tiled.cu's forward_route): the direct kernel,
+the tiled kernel with the ReLU and the pool in its epilogue, and im2col + cuBLAS. Each is forced on
+every conv sample and held to torch; the rule's picks and the tiled kernel's 64-bit indices are
+checked too. Runs on the CUDA kernels only (a GPU, or emulated)."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import torchcnn.functional as F
+from conftest import cuda_ops, cuda_route
+from samples import Sample, conv2d_samples, make_conv
+
+pytestmark = pytest.mark.cuda_kernels
+
+ROUTES = ["direct", "tiled", "gemm"]
+TOLERANCE = {torch.float64: {"rtol": 1e-12, "atol": 1e-12}, torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+             torch.float16: {"rtol": 2e-3, "atol": 2e-3}}
+
+
+def _reference(x, w, b, kwargs):
+    """torch's conv in float64."""
+    return TF.conv2d(x.double(), w.double(), None if b is None else b.double(), **kwargs)
+
+
+def _pools(y, ceil_mode):
+    return min(y.shape[-2:]) >= (1 if ceil_mode else 2)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("sample", [s for s in conv2d_samples() if s.op_compatible and s.shape[0] > 0], ids=repr)
+def test_every_route_gives_torchs_results(request, device, route, dtype, sample):
+    """conv2d, conv2d_relu and conv2d_relu_max_pool2d on one forced route; where the route does not
+    apply the rule decides, and the results must be right all the same."""
+    if dtype == torch.float16 and route == "direct":
+        pytest.skip("float16 runs each route through the same sums: float32 and float64 cover it")
+    x, w, b = make_conv(sample, device, dtype)
+    kwargs = sample.kwargs
+    with cuda_route(cuda_ops(request), route):
+        y = F.conv2d(x, w, b, **kwargs)
+        a = F.conv2d_relu(x, w, b, **kwargs)
+        pooled = {c: F.conv2d_relu_max_pool2d(x, w, b, **kwargs, ceil_mode=c, return_indices=True)
+                  for c in (False, True) if _pools(y, c)}
+        separate = {c: F.max_pool2d(F.relu(y), 2, ceil_mode=c, return_indices=True) for c in pooled}
+    y64 = _reference(x, w, b, kwargs)
+    tolerance = dict(TOLERANCE[dtype])  # sums of many terms: rounding at the scale of the largest
+    tolerance["atol"] *= max(1.0, float(y64.abs().max()))
+    torch.testing.assert_close(y.double(), y64, **tolerance)
+    torch.testing.assert_close(a, F.relu(y), rtol=0, atol=0)  # the same sums, rounded once
+    for c, (out, indices) in pooled.items():
+        # The fused pool scans the same rounded Y as the separate ops do: the same max and index.
+        assert torch.equal(out, separate[c][0]) and torch.equal(indices, separate[c][1])
+        torch.testing.assert_close(out.double(), TF.max_pool2d(torch.relu(y64), 2, ceil_mode=c), **tolerance)
+
+
+@pytest.mark.parametrize("sample", [
+    Sample((3, 5, 21, 37), {"padding": 1}, (20, 5, 3, 3)),  # several row and column tiles, partial ones
+    Sample((2, 3, 19, 18), {"stride": 2, "padding": 3, "dilation": 2}, (17, 3, 7, 7)),
+    Sample((2, 40, 9, 9), {"padding": 2}, (18, 40, 5, 5)),  # many input-channel chunks
+], ids=repr)
+def test_the_tiled_kernel_with_64_bit_indices_gives_the_same_results(request, device, sample):
+    x, w, b = make_conv(sample, device, torch.float32)
+    ops = cuda_ops(request)
+    results = []
+    for bits64 in (False, True):
+        with cuda_route(ops, "tiled", bits64):
+            results.append((F.conv2d(x, w, b, **sample.kwargs),
+                            *F.conv2d_relu_max_pool2d(x, w, b, **sample.kwargs, ceil_mode=True, return_indices=True)))
+    for got32, got64 in zip(*results):
+        assert torch.equal(got32, got64)
+    torch.testing.assert_close(results[0][0], TF.conv2d(x, w, b, **sample.kwargs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, weight_shape, groups, gemms", [
+    ((4, 1, 28, 28), (32, 1, 3, 3), 1, False),   # the MNIST model's first layer: tiled
+    ((4, 32, 14, 14), (64, 32, 3, 3), 1, False),  # … and its second (C·KH·KW = 288): tiled
+    ((4, 64, 8, 8), (64, 64, 3, 3), 1, True),     # C·KH·KW = 576: the GEMM route
+    ((4, 8, 8, 8), (8, 1, 3, 3), 8, False),       # depthwise: the direct kernel
+])
+def test_the_rule_sends_thin_products_to_the_tiled_kernel(request, device, shape, weight_shape, groups, gemms):
+    """The fused layer on the tiled route is one kernel: no GEMM, no column buffer."""
+    cuda_ops(request)
+    x, w = torch.randn(shape, device=device), torch.randn(weight_shape, device=device)
+    with torch.profiler.profile() as prof:
+        out = F.conv2d_relu_max_pool2d(x, w, None, padding=1, groups=groups)
+    ran_gemm = any(e.name in ("aten::bmm", "aten::baddbmm_", "aten::bmm_out", "aten::baddbmm") for e in prof.events())
+    assert ran_gemm == gemms
+    expected = TF.max_pool2d(torch.relu(TF.conv2d(x, w, None, padding=1, groups=groups)), 2)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_forcing_an_unknown_route_is_refused(request, device):
+    ops = cuda_ops(request)
+    with pytest.raises(ValueError, match="expected name to be 'direct', 'tiled', 'gemm' or ''"):
+        ops._cuda_conv2d_force_route("winograd")
+    assert ops._cuda_conv2d_force_route("") == ""
