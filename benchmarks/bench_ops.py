@@ -4,6 +4,7 @@ conv–ReLU–pool op against torch's composition of the three.
     python benchmarks/bench_ops.py                 # CPU
     python benchmarks/bench_ops.py --device cuda   # GPU (torch uses cuDNN)
     python benchmarks/bench_ops.py --overhead      # per-call cost: each op on tiny tensors
+    python benchmarks/bench_ops.py --device cuda --cuda-routes   # + each conv forward on every CUDA route
 
 Forward is timed as in training (inputs require grad, so max_pool2d computes its indices in both
 libraries); backward is one ``torch.autograd.grad`` over the same graph for every input. The two
@@ -113,10 +114,41 @@ def overhead_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, only: str | None = None) -> list[dict]:
+CUDA_ROUTES = ("direct", "tiled", "gemm")
+
+
+def on_route(route: str, fn):
+    """fn with the CUDA forward forced onto `route` ("" the rule) for the call: the knob is set and
+    reset around each call, so each route's figure includes two knob calls (a few µs), the rule's
+    too (the plain torchcnn figure and its ratio have none)."""
+    knob = torch.ops.torchcnn._cuda_conv2d_force_route
+
+    def run():
+        previous = knob(route)
+        try:
+            return fn()
+        finally:
+            knob(previous)
+    return run
+
+
+def route_applies(route: str, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the CUDA forward of conv2d(x, w) takes `route` when it is forced (the direct kernel
+    wants one input channel per group, the tiled one a patch that fits in shared memory)."""
+    knob = torch.ops.torchcnn._cuda_conv2d_force_route
+    previous = knob(route)
+    try:
+        return torch.ops.torchcnn._cuda_conv2d_route(x, w, [1, 1], [0, 0], [1, 1], 1).startswith(route)
+    finally:
+        knob(previous)
+
+
+def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, only: str | None = None,
+        routes: bool = False) -> list[dict]:
     """Each case's forward, then its backward, torch's and torchcnn's interleaved round by round
     (bench_conv.interleaved_ms): the times are medians, the ratios medians of paired ratios. `only`:
-    the cases whose name contains it."""
+    the cases whose name contains it. `routes` (CUDA): each convolution's forward also on every
+    forced route of csrc/cuda (conv2d_tiled.cu's forward_route), in the same rounds."""
     from bench_conv import interleaved_ms
 
     rows = []
@@ -128,6 +160,11 @@ def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, o
             leaves = [t for t in inputs if t.requires_grad]
             row = {"case": name, "batch": batch}
             forward = {"torch": lambda fn=theirs: fn(*inputs), "torchcnn": lambda fn=ours: fn(*inputs)}
+            if routes and name.startswith("conv"):  # the rule's pick, and each route that applies
+                forward["rule"] = on_route("", forward["torchcnn"])
+                for route in CUDA_ROUTES:
+                    if route_applies(route, *inputs[:2]):
+                        forward[route] = on_route(route, forward["torchcnn"])
             backward = {}
             for which, fn in (("torch", theirs), ("torchcnn", ours)):
                 out = fn(*inputs)
@@ -137,6 +174,8 @@ def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, o
                 ms = interleaved_ms(fns, device, rounds, min_run_time)
                 row.update({f"torch_{pass_}": ms["torch"], f"torchcnn_{pass_}": ms["torchcnn"],
                             f"ratio_{pass_}": ms["ratio"]})
+                if pass_ == "fwd" and "rule" in fns:
+                    row["routes_fwd"] = {route: ms[route] for route in ("rule", *CUDA_ROUTES) if route in ms}
             rows.append(row)
     return rows
 
@@ -163,6 +202,18 @@ def table(rows: list[dict]) -> str:
         for pass_ in ("fwd", "bwd"):
             t, c = r[f"torch_{pass_}"], r[f"torchcnn_{pass_}"]
             lines.append(f"| {r['case']} | {r['batch']} | {pass_} | {t:.3f} | {c:.3f} | {r[f'ratio_{pass_}']:.2f}× |")
+    return "\n".join(lines)
+
+
+def routes_table(rows: list[dict]) -> str:
+    """The forward of each convolution on the rule's route and on each route that applies, in ms,
+    with torch's: all timed with the route knob around each call."""
+    columns = ("rule", *CUDA_ROUTES)
+    lines = ["| case | batch | torch | " + " | ".join(columns) + " |", "|---|---:|---:|" + "---:|" * len(columns)]
+    for r in rows:
+        if "routes_fwd" in r:
+            cells = [f"{r['routes_fwd'][c]:.3f}" if c in r["routes_fwd"] else "—" for c in columns]
+            lines.append(f"| {r['case']} | {r['batch']} | {r['torch_fwd']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -196,16 +247,23 @@ def main() -> None:
         parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure")
         parser.add_argument("--only", default=None, help="only the cases whose name contains this, e.g. cross-entropy")
         parser.add_argument("--overhead", action="store_true", help="the per-call cost: each op on tiny tensors")
+        parser.add_argument("--cuda-routes", action="store_true",
+                            help="also each convolution's forward on every route of the CUDA kernels (--device cuda)")
 
     args = setup(__doc__, more_arguments=more_arguments)
+    if args.cuda_routes and args.device != "cuda":
+        raise SystemExit("bench_ops.py: --cuda-routes times the CUDA kernels: it needs --device cuda")
     if args.overhead:
         rows = overhead_rows(args.device, args.min_run_time, args.rounds, args.only)
     else:
-        rows = run(args.device, args.batch_sizes, args.min_run_time, args.rounds, args.only)
+        rows = run(args.device, args.batch_sizes, args.min_run_time, args.rounds, args.only, args.cuda_routes)
     if not rows:
         raise SystemExit(f"bench_ops.py: no case's name contains {args.only!r}")
     print(f"device: {describe(args.device)}")
     print(overhead_table(rows) if args.overhead else table(rows))
+    if args.cuda_routes:
+        print("\nforward by CUDA route, ms (rule: the route conv2d_tiled.cu's rule picks; —: does not apply):")
+        print(routes_table(rows))
     worst = max(r["ratio"] for r in rows) if args.overhead else max(max(r["ratio_fwd"], r["ratio_bwd"]) for r in rows)
     print(f"worst ratio: {worst:.2f}×")
     if args.json:

@@ -10,7 +10,8 @@
 #                   batch 64 and 256, eager and from CUDA graphs                         75 s
 #   5_profile.txt   kernels per step and where the device time goes, both models         30 s
 #   6_memcheck.txt  compute-sanitizer memcheck of the CUDA op tests (no CUDA graphs)     90 s
-#   7_ops_bench.txt the MNIST-shape ops against cuDNN, if time is left                   60 s
+#   7_ops_bench.txt the MNIST-shape ops against cuDNN, and each conv forward on every
+#                   CUDA route (tiled, im2col + cuBLAS, direct), if time is left         60 s
 #   summary.md      one line per stage, rewritten after each
 #
 # A stage that runs out of its budget is stopped and says so; the whole run keeps within
@@ -158,7 +159,7 @@ pytest_result() {
 
 # --- 2: every CUDA op test ---------------------------------------------------------------------
 # The kernels' own tests first; test_cuda.py last (a cold inductor compile, subprocesses, > 2^31 elements).
-op_tests=(tests/test_conv2d.py tests/test_max_pool2d.py tests/test_fused.py tests/test_cross_entropy.py
+op_tests=(tests/test_conv2d.py tests/test_max_pool2d.py tests/test_fused.py tests/test_cuda_routes.py tests/test_cross_entropy.py
           tests/test_layers.py tests/test_ops.py tests/test_autograd_kernels.py tests/test_cuda_graph.py tests/test_cuda.py)
 if [ "$rehearse" -eq 1 ]; then
   selection="emulated and not gradcheck"  # the CUDA kernels, emulated on the CPU
@@ -218,7 +219,7 @@ else
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage 6_memcheck.txt memcheck 90 "$sanitizer" --tool memcheck \
     --error-exitcode 99 "$PYTHON" -m pytest -q -x -p no:cacheprovider -o console_output_style=count \
     tests/test_conv2d.py tests/test_max_pool2d.py tests/test_fused.py tests/test_cross_entropy.py \
-    -k "cuda and not emulated and not gradcheck and not graph"
+    tests/test_cuda_routes.py -k "cuda and not emulated and not gradcheck and not graph"
   # A run cut short prints no summary: count the errors it reported on the way ("Program hit"
   # lines are CUDA API errors, which torch may raise on purpose: read them in the log).
   errors=$(grep -Eo "ERROR SUMMARY: [0-9]+ error" "$LOG_DIR/memcheck.log" | tail -1)
@@ -228,7 +229,7 @@ fi
 
 # --- 7: the ops against cuDNN, if time is left -------------------------------------------------
 run_stage 7_ops_bench.txt ops_bench 60 "$PYTHON" benchmarks/bench_ops.py --device "$device" --batch-sizes 64 256 \
-  --min-run-time 0.3 --rounds 3
+  --min-run-time 0.3 --rounds 3 $([ "$rehearse" -eq 1 ] || echo "--cuda-routes")
 finish 7_ops_bench.txt ops_bench "$(grep -E "worst ratio" "$LOG_DIR/ops_bench.log" || echo "no result")"
 
 echo; cat "$OUT_DIR/summary.md"

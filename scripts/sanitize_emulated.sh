@@ -20,5 +20,5 @@ export TORCHCNN_EMULATION_SANITIZE=1
 LD_PRELOAD="$PRELOAD" "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys -k emulated \
   tests/test_conv2d.py tests/test_max_pool2d.py tests/test_errors.py tests/test_layers.py tests/test_emulation.py \
   tests/test_memory_format.py tests/test_higher_order.py tests/test_func.py tests/test_autocast.py \
-  tests/test_properties.py tests/test_ops.py tests/test_fused.py tests/test_cross_entropy.py \
+  tests/test_properties.py tests/test_ops.py tests/test_fused.py tests/test_cross_entropy.py tests/test_cuda_routes.py \
   "$@"

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.cuda_kernels
 
 ROUTES = ["direct", "tiled", "gemm"]
 TOLERANCE = {torch.float64: {"rtol": 1e-12, "atol": 1e-12}, torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-             torch.float16: {"rtol": 2e-3, "atol": 2e-3}}
+             torch.float16: {"rtol": 2e-3, "atol": 2e-3}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2}}
+
+
+def route_taken(ops, x, w, sample) -> str:
+    return ops._cuda_conv2d_route(x, w, *sample.conv2d_params())
 
 
 def _reference(x, w, b, kwargs):
@@ -28,16 +32,18 @@ def _pools(y, ceil_mode):
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sample", [s for s in conv2d_samples() if s.op_compatible and s.shape[0] > 0], ids=repr)
 def test_every_route_gives_torchs_results(request, device, route, dtype, sample):
-    """conv2d, conv2d_relu and conv2d_relu_max_pool2d on one forced route; where the route does not
-    apply the rule decides, and the results must be right all the same."""
-    if dtype == torch.float16 and route == "direct":
-        pytest.skip("float16 runs each route through the same sums: float32 and float64 cover it")
+    """conv2d, conv2d_relu and conv2d_relu_max_pool2d on one forced route (the direct kernel only
+    where each group has one input channel; elsewhere the rule decides)."""
     x, w, b = make_conv(sample, device, dtype)
     kwargs = sample.kwargs
-    with cuda_route(cuda_ops(request), route):
+    ops = cuda_ops(request)
+    with cuda_route(ops, route):
+        applies = route != "direct" or x.shape[1] == kwargs.get("groups", 1)
+        if applies:
+            assert route_taken(ops, x, w, sample) == route
         y = F.conv2d(x, w, b, **kwargs)
         a = F.conv2d_relu(x, w, b, **kwargs)
         pooled = {c: F.conv2d_relu_max_pool2d(x, w, b, **kwargs, ceil_mode=c, return_indices=True)
@@ -65,6 +71,7 @@ def test_the_tiled_kernel_with_64_bit_indices_gives_the_same_results(request, de
     results = []
     for bits64 in (False, True):
         with cuda_route(ops, "tiled", bits64):
+            assert route_taken(ops, x, w, sample) == ("tiled64" if bits64 else "tiled")
             results.append((F.conv2d(x, w, b, **sample.kwargs),
                             *F.conv2d_relu_max_pool2d(x, w, b, **sample.kwargs, ceil_mode=True, return_indices=True)))
     for got32, got64 in zip(*results):
@@ -72,20 +79,22 @@ def test_the_tiled_kernel_with_64_bit_indices_gives_the_same_results(request, de
     torch.testing.assert_close(results[0][0], TF.conv2d(x, w, b, **sample.kwargs), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape, weight_shape, groups, gemms", [
-    ((4, 1, 28, 28), (32, 1, 3, 3), 1, False),   # the MNIST model's first layer: tiled
-    ((4, 32, 14, 14), (64, 32, 3, 3), 1, False),  # … and its second (C·KH·KW = 288): tiled
-    ((4, 64, 8, 8), (64, 64, 3, 3), 1, True),     # C·KH·KW = 576: the GEMM route
-    ((4, 8, 8, 8), (8, 1, 3, 3), 8, False),       # depthwise: the direct kernel
+@pytest.mark.parametrize("shape, weight_shape, groups, route", [
+    ((4, 1, 28, 28), (32, 1, 3, 3), 1, "tiled"),   # the MNIST model's first layer
+    ((4, 32, 14, 14), (64, 32, 3, 3), 1, "tiled"),  # … and its second (C·KH·KW = 288)
+    ((4, 64, 8, 8), (64, 64, 3, 3), 1, "gemm"),     # C·KH·KW = 576
+    ((4, 8, 8, 8), (8, 1, 3, 3), 8, "direct"),      # depthwise
+    ((4, 8, 8, 8), (128, 1, 3, 3), 8, "tiled"),     # one input channel, 16 outputs per group
 ])
-def test_the_rule_sends_thin_products_to_the_tiled_kernel(request, device, shape, weight_shape, groups, gemms):
+def test_the_rule_sends_thin_products_to_the_tiled_kernel(request, device, shape, weight_shape, groups, route):
     """The fused layer on the tiled route is one kernel: no GEMM, no column buffer."""
-    cuda_ops(request)
+    ops = cuda_ops(request)
     x, w = torch.randn(shape, device=device), torch.randn(weight_shape, device=device)
+    assert ops._cuda_conv2d_route(x, w, [1, 1], [1, 1], [1, 1], groups) == route
     with torch.profiler.profile() as prof:
         out = F.conv2d_relu_max_pool2d(x, w, None, padding=1, groups=groups)
     ran_gemm = any(e.name in ("aten::bmm", "aten::baddbmm_", "aten::bmm_out", "aten::baddbmm") for e in prof.events())
-    assert ran_gemm == gemms
+    assert ran_gemm == (route == "gemm")
     expected = TF.max_pool2d(torch.relu(TF.conv2d(x, w, None, padding=1, groups=groups)), 2)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 

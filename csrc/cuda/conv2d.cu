@@ -293,7 +293,7 @@ at::Tensor conv2d_backward_weight_cuda(
   // Per-image products ∂L/∂Y_n · cols_nᵀ in the op-math type, summed over the images in a fixed
   // order (chunk by chunk, then at::sum): deterministic, and rounded to the input's dtype once.
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  auto grad_weight = at::zeros({g.out_channels, kg}, acc_options);
+  at::Tensor grad_weight;  // the first chunk's sum, then each further chunk's added
   const int64_t acc_size = acc_options.dtype().itemsize();
   const int64_t chunk = chunk_images(g, column_bytes(g, input.element_size()) + g.out_channels * kg * acc_size);
   for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
@@ -305,7 +305,14 @@ at::Tensor conv2d_backward_weight_cuda(
       auto per_image_g = per_image.narrow(1, k * mg, mg);
       bmm_into(per_image_g, go.narrow(1, k * mg, mg), cols.narrow(1, k * kg, kg).transpose(1, 2));
     }
-    grad_weight.add_(per_image.sum(0));
+    if (grad_weight.defined()) {
+      grad_weight.add_(per_image.sum(0));
+    } else {
+      grad_weight = per_image.sum(0);
+    }
+  }
+  if (!grad_weight.defined()) {  // an empty batch
+    grad_weight = at::zeros({g.out_channels, kg}, acc_options);
   }
   return grad_weight.to(input.scalar_type()).view(weight_.sizes()).contiguous(conv2d_memory_format(input_, weight_));
 }
@@ -322,6 +329,10 @@ TORCHCNN_CUDA_KERNELS(m) {
 // CUDA kernels do.
 TORCHCNN_LIBRARY_FRAGMENT(m) {
   m.def("_cuda_set_chunk_budget(int bytes) -> int", &set_chunk_budget);
+#ifdef TORCHCNN_EMULATE_CUDA
+  // The grids the emulated library has launched so far (benchmarks/gpu_model.py).
+  m.def("_emulated_launches() -> int", [] { return static_cast<int64_t>(emulation::launches().load()); });
+#endif
 }
 
 }  // namespace torchcnn

@@ -94,7 +94,7 @@ struct TileAt {
   const acc_t* tile;
   int64_t h0, w0, width;
 
-  __device__ acc_t operator()(int64_t h, int64_t w) const { return tile[(h - h0) * width + w - w0]; }
+  C10_HOST_DEVICE acc_t operator()(int64_t h, int64_t w) const { return tile[(h - h0) * width + w - w0]; }
 };
 
 template <typename scalar_t, typename index_t, TiledEpilogue epilogue>
@@ -188,14 +188,14 @@ __global__ void __launch_bounds__(kTiledThreads) conv2d_tiled_kernel(
         for (int j = 0; j < kPixelsPerThread; ++j) {
           const index_t ow = ow0 + columns + j;
           if (channels + i < k_count && oh < OH && ow < OW) {
-            const index_t at = ((n * K + k0 + channels + i) * OH + oh) * OW + ow;
+            const index_t o = ((n * K + k0 + channels + i) * OH + oh) * OW + ow;
             const scalar_t y = static_cast<scalar_t>(sums[j][i]);
             if constexpr (epilogue == TiledEpilogue::kRelu) {
               const bool pass = relu_passes(static_cast<acc_t>(y));
-              out[at] = pass ? y : scalar_t(0);
-              passes[at] = pass;
+              out[o] = pass ? y : scalar_t(0);
+              passes[o] = pass;
             } else {
-              out[at] = y;
+              out[o] = y;
             }
           }
         }
@@ -215,14 +215,14 @@ __global__ void __launch_bounds__(kTiledThreads) conv2d_tiled_kernel(
         const index_t ph = oh0 / 2 + e / kPooledW % kPooledH;
         const index_t pw = ow0 / 2 + e % kPooledW;
         if (k < k_count && ph < POH && pw < POW) {
-          const TileAt<acc_t> at{tile_of_y + k * kTileH * kTileW, oh0, ow0, kTileW};
+          const TileAt<acc_t> y_at{tile_of_y + k * kTileH * kTileW, oh0, ow0, kTileW};
           scalar_t value;
           int64_t index;
-          window_max_of(at, pool, ph, pw, value, index, Relu{});
+          window_max_of(y_at, pool, ph, pw, value, index, Relu{});
           const index_t o = ((n * K + k0 + k) * POH + ph) * POW + pw;
           out[o] = value;
           indices[o] = index;
-          passes[o] = relu_passes(at(index / OW, index % OW));
+          passes[o] = relu_passes(y_at(index / OW, index % OW));
         }
       }
       __syncthreads();  // before the next tile's patch overwrites the tile of Y
@@ -230,10 +230,15 @@ __global__ void __launch_bounds__(kTiledThreads) conv2d_tiled_kernel(
   }
 }
 
-bool fits_int32(std::initializer_list<int64_t> numels) {
-  return !force_64bit.load() && std::all_of(numels.begin(), numels.end(), [](int64_t numel) {
-    return numel <= std::numeric_limits<int32_t>::max();
-  });
+// Whether the tiled kernel may index in 32 bits: every tensor of the launch, and the tile counter
+// of its grid-stride loop, stay below 2^31.
+bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  const int64_t input = g.batch * g.channels * g.in_plane();
+  const int64_t weight = g.out_channels * g.group_kernel_size();
+  const int64_t output = g.batch * g.out_channels * g.out_plane();  // Y's, before any pool
+  return !force_64bit.load() && input <= limit && weight <= limit && output <= limit &&
+      plan.tiles + max_blocks() <= limit;
 }
 
 template <TiledEpilogue epilogue>
@@ -247,8 +252,7 @@ void launch_tiled(const at::Tensor& input, const at::Tensor& weight, const at::T
   const auto blocks = static_cast<unsigned int>(std::min(plan.tiles, max_blocks()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_tiled", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t out_numel = g.batch * g.out_channels * g.out_plane();  // Y's, before any pool
-    if (fits_int32({input.numel(), weight.numel(), out_numel, plan.tiles})) {
+    if (tiled_fits_int32(g, plan)) {
       launch_shared(conv2d_tiled_kernel<scalar_t, int32_t, epilogue>, blocks, kTiledThreads, plan.shared_bytes,
                     input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
                     out.mutable_data_ptr<scalar_t>(), indices, passes, g, pool, plan);
@@ -328,7 +332,27 @@ void conv2d_tiled(const at::Tensor& input, const at::Tensor& weight, const std::
 
 }  // namespace TORCHCNN_CUDA_SHARED
 
+namespace {
+
+// torch.ops.torchcnn._cuda_conv2d_route(input, weight, stride, padding, dilation, groups): the
+// route the forward takes for these arguments now ("direct", "tiled", "tiled64" — the tiled kernel
+// on 64-bit indices — or "gemm"), for the tests and benchmarks.
+std::string route_of(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto g = conv2d_geometry("_cuda_conv2d_route", input, weight, std::nullopt, stride, padding, dilation, groups);
+  const auto route = TORCHCNN_CUDA_SHARED::forward_route(g, input.scalar_type());
+  if (route == ForwardRoute::kTiled) {
+    const auto acc_size = at::elementSize(at::toOpMathType(input.scalar_type()));
+    return tiled_fits_int32(g, tiled_plan(g, acc_size, false)) ? "tiled" : "tiled64";
+  }
+  return kRouteNames[static_cast<int>(route)];
+}
+
+}  // namespace
+
 TORCHCNN_LIBRARY_FRAGMENT(m) {
+  m.def("_cuda_conv2d_route(Tensor input, Tensor weight, int[] stride, int[] padding, int[] dilation, int groups) "
+        "-> str", &route_of);
   m.def("_cuda_conv2d_force_route(str name) -> str", &force_route);
   m.def("_cuda_force_64bit_indices(bool on) -> bool", &set_force_64bit);
 }

@@ -24,6 +24,14 @@
 // - more shared memory or threads per block than a GPU launch takes without opting in.
 // Warp intrinsics (__shfl_*_sync, __ballot_sync, …) and atomics are left undefined, and a static
 // `__shared__` declaration stops the build: the kernels here use none of them.
+//
+// What it lets through that a GPU would not: a fiber runs undisturbed from one barrier to the next,
+// so a race inside one barrier interval that needs two threads interleaved at finer grain (a
+// read-modify-write of one shared value, warp-synchronous code) does not show; a barrier is known
+// by its __FILE__:__LINE__, so one __syncthreads() in a helper reached from two divergent paths
+// passes; __launch_bounds__ is not enforced. Under AddressSanitizer, its swapcontext interceptor
+// clears a fiber's stack shadow on each switch: overflows of a kernel's stack locals after its
+// first barrier go unseen (heap and shared memory stay watched).
 #pragma once
 
 #ifdef __CUDACC__
@@ -83,10 +91,15 @@ namespace emulation {
 constexpr unsigned int kMaxThreadsPerBlock = 1024;
 constexpr std::size_t kMaxSharedBytes = 48 * 1024;
 
-// A different, reproducible order for every launch in a process (splitmix64 of a launch counter).
+// Grids launched in this process (benchmarks/gpu_model.py counts a training step's).
+inline std::atomic<uint64_t>& launches() {
+  static std::atomic<uint64_t> count{0};
+  return count;
+}
+
+// A different, reproducible order for every launch in a process (splitmix64 of the launch count).
 inline uint64_t next_launch_seed() {
-  static std::atomic<uint64_t> launches{0};
-  uint64_t z = (launches.fetch_add(1) + 1) * 0x9E3779B97F4A7C15ull;
+  uint64_t z = (launches().fetch_add(1) + 1) * 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
@@ -104,7 +117,10 @@ class Stack {
     if (memory == MAP_FAILED) {
       throw std::bad_alloc();
     }
-    mprotect(memory, guard_, PROT_NONE);
+    if (mprotect(memory, guard_, PROT_NONE) != 0) {
+      munmap(memory, guard_ + kBytes);
+      throw std::bad_alloc();
+    }
     base_ = static_cast<char*>(memory);
   }
   ~Stack() { munmap(base_, guard_ + kBytes); }
@@ -156,14 +172,32 @@ class Grid {
         std::memset(block.shared.get(), 0xFF, shared_bytes_);
       }
     }
+    Grid* const outer = active_;
+    active_ = this;
+    try {
+      schedule();
+    } catch (...) {  // the scheduler's own failure (no memory for a stack)
+      error_ = error_ ? error_ : std::current_exception();
+    }
+    if (error_) {
+      abandon_suspended();
+    }
+    active_ = outer;
+    release_stacks();
+    if (error_) {
+      std::rethrow_exception(error_);
+    }
+  }
+
+  // Runs fibers picked at random until every one has returned, or one failed.
+  void schedule() {
+    const uint64_t total = fibers_.size();
     std::vector<uint64_t> runnable(total);
     for (uint64_t i = 0; i < total; ++i) {
       runnable[i] = i;
     }
     uint64_t state = next_launch_seed() | 1;
-    Grid* const outer = active_;
-    active_ = this;
-    while (!runnable.empty()) {
+    while (!runnable.empty() && !error_) {
       state ^= state << 13;  // xorshift64
       state ^= state >> 7;
       state ^= state << 17;
@@ -172,15 +206,21 @@ class Grid {
       runnable[pick] = runnable.back();
       runnable.pop_back();
       switch_to(id);
-      if (error_) {
-        break;
+      if (!error_) {
+        after_switch(id, runnable);
       }
-      after_switch(id, runnable);
     }
-    active_ = outer;
-    release_stacks();
-    if (error_) {
-      std::rethrow_exception(error_);
+  }
+
+  // After an error, each fiber still waiting at a barrier is resumed once to unwind its stack
+  // (sync_threads throws Abandon there), so that nothing it holds — AddressSanitizer's fake stack
+  // frames among them — outlives the launch.
+  void abandon_suspended() {
+    abandoning_ = true;
+    for (uint64_t id = 0; id < fibers_.size(); ++id) {
+      if (fibers_[id].stack && fibers_[id].state != FiberState::kDone) {
+        switch_to(id);
+      }
     }
   }
 
@@ -205,6 +245,9 @@ class Grid {
     block.barrier_line = line;
     fiber.state = FiberState::kWaiting;
     grid->yield(fiber);
+    if (grid->abandoning_) {
+      throw Abandon{};
+    }
   }
 
   static unsigned char* shared() {
@@ -292,8 +335,9 @@ class Grid {
 #endif
     try {
       grid->body_();
+    } catch (const Abandon&) {
     } catch (...) {
-      grid->error_ = std::current_exception();
+      grid->error_ = grid->error_ ? grid->error_ : std::current_exception();
     }
     Fiber& fiber = grid->fibers_[grid->running_];
     fiber.state = FiberState::kDone;
@@ -325,6 +369,10 @@ class Grid {
     }
   }
 
+  // Thrown at a barrier to unwind a fiber that an error abandoned; not a std::exception, so no
+  // kernel code catches it.
+  struct Abandon {};
+
   unsigned int blocks_, threads_;
   std::size_t shared_bytes_;
   std::function<void()> body_;
@@ -334,7 +382,8 @@ class Grid {
   ucontext_t scheduler_{};
   const void* scheduler_stack_ = nullptr;
   std::size_t scheduler_stack_size_ = 0;
-  std::exception_ptr error_;
+  std::exception_ptr error_;  // the first failure: a kernel's exception, or a barrier misused
+  bool abandoning_ = false;
   static inline thread_local Grid* active_ = nullptr;
 };
 
