@@ -5,7 +5,9 @@ The schemas are defined here rather than in C++ so that the ops exist as soon as
 imported: ``torch.compile``, ``torch.export`` and fake tensors need no compiled code, and nothing is
 compiled until a kernel is first needed (:func:`install_loader`). The compiled libraries register
 kernels for these ops (and define a few private ops of their own, knobs for the tests and
-benchmarks: ``_cuda_set_chunk_budget`` in csrc/cuda, ``_cpu_conv2d_strategy``,
+benchmarks: ``_cuda_set_chunk_budget``, ``_cuda_conv2d_route``, ``_cuda_conv2d_force_route`` and
+``_cuda_force_64bit_indices`` in csrc/cuda (``_emulated_launches`` in the emulated library alone),
+``_cpu_conv2d_strategy``,
 ``_cpu_conv2d_force_strategy``, ``_cpu_set_gemm``, ``_cpu_matmul`` and ``_cpu_capability`` in csrc/cpu,
 ``_cpu_fused_backward_route`` in csrc/autograd; see
 :mod:`torchcnn.testing`): csrc/cpu and csrc/cuda for ``torchcnn``, and the emulated CUDA test
