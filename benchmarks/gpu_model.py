@@ -11,7 +11,9 @@ im2col + cuBLAS (the CUDA path before the tiled kernel), it prints:
 - kernel launches: the grids torchcnn's kernels launch (counted by the emulator), and the ATen ops
   that launch kernels of their own on a GPU (cuBLAS GEMMs, copies, fills, sums: each ATen op of the
   profile that is not a view or an allocation and calls no such op), inside torchcnn's ops or in
-  torch's part of the step (autograd, dropout, the dense layers);
+  torch's part of the step (autograd, dropout, the dense layers). The ATen count is read from a
+  CPU profile, and the CPU splits some ops that CUDA runs as one kernel (dropout is bernoulli_,
+  div_ and mul there, one fused kernel on CUDA): it errs high by a few launches;
 - per torchcnn op: the floating-point operations, and the bytes its kernels read and write by
   design (each tensor argument read once, each result written once, plus the column buffers of the
   im2col routes, written and read back) against the tensors' own sizes;
@@ -106,9 +108,11 @@ def nbytes(value) -> int:
 
 
 def conv_cost(op: str, args, route: str | None) -> tuple[float, int]:
-    """FLOPs and the column buffers' bytes (written and read back) of one convolution op: the
-    forward's on the GEMM route, ∂X's (GEMM, then col2im) and ∂W's (im2col, then per-image
-    products summed) always; a pointwise conv (1×1, stride 1, unpadded) reads its input as columns."""
+    """FLOPs and the bytes of one convolution op's intermediate buffers, written and read back: the
+    column buffers of ∂X (GEMM, then col2im) and ∂W (im2col, then per-image products summed)
+    always; on the forward's GEMM route its columns, and Y (the bias copied in, read and written
+    by the GEMM, read by the ReLU/pool kernel); a pointwise conv (1×1, stride 1, unpadded) reads
+    its input as columns."""
     if op.startswith("conv2d_backward"):
         grad_output, x, w = args[:3]
         out_hw = list(grad_output.shape[2:])
@@ -127,7 +131,13 @@ def conv_cost(op: str, args, route: str | None) -> tuple[float, int]:
         return flops, 2 * columns
     if op == "conv2d_backward_weight":
         return flops, 2 * columns + 2 * n * k * (c // groups) * taps * 4  # + the per-image ∂W, summed
-    return flops, 2 * columns if route == "gemm" else 0
+    if route != "gemm":
+        return flops, 0
+    y = n * k * plane * x.element_size()
+    has_bias = args[2] is not None
+    # conv2d's result is Y itself (counted as its output); the fused ops write Y and read it back.
+    through_y = (2 * y if op != "conv2d" else 0) + (2 * y if has_bias else 0)
+    return flops, 2 * columns + through_y
 
 
 def step_profile(batch: int, route: str) -> dict:

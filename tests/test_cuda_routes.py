@@ -91,10 +91,14 @@ def test_the_rule_sends_thin_products_to_the_tiled_kernel(request, device, shape
     ops = cuda_ops(request)
     x, w = torch.randn(shape, device=device), torch.randn(weight_shape, device=device)
     assert ops._cuda_conv2d_route(x, w, [1, 1], [1, 1], [1, 1], groups) == route
+    emulated = request.node.callspec.params["device"] == "emulated"
+    launched = ops._emulated_launches() if emulated else 0
     with torch.profiler.profile() as prof:
         out = F.conv2d_relu_max_pool2d(x, w, None, padding=1, groups=groups)
     ran_gemm = any(e.name in ("aten::bmm", "aten::baddbmm_", "aten::bmm_out", "aten::baddbmm") for e in prof.events())
     assert ran_gemm == (route == "gemm")
+    if emulated:  # the emulator counts grids: the tiled route is one; the others, a convolution and a pool
+        assert (ops._emulated_launches() - launched == 1) == (route == "tiled")
     expected = TF.max_pool2d(torch.relu(TF.conv2d(x, w, None, padding=1, groups=groups)), 2)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 

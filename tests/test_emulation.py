@@ -65,7 +65,7 @@ def test_the_emulator_runs_barriers_and_shared_memory_and_reports_their_misuse(t
     two barriers at once reported, unwritten shared memory NaN, a kernel's exception kept — with
     AddressSanitizer watching the fibers' stacks too."""
     compiler = shlex.split(os.environ.get("CXX") or "c++")
-    flags = ["-std=c++17", "-O1", "-g", "-Wall", "-Werror"]
+    flags = ["-std=c++17", "-O1", "-g", "-Wall"]
     if sanitize:
         flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     binary = str(tmp_path / "selftest")

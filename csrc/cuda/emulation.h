@@ -30,8 +30,8 @@
 // read-modify-write of one shared value, warp-synchronous code) does not show; a barrier is known
 // by its __FILE__:__LINE__, so one __syncthreads() in a helper reached from two divergent paths
 // passes; __launch_bounds__ is not enforced. Under AddressSanitizer, its swapcontext interceptor
-// clears a fiber's stack shadow on each switch: overflows of a kernel's stack locals after its
-// first barrier go unseen (heap and shared memory stay watched).
+// clears a fiber's stack shadow on each switch: overflows of the stack locals of frames that stay
+// live across a barrier go unseen (heap and shared memory stay watched).
 #pragma once
 
 #ifdef __CUDACC__
@@ -230,16 +230,16 @@ class Grid {
     if (grid == nullptr) {
       throw std::logic_error("__syncthreads() called outside a kernel launch");
     }
+    if (grid->abandoning_) {  // a kernel that swallowed Abandon must not wait again
+      throw Abandon{};
+    }
     Fiber& fiber = grid->fibers_[grid->running_];
     Block& block = grid->blocks_state_[fiber.block];
     if (block.waiting > 0 && (block.barrier_line != line || std::strcmp(block.barrier_file, file) != 0)) {
-      // Made in one statement, so that no temporary stays on the fiber's stack, which is abandoned.
-      grid->error_ = std::make_exception_ptr(std::logic_error(
-          "threads of block " + std::to_string(fiber.block) + " wait at two different __syncthreads(): " +
-          block.barrier_file + ":" + std::to_string(block.barrier_line) + " and " + file + ":" +
-          std::to_string(line) + " (a barrier in code that not every thread of the block runs alike)"));
-      fiber.state = FiberState::kDone;
-      grid->yield(fiber);  // never returns: the scheduler stops at the error
+      throw std::logic_error("threads of block " + std::to_string(fiber.block) +
+                             " wait at two different __syncthreads(): " + block.barrier_file + ":" +
+                             std::to_string(block.barrier_line) + " and " + file + ":" + std::to_string(line) +
+                             " (a barrier in code that not every thread of the block runs alike)");
     }
     block.barrier_file = file;
     block.barrier_line = line;
