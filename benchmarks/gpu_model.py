@@ -71,6 +71,8 @@ class OpLaunches(TorchDispatchMode):
         route = None
         if name in ("conv2d", "conv2d_relu", "conv2d_relu_max_pool2d"):
             route = self.emulated._cuda_conv2d_route(*args[:2], *args[3:7])
+        elif name == "conv2d_backward_weight":  # on the forward's route: tiled, or through columns
+            route = self.emulated._cuda_conv2d_route(*args[1:7])
         before = self.emulated._emulated_launches()
         out = func(*args, **kwargs)
         launched = self.emulated._emulated_launches() - before
@@ -109,10 +111,10 @@ def nbytes(value) -> int:
 
 def conv_cost(op: str, args, route: str | None) -> tuple[float, int]:
     """FLOPs and the bytes of one convolution op's intermediate buffers, written and read back: the
-    column buffers of ∂X (GEMM, then col2im) and ∂W (im2col, then per-image products summed)
-    always; on the forward's GEMM route its columns, and Y (the bias copied in, read and written
-    by the GEMM, read by the ReLU/pool kernel); a pointwise conv (1×1, stride 1, unpadded) reads
-    its input as columns."""
+    column buffers of ∂X (GEMM, then col2im) always, and of ∂W (im2col, then per-image products
+    summed) unless it takes the tiled kernel; on the forward's GEMM route its columns, and Y (the
+    bias copied in, read and written by the GEMM, read by the ReLU/pool kernel); a pointwise conv
+    (1×1, stride 1, unpadded) reads its input as columns."""
     if op.startswith("conv2d_backward"):
         grad_output, x, w = args[:3]
         out_hw = list(grad_output.shape[2:])
@@ -130,6 +132,8 @@ def conv_cost(op: str, args, route: str | None) -> tuple[float, int]:
     if op == "conv2d_backward_input":
         return flops, 2 * columns
     if op == "conv2d_backward_weight":
+        if route in ("tiled", "tiled64"):  # no columns; its slices' partial sums (a few MB) left out
+            return flops, 0
         return flops, 2 * columns + 2 * n * k * (c // groups) * taps * 4  # + the per-image ∂W, summed
     if route != "gemm":
         return flops, 0

@@ -22,11 +22,6 @@ def route_taken(ops, x, w, sample) -> str:
     return ops._cuda_conv2d_route(x, w, *sample.conv2d_params())
 
 
-def _reference(x, w, b, kwargs):
-    """torch's conv in float64."""
-    return TF.conv2d(x.double(), w.double(), None if b is None else b.double(), **kwargs)
-
-
 def _pools(y, ceil_mode):
     return min(y.shape[-2:]) >= (1 if ceil_mode else 2)
 
@@ -35,9 +30,10 @@ def _pools(y, ceil_mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sample", [s for s in conv2d_samples() if s.op_compatible and s.shape[0] > 0], ids=repr)
 def test_every_route_gives_torchs_results(request, device, route, dtype, sample):
-    """conv2d, conv2d_relu and conv2d_relu_max_pool2d on one forced route (the direct kernel only
-    where each group has one input channel; elsewhere the rule decides)."""
+    """conv2d (and its ∂W), conv2d_relu and conv2d_relu_max_pool2d on one forced route (the direct
+    kernel only where each group has one input channel; elsewhere the rule decides)."""
     x, w, b = make_conv(sample, device, dtype)
+    w.requires_grad_()
     kwargs = sample.kwargs
     ops = cuda_ops(request)
     with cuda_route(ops, route):
@@ -45,14 +41,24 @@ def test_every_route_gives_torchs_results(request, device, route, dtype, sample)
         if applies:
             assert route_taken(ops, x, w, sample) == route
         y = F.conv2d(x, w, b, **kwargs)
+        grad_y = torch.randn_like(y)
+        grad_w, = torch.autograd.grad(y, w, grad_y)  # the tiled route's ∂W is a kernel of its own
+        y = y.detach()
+        w = w.detach()
         a = F.conv2d_relu(x, w, b, **kwargs)
         pooled = {c: F.conv2d_relu_max_pool2d(x, w, b, **kwargs, ceil_mode=c, return_indices=True)
                   for c in (False, True) if _pools(y, c)}
         separate = {c: F.max_pool2d(F.relu(y), 2, ceil_mode=c, return_indices=True) for c in pooled}
-    y64 = _reference(x, w, b, kwargs)
+    w64 = w.double().requires_grad_()
+    y64 = TF.conv2d(x.double(), w64, None if b is None else b.double(), **kwargs)
+    grad_w64, = torch.autograd.grad(y64, w64, grad_y.double())
+    y64 = y64.detach()
     tolerance = dict(TOLERANCE[dtype])  # sums of many terms: rounding at the scale of the largest
     tolerance["atol"] *= max(1.0, float(y64.abs().max()))
     torch.testing.assert_close(y.double(), y64, **tolerance)
+    tolerance_w = dict(TOLERANCE[dtype])
+    tolerance_w["atol"] *= max(1.0, float(grad_w64.abs().max()))
+    torch.testing.assert_close(grad_w.double(), grad_w64, **tolerance_w)
     torch.testing.assert_close(a, F.relu(y), rtol=0, atol=0)  # the same sums, rounded once
     for c, (out, indices) in pooled.items():
         # The fused pool scans the same rounded Y as the separate ops do: the same max and index.

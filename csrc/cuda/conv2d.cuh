@@ -34,4 +34,8 @@ void conv2d_tiled(const at::Tensor& input, const at::Tensor& weight, const std::
                   const Conv2dGeometry& g, TiledEpilogue epilogue, at::Tensor& out, at::Tensor* indices,
                   at::Tensor* passes, const Window2d* pool);
 
+// ∂L/∂W of the convolution as one tiled product over the whole batch (conv2d_tiled.cu), in the
+// op-math type, (K, C/g · KH · KW): the backward of the forward's tiled route.
+at::Tensor conv2d_tiled_grad_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g);
+
 }  // namespace torchcnn::TORCHCNN_CUDA_SHARED

@@ -230,6 +230,124 @@ __global__ void __launch_bounds__(kTiledThreads) conv2d_tiled_kernel(
   }
 }
 
+// ∂L/∂W as one product over the whole batch, without columns in memory:
+//   ∂W[k, c, p, q] = Σ_n Σ_i Σ_j ∂L/∂Y[n, k, i, j] · X[n, c, i·s + p·d − pad, j·s + q·d − pad],
+// a GEMM of M = K/g channels by N = C/g·KH·KW taps, summed over the R = N·OH·OW output pixels. A
+// block computes kWeightTileM × kWeightTileN of it over one slice of the pixels, staging
+// kWeightTileR pixels at a time: the ∂L/∂Y rows as they are, the X entries gathered (the im2col
+// entries, built in shared memory only). Each thread sums 4 channels × 2 taps. The slices' partial
+// sums go to a buffer that one sum over the slices reduces, in a fixed order: deterministic.
+constexpr int kWeightTileM = 16, kWeightTileN = 32, kWeightTileR = 32;
+constexpr int kWeightRowStride = kWeightTileR + 1;  // padded: the threads of a warp hit distinct banks
+constexpr int kWeightThreads = 64;                  // (16 / 4) × (32 / 2)
+
+struct WeightPlan {
+  int64_t tiles_m, tiles_n, slices, slice_pixels, tiles;
+};
+
+// The plan of a non-empty batch.
+WeightPlan weight_plan(const Conv2dGeometry& g) {
+  WeightPlan plan;
+  plan.tiles_m = (g.out_channels_per_group() + kWeightTileM - 1) / kWeightTileM;
+  plan.tiles_n = (g.group_kernel_size() + kWeightTileN - 1) / kWeightTileN;
+  const int64_t pixels = g.batch * g.out_plane();
+  const int64_t stages = (pixels + kWeightTileR - 1) / kWeightTileR;
+  const int64_t tiles = g.groups * plan.tiles_m * plan.tiles_n;
+  // Enough slices to give the grid max_blocks() blocks, each of at least one stage.
+  plan.slices = std::max<int64_t>(1, std::min(stages, max_blocks() / tiles));
+  plan.slice_pixels = (stages + plan.slices - 1) / plan.slices * kWeightTileR;
+  plan.slices = (pixels + plan.slice_pixels - 1) / plan.slice_pixels;  // none left empty
+  plan.tiles = tiles * plan.slices;
+  return plan;
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kWeightThreads) conv2d_tiled_grad_weight_kernel(
+    const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ x,
+    at::opmath_type<scalar_t>* __restrict__ partial, Conv2dGeometry geometry, WeightPlan plan) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t C = geometry.channels, H = geometry.height, W = geometry.width, K = geometry.out_channels;
+  const index_t OW = geometry.out_width, plane = geometry.out_height * geometry.out_width;
+  const index_t KW = geometry.kernel_w, taps = geometry.kernel_h * geometry.kernel_w;
+  const index_t sh = geometry.stride_h, sw = geometry.stride_w, dh = geometry.dilation_h, dw = geometry.dilation_w;
+  const index_t ph = geometry.pad_h, pw = geometry.pad_w;
+  const index_t groups = geometry.groups, cg = C / groups, mg = K / groups, columns = cg * taps;
+  const index_t pixels = geometry.batch * plane, slices = plan.slices;
+  const index_t tiles_m = plan.tiles_m, tiles_n = plan.tiles_n;
+
+  acc_t* dy_tile = shared_memory<acc_t>();                         // kWeightTileM rows of pixels
+  acc_t* x_tile = dy_tile + kWeightTileM * kWeightRowStride;       // kWeightTileN rows of pixels
+  const int t = threadIdx.x;
+  const int m_part = t % (kWeightTileM / 4) * 4;  // the thread's 4 channels
+  const int n_part = t / (kWeightTileM / 4) * 2;  // … and 2 taps
+
+  for (index_t tile = blockIdx.x; tile < static_cast<index_t>(plan.tiles); tile += gridDim.x) {
+    const index_t slice = tile % slices;
+    const index_t nt = tile / slices % tiles_n;
+    const index_t mt = tile / (slices * tiles_n) % tiles_m;
+    const index_t group = tile / (slices * tiles_n * tiles_m);
+    const index_t k0 = group * mg + mt * kWeightTileM;
+    const index_t k_count = mg - mt * kWeightTileM < kWeightTileM ? mg - mt * kWeightTileM : kWeightTileM;
+    const index_t col0 = nt * kWeightTileN;
+    const index_t col_count = columns - col0 < kWeightTileN ? columns - col0 : kWeightTileN;
+    const index_t r_begin = slice * static_cast<index_t>(plan.slice_pixels);
+    const index_t r_end = pixels - r_begin < plan.slice_pixels ? pixels : r_begin + static_cast<index_t>(plan.slice_pixels);
+
+    acc_t sums[4][2] = {};
+    for (index_t r0 = r_begin; r0 < r_end; r0 += kWeightTileR) {
+      for (int e = t; e < kWeightTileM * kWeightTileR; e += kWeightThreads) {
+        const int m = e / kWeightTileR, r = e % kWeightTileR;
+        const index_t pixel = r0 + r;
+        acc_t value = 0;
+        if (m < k_count && pixel < r_end) {
+          const index_t n = pixel / plane;
+          value = static_cast<acc_t>(grad_output[(n * K + k0 + m) * plane + pixel % plane]);
+        }
+        dy_tile[m * kWeightRowStride + r] = value;
+      }
+      for (int e = t; e < kWeightTileN * kWeightTileR; e += kWeightThreads) {
+        const int col = e / kWeightTileR, r = e % kWeightTileR;
+        const index_t pixel = r0 + r;
+        acc_t value = 0;
+        if (col < col_count && pixel < r_end) {
+          const index_t n = pixel / plane, ij = pixel % plane;
+          const index_t c = (col0 + col) / taps, tap = (col0 + col) % taps;
+          const index_t h = ij / OW * sh - ph + tap / KW * dh;
+          const index_t w = ij % OW * sw - pw + tap % KW * dw;
+          if (h >= 0 && h < H && w >= 0 && w < W) {
+            value = static_cast<acc_t>(x[((n * C + group * cg + c) * H + h) * W + w]);
+          }
+        }
+        x_tile[col * kWeightRowStride + r] = value;
+      }
+      __syncthreads();
+      for (int r = 0; r < kWeightTileR; ++r) {
+        acc_t a[4], b[2];
+        for (int i = 0; i < 4; ++i) {
+          a[i] = dy_tile[(m_part + i) * kWeightRowStride + r];
+        }
+        for (int j = 0; j < 2; ++j) {
+          b[j] = x_tile[(n_part + j) * kWeightRowStride + r];
+        }
+        for (int i = 0; i < 4; ++i) {
+          for (int j = 0; j < 2; ++j) {
+            sums[i][j] += a[i] * b[j];
+          }
+        }
+      }
+      __syncthreads();  // before the next stage overwrites the tiles
+    }
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 2; ++j) {
+        if (m_part + i < k_count && n_part + j < col_count) {
+          partial[(slice * K + k0 + m_part + i) * columns + col0 + n_part + j] = sums[i][j];
+        }
+      }
+    }
+  }
+}
+
+
 // Whether the tiled kernel may index in 32 bits: every tensor of the launch, and the tile counter
 // of its grid-stride loop, stay below 2^31.
 bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
@@ -328,6 +446,37 @@ void conv2d_tiled(const at::Tensor& input, const at::Tensor& weight, const std::
                                                 *pool);
       break;
   }
+}
+
+at::Tensor conv2d_tiled_grad_weight(const at::Tensor& grad_output_, const at::Tensor& input_, const Conv2dGeometry& g) {
+  const auto acc_type = at::toOpMathType(input_.scalar_type());
+  const auto options = input_.options().dtype(acc_type);
+  if (g.batch == 0) {
+    return at::zeros({g.out_channels, g.group_kernel_size()}, options);
+  }
+  const WeightPlan plan = weight_plan(g);
+  const auto grad_output = grad_output_.contiguous();
+  const auto input = input_.contiguous();
+  auto partial = at::empty({plan.slices, g.out_channels, g.group_kernel_size()}, options);
+  const auto blocks = static_cast<unsigned int>(std::min(plan.tiles, max_blocks()));
+  const size_t shared_bytes = (kWeightTileM + kWeightTileN) * kWeightRowStride * at::elementSize(acc_type);
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  const bool small = !force_64bit.load() && input.numel() <= limit && grad_output.numel() <= limit &&
+      partial.numel() <= limit && plan.tiles + max_blocks() <= limit;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_tiled_grad_weight",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (small) {
+      launch_shared(conv2d_tiled_grad_weight_kernel<scalar_t, int32_t>, blocks, kWeightThreads, shared_bytes,
+                    grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                    partial.mutable_data_ptr<acc_t>(), g, plan);
+    } else {
+      launch_shared(conv2d_tiled_grad_weight_kernel<scalar_t, int64_t>, blocks, kWeightThreads, shared_bytes,
+                    grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                    partial.mutable_data_ptr<acc_t>(), g, plan);
+    }
+  });
+  return plan.slices == 1 ? partial[0] : partial.sum(0);
 }
 
 }  // namespace TORCHCNN_CUDA_SHARED
