@@ -70,19 +70,27 @@ def test_every_route_gives_torchs_results(request, device, route, dtype, sample)
     Sample((3, 5, 21, 37), {"padding": 1}, (20, 5, 3, 3)),  # several row and column tiles, partial ones
     Sample((2, 3, 19, 18), {"stride": 2, "padding": 3, "dilation": 2}, (17, 3, 7, 7)),
     Sample((2, 40, 9, 9), {"padding": 2}, (18, 40, 5, 5)),  # many input-channel chunks
+    Sample((5, 2, 20, 20), {}, (4, 2, 3, 3)),  # one tile of ∂W: 3 slices of many stages each, emulated
 ], ids=repr)
-def test_the_tiled_kernel_with_64_bit_indices_gives_the_same_results(request, device, sample):
+def test_the_tiled_kernels_with_64_bit_indices_give_the_same_results(request, device, sample):
     x, w, b = make_conv(sample, device, torch.float32)
+    w.requires_grad_()
     ops = cuda_ops(request)
     results = []
     for bits64 in (False, True):
         with cuda_route(ops, "tiled", bits64):
             assert route_taken(ops, x, w, sample) == ("tiled64" if bits64 else "tiled")
-            results.append((F.conv2d(x, w, b, **sample.kwargs),
+            y = F.conv2d(x, w, b, **sample.kwargs)
+            grad_w, = torch.autograd.grad(y, w, torch.ones_like(y))
+            results.append((y, grad_w,
                             *F.conv2d_relu_max_pool2d(x, w, b, **sample.kwargs, ceil_mode=True, return_indices=True)))
     for got32, got64 in zip(*results):
         assert torch.equal(got32, got64)
-    torch.testing.assert_close(results[0][0], TF.conv2d(x, w, b, **sample.kwargs), rtol=1e-4, atol=1e-4)
+    w64 = w.detach().double().requires_grad_()
+    y64 = TF.conv2d(x.double(), w64, b.double(), **sample.kwargs)
+    grad_w64, = torch.autograd.grad(y64, w64, torch.ones_like(y64))
+    torch.testing.assert_close(results[0][0].double(), y64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0][1].double(), grad_w64, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("shape, weight_shape, groups, route", [

@@ -289,15 +289,15 @@ at::Tensor conv2d_backward_weight_cuda(
   const DeviceGuard guard(input_.device());
   const auto grad_output = grad_output_.contiguous();
   const auto input = input_.contiguous();
-  const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
-  // Per-image products ∂L/∂Y_n · cols_nᵀ in the op-math type, summed over the images in a fixed
-  // order (chunk by chunk, then at::sum): deterministic, and rounded to the input's dtype once.
-  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   namespace shared = TORCHCNN_CUDA_SHARED;
   if (shared::forward_route(g, input.scalar_type()) == shared::ForwardRoute::kTiled) {
     return shared::conv2d_tiled_grad_weight(grad_output, input, g).to(input.scalar_type()).view(weight_.sizes())
         .contiguous(conv2d_memory_format(input_, weight_));
   }
+  const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
+  // Per-image products ∂L/∂Y_n · cols_nᵀ in the op-math type, summed over the images in a fixed
+  // order (chunk by chunk, then at::sum): deterministic, and rounded to the input's dtype once.
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   at::Tensor grad_weight;  // the first chunk's sum, then each further chunk's added
   const int64_t acc_size = acc_options.dtype().itemsize();
   const int64_t chunk = chunk_images(g, column_bytes(g, input.element_size()) + g.out_channels * kg * acc_size);

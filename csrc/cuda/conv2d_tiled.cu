@@ -236,7 +236,8 @@ __global__ void __launch_bounds__(kTiledThreads) conv2d_tiled_kernel(
 // block computes kWeightTileM × kWeightTileN of it over one slice of the pixels, staging
 // kWeightTileR pixels at a time: the ∂L/∂Y rows as they are, the X entries gathered (the im2col
 // entries, built in shared memory only). Each thread sums 4 channels × 2 taps. The slices' partial
-// sums go to a buffer that one sum over the slices reduces, in a fixed order: deterministic.
+// sums go to a buffer that one sum over the slices reduces, in a fixed order: deterministic on one
+// GPU model (the number of slices follows its multiprocessor count).
 constexpr int kWeightTileM = 16, kWeightTileN = 32, kWeightTileR = 32;
 constexpr int kWeightRowStride = kWeightTileR + 1;  // padded: the threads of a warp hit distinct banks
 constexpr int kWeightThreads = 64;                  // (16 / 4) × (32 / 2)
@@ -348,6 +349,13 @@ __global__ void __launch_bounds__(kWeightThreads) conv2d_tiled_grad_weight_kerne
 }
 
 
+// Whether an input row or column index, padding included, stays below 2^31.
+bool padded_extents_fit_int32(const Conv2dGeometry& g) {
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  return g.height + 2 * g.pad_h <= limit && g.width + 2 * g.pad_w <= limit && g.stride_h <= limit &&
+      g.stride_w <= limit && g.dilation_h <= limit && g.dilation_w <= limit;
+}
+
 // Whether the tiled kernel may index in 32 bits: every tensor of the launch, and the tile counter
 // of its grid-stride loop, stay below 2^31.
 bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
@@ -356,7 +364,7 @@ bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
   const int64_t weight = g.out_channels * g.group_kernel_size();
   const int64_t output = g.batch * g.out_channels * g.out_plane();  // Y's, before any pool
   return !force_64bit.load() && input <= limit && weight <= limit && output <= limit &&
-      plan.tiles + max_blocks() <= limit;
+      plan.tiles + max_blocks() <= limit && padded_extents_fit_int32(g);
 }
 
 template <TiledEpilogue epilogue>
@@ -461,8 +469,11 @@ at::Tensor conv2d_tiled_grad_weight(const at::Tensor& grad_output_, const at::Te
   const auto blocks = static_cast<unsigned int>(std::min(plan.tiles, max_blocks()));
   const size_t shared_bytes = (kWeightTileM + kWeightTileN) * kWeightRowStride * at::elementSize(acc_type);
   const int64_t limit = std::numeric_limits<int32_t>::max();
+  // Every index below 2^31, the pixel counter of the stage loop (which may step past the end by a
+  // stage) and the tile counter of the grid-stride loop included.
   const bool small = !force_64bit.load() && input.numel() <= limit && grad_output.numel() <= limit &&
-      partial.numel() <= limit && plan.tiles + max_blocks() <= limit;
+      partial.numel() <= limit && plan.tiles + max_blocks() <= limit &&
+      g.batch * g.out_plane() + kWeightTileR <= limit && padded_extents_fit_int32(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_tiled_grad_weight",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
