@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <limits>
 
 #include "../max_pool2d_window.h"
@@ -63,7 +64,7 @@ std::atomic<int> forced_route{-1};
 std::atomic<bool> force_64bit{false};
 
 int64_t patch_extent(int64_t tile, int64_t stride, int64_t kernel, int64_t dilation) {
-  return (tile - 1) * stride + (kernel - 1) * dilation + 1;
+  return (tile - 1) * stride + dilated_extent(kernel, dilation);
 }
 
 int64_t shared_bytes_per_channel(const Conv2dGeometry& g, int64_t acc_size) {
@@ -348,23 +349,21 @@ __global__ void __launch_bounds__(kWeightThreads) conv2d_tiled_grad_weight_kerne
   }
 }
 
-
-// Whether an input row or column index, padding included, stays below 2^31.
-bool padded_extents_fit_int32(const Conv2dGeometry& g) {
+// Whether a tiled kernel may index in 32 bits: unless 64-bit indices are forced, every count it
+// indexes with (its tensors' sizes, the counters of its loops) and every input row or column index,
+// padding included, stay below 2^31.
+bool indices_fit_int32(const Conv2dGeometry& g, std::initializer_list<int64_t> counts) {
   const int64_t limit = std::numeric_limits<int32_t>::max();
-  return g.height + 2 * g.pad_h <= limit && g.width + 2 * g.pad_w <= limit && g.stride_h <= limit &&
+  return !force_64bit.load() &&
+      std::all_of(counts.begin(), counts.end(), [&](int64_t count) { return count <= limit; }) &&
+      g.height + 2 * g.pad_h <= limit && g.width + 2 * g.pad_w <= limit && g.stride_h <= limit &&
       g.stride_w <= limit && g.dilation_h <= limit && g.dilation_w <= limit;
 }
 
-// Whether the tiled kernel may index in 32 bits: every tensor of the launch, and the tile counter
-// of its grid-stride loop, stay below 2^31.
+// The forward's: its tensors (Y's size before any pool) and the tile counter of its grid-stride loop.
 bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
-  const int64_t limit = std::numeric_limits<int32_t>::max();
-  const int64_t input = g.batch * g.channels * g.in_plane();
-  const int64_t weight = g.out_channels * g.group_kernel_size();
-  const int64_t output = g.batch * g.out_channels * g.out_plane();  // Y's, before any pool
-  return !force_64bit.load() && input <= limit && weight <= limit && output <= limit &&
-      plan.tiles + max_blocks() <= limit && padded_extents_fit_int32(g);
+  return indices_fit_int32(g, {g.batch * g.channels * g.in_plane(), g.out_channels * g.group_kernel_size(),
+                               g.batch * g.out_channels * g.out_plane(), plan.tiles + max_blocks()});
 }
 
 template <TiledEpilogue epilogue>
@@ -468,12 +467,10 @@ at::Tensor conv2d_tiled_grad_weight(const at::Tensor& grad_output_, const at::Te
   auto partial = at::empty({plan.slices, g.out_channels, g.group_kernel_size()}, options);
   const auto blocks = static_cast<unsigned int>(std::min(plan.tiles, max_blocks()));
   const size_t shared_bytes = (kWeightTileM + kWeightTileN) * kWeightRowStride * at::elementSize(acc_type);
-  const int64_t limit = std::numeric_limits<int32_t>::max();
-  // Every index below 2^31, the pixel counter of the stage loop (which may step past the end by a
-  // stage) and the tile counter of the grid-stride loop included.
-  const bool small = !force_64bit.load() && input.numel() <= limit && grad_output.numel() <= limit &&
-      partial.numel() <= limit && plan.tiles + max_blocks() <= limit &&
-      g.batch * g.out_plane() + kWeightTileR <= limit && padded_extents_fit_int32(g);
+  // The tile counter of the grid-stride loop, and the pixel counter of the stage loop (which may
+  // step past the end by a stage), with the tensors.
+  const bool small = indices_fit_int32(g, {input.numel(), grad_output.numel(), partial.numel(),
+                                           plan.tiles + max_blocks(), g.batch * g.out_plane() + kWeightTileR});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_tiled_grad_weight",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
