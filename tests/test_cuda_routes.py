@@ -109,7 +109,9 @@ def test_the_rule_sends_thin_products_to_the_tiled_kernel(request, device, shape
     launched = ops._emulated_launches() if emulated else 0
     with torch.profiler.profile() as prof:
         out = F.conv2d_relu_max_pool2d(x, w, None, padding=1, groups=groups)
-    ran_gemm = any(e.name in ("aten::bmm", "aten::baddbmm_", "aten::bmm_out", "aten::baddbmm") for e in prof.events())
+    # The GEMM route: im2col's kernel on a GPU (float32 GEMMs call cuBLAS directly, so no aten op
+    # shows them), aten's bmm in the emulator.
+    ran_gemm = any("im2col_kernel" in e.name or "bmm" in e.name for e in prof.events())
     assert ran_gemm == (route == "gemm")
     if emulated:  # the emulator counts grids: the tiled route is one; the others, a convolution and a pool
         assert (ops._emulated_launches() - launched == 1) == (route == "tiled")
@@ -122,3 +124,52 @@ def test_forcing_an_unknown_route_is_refused(request, device):
     with pytest.raises(ValueError, match="expected name to be 'direct', 'tiled', 'gemm' or ''"):
         ops._cuda_conv2d_force_route("winograd")
     assert ops._cuda_conv2d_force_route("") == ""
+
+
+def tf32_rounded(x):
+    """float32 rounded to TF32's 10-bit mantissa, to nearest, ties to even (finite values)."""
+    bits = x.float().contiguous().view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_float32_gemms_follow_cudnns_tf32_flag(request, device, allow_tf32):
+    """The GEMM route's three products (Y, ∂X, ∂W) multiply in TF32 exactly when
+    torch.backends.cudnn.allow_tf32 is on, as torch's convolutions do, whatever
+    torch.backends.cuda.matmul.allow_tf32 says (set the other way here)."""
+    sample = Sample((2, 8, 12, 12), {"padding": 1}, (16, 8, 3, 3))
+    x, w, b = make_conv(sample, device, torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    ops = cuda_ops(request)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow_tf32, not allow_tf32
+    try:
+        with cuda_route(ops, "gemm"):
+            assert route_taken(ops, x, w, sample) == "gemm"
+            y = F.conv2d(x, w, b, **sample.kwargs)
+            grad_y = torch.randn_like(y)
+            got = (y, *torch.autograd.grad(y, (x, w), grad_y))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    def reference(round_):
+        x64, w64 = (round_(t.detach()).double().requires_grad_() for t in (x, w))
+        y64 = TF.conv2d(x64, w64, b.double(), **sample.kwargs)
+        return (y64.detach(), *torch.autograd.grad(y64, (x64, w64), round_(grad_y).double()))
+
+    exact = reference(lambda t: t)
+    for g, e in zip(got, exact):
+        scale = max(1.0, float(e.abs().max()))
+        if allow_tf32:  # 10-bit products: about 2⁻¹¹ relative error each
+            torch.testing.assert_close(g.double(), e, rtol=1e-2, atol=1e-2 * scale)
+        else:
+            torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5 * scale)
+    if allow_tf32 and request.node.callspec.params["device"] == "emulated":
+        # The emulator rounds as a tensor core does, so its result is the exact product of the
+        # rounded operands, and visibly not the float32 one.
+        for g, r, e in zip(got, reference(tf32_rounded), exact):
+            scale = max(1.0, float(e.abs().max()))
+            torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * scale)
+            assert (g.double() - e).abs().max() > 1e-4 * scale

@@ -1,7 +1,9 @@
-// conv2d on CUDA: batched im2col feeding cuBLAS (at::bmm on the current stream), and two forward
-// routes without columns, picked by forward_route (conv2d_tiled.cu): a direct kernel for one input
-// channel per group and few outputs (depthwise convs), where a GEMM with K = KH·KW = 9 would be all
-// overhead, and the tiled kernel of conv2d_tiled.cu for thin products.
+// conv2d on CUDA: batched im2col feeding cuBLAS, and two forward routes without columns, picked by
+// forward_route (conv2d_tiled.cu): a direct kernel for one input channel per group and few outputs
+// (depthwise convs), where a GEMM with K = KH·KW = 9 would be all overhead, and the tiled kernel of
+// conv2d_tiled.cu for thin products. Float32 GEMMs call cuBLAS directly (launch.cuh's bmm_float), so
+// that TF32 follows torch.backends.cudnn.allow_tf32 as torch's convolutions do; the other dtypes go
+// through at::bmm on the current stream. The kernels of our own compute float32 in float32.
 //
 // For a chunk of B images, im2col lays every receptive field out as a column:
 //   cols[n, (c, p, q), (i, j)] = X[n, c, i·s + p·d − pad, j·s + q·d − pad]   (0 outside the image)
@@ -167,10 +169,20 @@ at::Tensor batched(const at::Tensor& matrix, int64_t b) {
   return matrix.unsqueeze(0).expand({b, matrix.size(0), matrix.size(1)});
 }
 
-// out = a · b, batched, with out in the inputs' dtype or (half types) in float: cuBLAS then
-// hands back its float accumulator instead of rounding it.
-void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (out.scalar_type() == a.scalar_type()) {
+// Whether float32 GEMMs may multiply in TF32 on tensor cores: torch.backends.cudnn.allow_tf32, the
+// flag torch's own convolutions follow (on by default), not torch.backends.cuda.matmul's (off).
+bool conv_allows_tf32() {
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+}
+
+// out = a · b (+ out, when `accumulate`), batched, with out in the inputs' dtype or (half types) in
+// float: cuBLAS then hands back its float accumulator instead of rounding it.
+void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false) {
+  if (a.scalar_type() == at::kFloat) {
+    bmm_float(out, a, b, accumulate, conv_allows_tf32());
+  } else if (accumulate) {
+    out.baddbmm_(a, b);
+  } else if (out.scalar_type() == a.scalar_type()) {
     at::bmm_out(out, a, b);
   } else {
     bmm_out_dtype(out, a, b);
@@ -220,12 +232,7 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_, c
     for (int64_t k = 0; k < g.groups; ++k) {
       auto out_g = out.narrow(1, k * mg, mg);
       const auto w_g = batched(w.narrow(0, k * mg, mg), b);
-      const auto cols_g = cols.narrow(1, k * kg, kg);
-      if (has_bias) {
-        out_g.baddbmm_(w_g, cols_g);
-      } else {
-        at::bmm_out(out_g, w_g, cols_g);
-      }
+      bmm_into(out_g, w_g, cols.narrow(1, k * kg, kg), /*accumulate=*/has_bias);
     }
   }
   return output;

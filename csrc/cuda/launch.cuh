@@ -18,6 +18,9 @@
 //   DeviceGuard                               c10::cuda::CUDAGuard | nothing to switch
 //   bmm_out_dtype(out, a, b)                  at::bmm_out with out_dtype (CUDA only in ATen) |
 //                                             at::bmm on inputs converted to out's dtype
+//   bmm_float(out, a, b, accumulate, tf32)    a float32 batched GEMM in cuBLAS, on tensor cores
+//                                             (TF32) exactly when `tf32` | at::bmm, on inputs
+//                                             rounded to TF32's 10-bit mantissa when `tf32`
 //   KERNEL_CHECK_INDEX(cond, msg)             a device-side assert (no host synchronisation;
 //                                             reported at the next one, as torch's own index checks) |
 //                                             an IndexError with the message
@@ -28,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 #include "../registration.h"
@@ -36,6 +40,7 @@
 #include "emulation.h"
 #else
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
@@ -75,6 +80,24 @@ inline void bmm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor
   out.copy_(at::bmm(a.to(out.scalar_type()), b.to(out.scalar_type())));
 }
 
+// float32 rounded to TF32 (8-bit exponent, 10-bit mantissa), to nearest, ties to even: what a
+// tensor core multiplies. Infinities and NaNs pass unchanged.
+inline at::Tensor tf32_rounded(const at::Tensor& x) {
+  const auto bits = x.contiguous().view(at::kInt);
+  const auto lowest_kept = bits.bitwise_right_shift(13).bitwise_and(1);
+  const auto rounded = (bits + 0xFFF + lowest_kept).bitwise_and(~0x1FFF).view(at::kFloat);
+  return at::where(x.isfinite(), rounded, x);
+}
+
+inline void bmm_float(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate, bool tf32) {
+  const auto ra = tf32 ? tf32_rounded(a) : a, rb = tf32 ? tf32_rounded(b) : b;
+  if (accumulate) {
+    out.baddbmm_(ra, rb);
+  } else {
+    at::bmm_out(out, ra, rb);
+  }
+}
+
 #else
 
 constexpr int kThreads = 256;
@@ -107,6 +130,54 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 
 inline void bmm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   at::bmm_out(out, a, b, out.scalar_type());
+}
+
+// One operand of a row-major product as cuBLAS (column-major) sees it: the operation that turns
+// the stored matrix into the operand's transpose, and the stored matrix's leading dimension.
+struct BlasOperand {
+  cublasOperation_t op;
+  int ld;
+};
+
+// x (batch, rows, cols): rows of unit stride are x's transpose stored column-major (no op);
+// columns of unit stride are x itself column-major (transposed by cuBLAS). `x` is made contiguous
+// when it is neither.
+inline BlasOperand blas_operand(at::Tensor& x) {
+  const int64_t rows = x.size(1), cols = x.size(2);
+  if (x.stride(2) != 1 && cols != 1 && x.stride(1) != 1 && rows != 1) {
+    x = x.contiguous();
+  }
+  if (x.stride(2) == 1 || cols == 1) {
+    return {CUBLAS_OP_N, static_cast<int>(rows == 1 ? std::max<int64_t>(cols, 1) : x.stride(1))};
+  }
+  return {CUBLAS_OP_T, static_cast<int>(cols == 1 ? std::max<int64_t>(rows, 1) : x.stride(2))};
+}
+
+// out (B, M, N) = a (B, M, K) · b (B, K, N) (+ out, when `accumulate`), all float32, out's rows of
+// unit stride; a batch stride of 0 repeats an operand. cuBLAS computes outᵀ = bᵀ · aᵀ.
+// TF32 follows `tf32` alone: torch's handle carries torch.backends.cuda.matmul's flag, so the
+// math mode is set here for this call (torch sets it again each time it takes the handle).
+inline void bmm_float(at::Tensor& out, const at::Tensor& a_, const at::Tensor& b_, bool accumulate, bool tf32) {
+  auto a = a_, b = b_;
+  const int64_t batch = out.size(0), m = out.size(1), n = out.size(2), k = a.size(2);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(out.stride(2) == 1 || n == 1, "bmm_float: the output's rows must be contiguous");
+  TORCH_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax && batch <= kIntMax &&
+                  std::max({a.stride(1), a.stride(2), b.stride(1), b.stride(2), out.stride(1)}) <= kIntMax,
+              "conv2d: a GEMM of ", m, " × ", k, " × ", n, " is beyond cuBLAS's 32-bit sizes");
+  if (batch == 0 || m == 0 || n == 0) {
+    return;
+  }
+  const BlasOperand ob = blas_operand(b), oa = blas_operand(a);
+  const int ldc = static_cast<int>(m == 1 ? std::max<int64_t>(n, 1) : out.stride(1));
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
+      handle, ob.op, oa.op, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha,
+      b.const_data_ptr<float>(), CUDA_R_32F, ob.ld, b.stride(0), a.const_data_ptr<float>(), CUDA_R_32F, oa.ld,
+      a.stride(0), &beta, out.mutable_data_ptr<float>(), CUDA_R_32F, ldc, out.stride(0), static_cast<int>(batch),
+      tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 #endif
