@@ -50,7 +50,7 @@ def cuda_ops(request):
 @contextlib.contextmanager
 def cuda_route(ops, route="", bits64=False):
     """The CUDA forward forced onto `route` ("direct", "tiled" or "gemm"; "" the rule) wherever it
-    applies, and the tiled kernel onto 64-bit indices if `bits64`, for the length of the block."""
+    applies, and every kernel onto 64-bit indices if `bits64`, for the length of the block."""
     previous_route = ops._cuda_conv2d_force_route(route)
     previous_bits = ops._cuda_force_64bit_indices(bits64)
     try:

@@ -93,6 +93,38 @@ def test_the_tiled_kernels_with_64_bit_indices_give_the_same_results(request, de
     torch.testing.assert_close(results[0][1].double(), grad_w64, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("route", ["direct", "gemm"])
+@pytest.mark.parametrize("sample", [
+    Sample((2, 3, 11, 13), {"stride": 2, "padding": 2, "dilation": 2}, (6, 3, 3, 3)),
+    Sample((3, 4, 9, 8), {"padding": 1, "groups": 4}, (8, 1, 3, 3)),  # one input channel per group
+], ids=repr)
+def test_every_kernel_gives_the_same_results_with_64_bit_indices(request, device, route, sample):
+    """The kernels outside the tiled route (im2col, col2im, the direct convolution, the pools and
+    their backward, the fused ReLU-pool) index in 32 bits wherever the tensors allow it, in 64 bits
+    elsewhere: both give the same bits."""
+    x, w, b = make_conv(sample, device, torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    odd = torch.randn(2, 3, 9, 7, device=device, requires_grad=True)  # the 2×2 pool's unaligned rows
+    ops = cuda_ops(request)
+    results, grad_y = [], None
+    for bits64 in (False, True):
+        with cuda_route(ops, route, bits64):
+            y = F.conv2d(x, w, b, **sample.kwargs)
+            grad_y = torch.randn_like(y) if grad_y is None else grad_y
+            got = [y, *torch.autograd.grad(y, (x, w), grad_y, retain_graph=True)]
+            got += F.conv2d_relu_max_pool2d(x, w, b, **sample.kwargs, ceil_mode=True, return_indices=True)
+            for source, pool in ((y, {"kernel_size": 2}), (odd, {"kernel_size": 2}),
+                                 (y, {"kernel_size": 3, "stride": 2, "padding": 1, "dilation": 1, "ceil_mode": True}),
+                                 (odd, {"kernel_size": 2, "stride": 1, "dilation": 2})):
+                pooled, indices = F.max_pool2d(source, **pool, return_indices=True)
+                got += [pooled, indices, *torch.autograd.grad(pooled, source, torch.ones_like(pooled) * 0.5,
+                                                               retain_graph=True)]
+        results.append(got)
+    for got32, got64 in zip(*results):
+        assert torch.equal(got32, got64)
+
+
 @pytest.mark.parametrize("shape, weight_shape, groups, route", [
     ((4, 1, 28, 28), (32, 1, 3, 3), 1, "tiled"),   # the MNIST model's first layer
     ((4, 32, 14, 14), (64, 32, 3, 3), 1, "tiled"),  # … and its second (C·KH·KW = 288)

@@ -35,23 +35,25 @@ namespace {
 
 // One thread per (image, channel, output pixel); it writes that pixel's KH·KW column entries.
 // Consecutive threads take consecutive output pixels, so the writes of each tap are coalesced.
-template <typename scalar_t>
-__global__ void im2col_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols, int64_t total,
+// index_t: int32_t wherever grid_fits_int32 allows it (launch.cuh), as in every kernel below.
+template <typename scalar_t, typename index_t>
+__global__ void im2col_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols, index_t total,
                               Conv2dGeometry g) {
-  const int64_t plane = g.out_plane();
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const int64_t ow = t % g.out_width;
-    const int64_t oh = (t / g.out_width) % g.out_height;
-    const int64_t c = (t / plane) % g.channels;
-    const int64_t n = t / (plane * g.channels);
-    const scalar_t* xc = x + (n * g.channels + c) * g.in_plane();
-    scalar_t* col = cols + ((n * g.channels + c) * g.kernel_h * g.kernel_w) * plane + oh * g.out_width + ow;
-    for (int64_t p = 0; p < g.kernel_h; ++p) {
-      const int64_t h = oh * g.stride_h - g.pad_h + p * g.dilation_h;
-      for (int64_t q = 0; q < g.kernel_w; ++q) {
-        const int64_t w = ow * g.stride_w - g.pad_w + q * g.dilation_w;
-        const bool inside = h >= 0 && h < g.height && w >= 0 && w < g.width;
-        *col = inside ? xc[h * g.width + w] : scalar_t(0);
+  const index_t C = g.channels, H = g.height, W = g.width, OW = g.out_width, OH = g.out_height;
+  const index_t KH = g.kernel_h, KW = g.kernel_w, plane = OH * OW;
+  const index_t sh = g.stride_h, sw = g.stride_w, ph = g.pad_h, pw = g.pad_w, dh = g.dilation_h, dw = g.dilation_w;
+  for (index_t t = grid_start<index_t>(); t < total; t += grid_step<index_t>()) {
+    const index_t ow = t % OW;
+    const index_t oh = t / OW % OH;
+    const index_t nc = t / plane;  // n · C + c
+    const scalar_t* xc = x + nc * H * W;
+    scalar_t* col = cols + nc * KH * KW * plane + oh * OW + ow;
+    for (index_t p = 0; p < KH; ++p) {
+      const index_t h = oh * sh - ph + p * dh;
+      for (index_t q = 0; q < KW; ++q) {
+        const index_t w = ow * sw - pw + q * dw;
+        const bool inside = h >= 0 && h < H && w >= 0 && w < W;
+        *col = inside ? xc[h * W + w] : scalar_t(0);
         col += plane;
       }
     }
@@ -61,28 +63,30 @@ __global__ void im2col_kernel(const scalar_t* __restrict__ x, scalar_t* __restri
 // The adjoint of im2col, gathered: one thread per input pixel (image, c, h, w) sums the column
 // entries that were read from it, ∂L/∂X[n, c, h, w] = Σ_{p, q : h = i·s − pad + p·d, w = j·s − pad + q·d}
 // ∂L/∂cols[n, (c, p, q), (i, j)]. Each pixel is written once, so no atomics and no zeroing.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-__global__ void col2im_kernel(const acc_t* __restrict__ cols, scalar_t* __restrict__ dx, int64_t total,
+template <typename scalar_t, typename index_t, typename acc_t = at::opmath_type<scalar_t>>
+__global__ void col2im_kernel(const acc_t* __restrict__ cols, scalar_t* __restrict__ dx, index_t total,
                               Conv2dGeometry g) {
-  const int64_t plane = g.out_plane();
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const int64_t w = t % g.width;
-    const int64_t h = (t / g.width) % g.height;
-    const int64_t nc = t / g.in_plane();  // n · C + c
-    const acc_t* col = cols + nc * g.kernel_h * g.kernel_w * plane;
+  const index_t H = g.height, W = g.width, OW = g.out_width, OH = g.out_height;
+  const index_t KH = g.kernel_h, KW = g.kernel_w, plane = OH * OW;
+  const index_t sh = g.stride_h, sw = g.stride_w, ph = g.pad_h, pw = g.pad_w, dh = g.dilation_h, dw = g.dilation_w;
+  for (index_t t = grid_start<index_t>(); t < total; t += grid_step<index_t>()) {
+    const index_t w = t % W;
+    const index_t h = t / W % H;
+    const index_t nc = t / (H * W);  // n · C + c
+    const acc_t* col = cols + nc * KH * KW * plane;
     acc_t sum = 0;
-    for (int64_t p = 0; p < g.kernel_h; ++p) {
-      const int64_t ih = h + g.pad_h - p * g.dilation_h;  // = oh · stride_h
-      if (ih < 0 || ih % g.stride_h != 0 || ih / g.stride_h >= g.out_height) {
+    for (index_t p = 0; p < KH; ++p) {
+      const index_t ih = h + ph - p * dh;  // = oh · stride_h
+      if (ih < 0 || ih % sh != 0 || ih / sh >= OH) {
         continue;
       }
-      const int64_t oh = ih / g.stride_h;
-      for (int64_t q = 0; q < g.kernel_w; ++q) {
-        const int64_t iw = w + g.pad_w - q * g.dilation_w;
-        if (iw < 0 || iw % g.stride_w != 0 || iw / g.stride_w >= g.out_width) {
+      const index_t oh = ih / sh;
+      for (index_t q = 0; q < KW; ++q) {
+        const index_t iw = w + pw - q * dw;
+        if (iw < 0 || iw % sw != 0 || iw / sw >= OW) {
           continue;
         }
-        sum += col[(p * g.kernel_w + q) * plane + oh * g.out_width + iw / g.stride_w];
+        sum += col[(p * KW + q) * plane + oh * OW + iw / sw];
       }
     }
     dx[t] = static_cast<scalar_t>(sum);
@@ -92,28 +96,31 @@ __global__ void col2im_kernel(const acc_t* __restrict__ cols, scalar_t* __restri
 // Direct convolution for one input channel per group: one thread per output pixel (n, k, i, j)
 // computes Y = b[k] + Σ_p Σ_q X[n, c, i·s + p·d − pad, j·s + q·d − pad] · W[k, 0, p, q], with
 // c = k / (K / C) the input channel of output channel k's group.
-template <typename scalar_t>
+template <typename scalar_t, typename index_t>
 __global__ void conv2d_depthwise_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
-                                             int64_t total, Conv2dGeometry g) {
+                                        const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, index_t total,
+                                        Conv2dGeometry g) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const int64_t ow = t % g.out_width;
-    const int64_t oh = (t / g.out_width) % g.out_height;
-    const int64_t k = (t / g.out_plane()) % g.out_channels;
-    const int64_t n = t / (g.out_plane() * g.out_channels);
-    const scalar_t* xn = x + (n * g.channels + k / (g.out_channels / g.channels)) * g.in_plane();
-    const scalar_t* wk = weight + k * g.kernel_h * g.kernel_w;
+  const index_t C = g.channels, H = g.height, W = g.width, K = g.out_channels, OW = g.out_width, OH = g.out_height;
+  const index_t KH = g.kernel_h, KW = g.kernel_w, plane = OH * OW, outputs_per_input = K / C;
+  const index_t sh = g.stride_h, sw = g.stride_w, ph = g.pad_h, pw = g.pad_w, dh = g.dilation_h, dw = g.dilation_w;
+  for (index_t t = grid_start<index_t>(); t < total; t += grid_step<index_t>()) {
+    const index_t ow = t % OW;
+    const index_t oh = t / OW % OH;
+    const index_t k = t / plane % K;
+    const index_t n = t / (plane * K);
+    const scalar_t* xn = x + (n * C + k / outputs_per_input) * H * W;
+    const scalar_t* wk = weight + k * KH * KW;
     acc_t sum = bias != nullptr ? static_cast<acc_t>(bias[k]) : acc_t(0);
-    for (int64_t p = 0; p < g.kernel_h; ++p) {
-      const int64_t h = oh * g.stride_h - g.pad_h + p * g.dilation_h;
-      if (h < 0 || h >= g.height) {
+    for (index_t p = 0; p < KH; ++p) {
+      const index_t h = oh * sh - ph + p * dh;
+      if (h < 0 || h >= H) {
         continue;
       }
-      for (int64_t q = 0; q < g.kernel_w; ++q) {
-        const int64_t w = ow * g.stride_w - g.pad_w + q * g.dilation_w;
-        if (w >= 0 && w < g.width) {
-          sum += static_cast<acc_t>(xn[h * g.width + w]) * static_cast<acc_t>(wk[p * g.kernel_w + q]);
+      for (index_t q = 0; q < KW; ++q) {
+        const index_t w = ow * sw - pw + q * dw;
+        if (w >= 0 && w < W) {
+          sum += static_cast<acc_t>(xn[h * W + w]) * static_cast<acc_t>(wk[p * KW + q]);
         }
       }
     }
@@ -157,9 +164,12 @@ at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t b, const Conv2dG
   auto cols = at::empty({b, k, g.out_plane()}, input.options());
   const int64_t total = b * g.channels * g.out_plane();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::im2col_cuda", [&] {
-    launch(im2col_kernel<scalar_t>, blocks_for(total), kThreads,
-           input.const_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), cols.mutable_data_ptr<scalar_t>(), total,
-           g);
+    with_index_type(grid_fits_int32(g, total, {b * g.channels * g.in_plane(), cols.numel()}), [&](auto i) {
+      using index_t = decltype(i);
+      launch(im2col_kernel<scalar_t, index_t>, blocks_for(total), kThreads,
+             input.const_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), cols.mutable_data_ptr<scalar_t>(),
+             static_cast<index_t>(total), g);
+    });
   });
   return cols;
 }
@@ -212,9 +222,13 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_, c
     const auto bias = has_bias ? bias_->contiguous() : at::Tensor();
     const int64_t total = output.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_direct", [&] {
-      launch(conv2d_depthwise_kernel<scalar_t>, blocks_for(total), kThreads, input.const_data_ptr<scalar_t>(),
-             weight.const_data_ptr<scalar_t>(), has_bias ? bias.const_data_ptr<scalar_t>() : nullptr,
-             output.mutable_data_ptr<scalar_t>(), total, g);
+      with_index_type(grid_fits_int32(g, total, {input.numel(), weight.numel()}), [&](auto i) {
+        using index_t = decltype(i);
+        launch(conv2d_depthwise_kernel<scalar_t, index_t>, blocks_for(total), kThreads,
+               input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+               has_bias ? bias.const_data_ptr<scalar_t>() : nullptr, output.mutable_data_ptr<scalar_t>(),
+               static_cast<index_t>(total), g);
+      });
     });
     return output;
   }
@@ -280,8 +294,12 @@ at::Tensor conv2d_backward_input_cuda(
       const int64_t total = b * g.channels * g.in_plane();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "torchcnn::col2im_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        launch(col2im_kernel<scalar_t, acc_t>, blocks_for(total), kThreads, cols.const_data_ptr<acc_t>(),
-               grad_input.mutable_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(), total, g);
+        with_index_type(grid_fits_int32(g, total, {cols.numel()}), [&](auto i) {
+          using index_t = decltype(i);
+          launch(col2im_kernel<scalar_t, index_t, acc_t>, blocks_for(total), kThreads, cols.const_data_ptr<acc_t>(),
+                 grad_input.mutable_data_ptr<scalar_t>() + n0 * g.channels * g.in_plane(),
+                 static_cast<index_t>(total), g);
+        });
       });
     }
   }

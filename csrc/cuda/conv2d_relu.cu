@@ -22,15 +22,16 @@ namespace shared = TORCHCNN_CUDA_SHARED;
 
 // One thread per pooled output (n, k, i, j): the max of relu(Y) over its window, the flat index of
 // that max in Y's plane, and whether the gradient passes at it (Y there ≥ 0).
-template <typename scalar_t>
+template <typename scalar_t, typename index_t>
 __global__ void relu_max_pool2d_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
-                                       int64_t* __restrict__ indices, bool* __restrict__ passes, int64_t total,
+                                       int64_t* __restrict__ indices, bool* __restrict__ passes, index_t total,
                                        Window2d p) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const int64_t ow = t % p.out_width;
-    const int64_t oh = (t / p.out_width) % p.out_height;
-    const scalar_t* plane = y + (t / p.out_plane()) * p.in_plane();
+  const index_t OW = p.out_width, OH = p.out_height, in_plane = p.height * p.width;
+  for (index_t t = grid_start<index_t>(); t < total; t += grid_step<index_t>()) {
+    const index_t ow = t % OW;
+    const index_t oh = t / OW % OH;
+    const scalar_t* plane = y + t / (OH * OW) * in_plane;
     int64_t index;
     window_max(plane, p, oh, ow, out[t], index, Relu{});
     indices[t] = index;
@@ -83,9 +84,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cuda(
   if (total > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "torchcnn::conv2d_relu_max_pool2d_cuda",
                                     [&] {
-      launch(relu_max_pool2d_kernel<scalar_t>, blocks_for(total), kThreads, y.const_data_ptr<scalar_t>(),
-             output.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(),
-             passes.mutable_data_ptr<bool>(), total, p);
+      with_index_type(grid_fits_int32(p, total, {y.numel()}), [&](auto i) {
+        using index_t = decltype(i);
+        launch(relu_max_pool2d_kernel<scalar_t, index_t>, blocks_for(total), kThreads, y.const_data_ptr<scalar_t>(),
+               output.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(),
+               passes.mutable_data_ptr<bool>(), static_cast<index_t>(total), p);
+      });
     });
   }
   return {output.contiguous(format), indices.contiguous(format), passes.contiguous(format)};

@@ -18,8 +18,7 @@
 // Y's plane and whether the gradient passes at it. Tiles start at even rows and columns, so every
 // 2×2 window lies in one tile.
 //
-// Indices are 32-bit wherever every tensor of the launch has fewer than 2^31 elements (GPUs divide
-// 64-bit integers in software); 64-bit otherwise.
+// Indices are 32-bit wherever fits_int32 allows it (launch.cuh), 64-bit otherwise.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/all.h>
@@ -58,8 +57,8 @@ struct TiledPlan {
   int64_t shared_bytes;
 };
 
-// Forward-route knobs for the tests (process-wide): a route forced wherever it applies, and 64-bit
-// indices forced for the tiled kernel.
+// Knobs for the tests (process-wide): a forward route forced wherever it applies, and 64-bit
+// indices forced for every kernel (fits_int32, launch.cuh).
 std::atomic<int> forced_route{-1};
 std::atomic<bool> force_64bit{false};
 
@@ -349,21 +348,10 @@ __global__ void __launch_bounds__(kWeightThreads) conv2d_tiled_grad_weight_kerne
   }
 }
 
-// Whether a tiled kernel may index in 32 bits: unless 64-bit indices are forced, every count it
-// indexes with (its tensors' sizes, the counters of its loops) and every input row or column index,
-// padding included, stay below 2^31.
-bool indices_fit_int32(const Conv2dGeometry& g, std::initializer_list<int64_t> counts) {
-  const int64_t limit = std::numeric_limits<int32_t>::max();
-  return !force_64bit.load() &&
-      std::all_of(counts.begin(), counts.end(), [&](int64_t count) { return count <= limit; }) &&
-      g.height + 2 * g.pad_h <= limit && g.width + 2 * g.pad_w <= limit && g.stride_h <= limit &&
-      g.stride_w <= limit && g.dilation_h <= limit && g.dilation_w <= limit;
-}
-
 // The forward's: its tensors (Y's size before any pool) and the tile counter of its grid-stride loop.
 bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
-  return indices_fit_int32(g, {g.batch * g.channels * g.in_plane(), g.out_channels * g.group_kernel_size(),
-                               g.batch * g.out_channels * g.out_plane(), plan.tiles + max_blocks()});
+  return TORCHCNN_CUDA_SHARED::fits_int32(g, {g.batch * g.channels * g.in_plane(), g.out_channels * g.group_kernel_size(),
+                                              g.batch * g.out_channels * g.out_plane(), plan.tiles + max_blocks()});
 }
 
 template <TiledEpilogue epilogue>
@@ -377,15 +365,11 @@ void launch_tiled(const at::Tensor& input, const at::Tensor& weight, const at::T
   const auto blocks = static_cast<unsigned int>(std::min(plan.tiles, max_blocks()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_tiled", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    if (tiled_fits_int32(g, plan)) {
-      launch_shared(conv2d_tiled_kernel<scalar_t, int32_t, epilogue>, blocks, kTiledThreads, plan.shared_bytes,
+    with_index_type(tiled_fits_int32(g, plan), [&](auto i) {
+      launch_shared(conv2d_tiled_kernel<scalar_t, decltype(i), epilogue>, blocks, kTiledThreads, plan.shared_bytes,
                     input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
                     out.mutable_data_ptr<scalar_t>(), indices, passes, g, pool, plan);
-    } else {
-      launch_shared(conv2d_tiled_kernel<scalar_t, int64_t, epilogue>, blocks, kTiledThreads, plan.shared_bytes,
-                    input.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
-                    out.mutable_data_ptr<scalar_t>(), indices, passes, g, pool, plan);
-    }
+    });
   });
 }
 
@@ -410,6 +394,15 @@ bool set_force_64bit(bool on) { return force_64bit.exchange(on); }
 }  // namespace
 
 namespace TORCHCNN_CUDA_SHARED {
+
+// launch.cuh says what it checks.
+bool fits_int32(const Window2d& g, std::initializer_list<int64_t> counts) {
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  return !force_64bit.load() &&
+      std::all_of(counts.begin(), counts.end(), [&](int64_t count) { return count <= limit; }) &&
+      g.height + 2 * g.pad_h <= limit && g.width + 2 * g.pad_w <= limit && g.stride_h <= limit &&
+      g.stride_w <= limit && g.dilation_h <= limit && g.dilation_w <= limit;
+}
 
 ForwardRoute forward_route(const Conv2dGeometry& g, at::ScalarType dtype) {
   const int64_t acc_size = at::elementSize(at::toOpMathType(dtype));
@@ -469,20 +462,16 @@ at::Tensor conv2d_tiled_grad_weight(const at::Tensor& grad_output_, const at::Te
   const size_t shared_bytes = (kWeightTileM + kWeightTileN) * kWeightRowStride * at::elementSize(acc_type);
   // The tile counter of the grid-stride loop, and the pixel counter of the stage loop (which may
   // step past the end by a stage), with the tensors.
-  const bool small = indices_fit_int32(g, {input.numel(), grad_output.numel(), partial.numel(),
-                                           plan.tiles + max_blocks(), g.batch * g.out_plane() + kWeightTileR});
+  const bool small = fits_int32(g, {input.numel(), grad_output.numel(), partial.numel(), plan.tiles + max_blocks(),
+                                    g.batch * g.out_plane() + kWeightTileR});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torchcnn::conv2d_tiled_grad_weight",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (small) {
-      launch_shared(conv2d_tiled_grad_weight_kernel<scalar_t, int32_t>, blocks, kWeightThreads, shared_bytes,
+    with_index_type(small, [&](auto i) {
+      launch_shared(conv2d_tiled_grad_weight_kernel<scalar_t, decltype(i)>, blocks, kWeightThreads, shared_bytes,
                     grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
                     partial.mutable_data_ptr<acc_t>(), g, plan);
-    } else {
-      launch_shared(conv2d_tiled_grad_weight_kernel<scalar_t, int64_t>, blocks, kWeightThreads, shared_bytes,
-                    grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                    partial.mutable_data_ptr<acc_t>(), g, plan);
-    }
+    });
   });
   return plan.slices == 1 ? partial[0] : partial.sum(0);
 }

@@ -25,16 +25,21 @@
 //                                             reported at the next one, as torch's own index checks) |
 //                                             an IndexError with the message
 // Nothing else in csrc/cuda may include a CUDA header or use <<<…>>>.
+//
+// Index arithmetic: a GPU divides 64-bit integers in software, so every kernel that divides takes
+// its index type as a template parameter, int32_t wherever fits_int32 allows it (with_index_type).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <utility>
 
 #include "../registration.h"
+#include "../shapes.h"
 
 #ifdef TORCHCNN_EMULATE_CUDA
 #include "emulation.h"
@@ -46,6 +51,16 @@
 #endif
 
 namespace torchcnn {
+namespace TORCHCNN_CUDA_SHARED {
+
+// Whether a kernel over window `g` (a convolution's or a pool's) may index in 32 bits: every count
+// it indexes with (its tensors' sizes, the ends of its loops) and every row or column coordinate,
+// padding included, is below 2^31, and 64-bit indices are not forced
+// (torch.ops.torchcnn._cuda_force_64bit_indices, for the tests; conv2d_tiled.cu holds the knob).
+bool fits_int32(const Window2d& g, std::initializer_list<int64_t> counts);
+
+}  // namespace TORCHCNN_CUDA_SHARED
+
 namespace {  // each library keeps its own copy: the real and the emulated ones differ
 
 // Dynamic shared memory a block may have without opting in to more, on every GPU since Volta.
@@ -194,12 +209,33 @@ inline unsigned int blocks_for(int64_t total) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, max_blocks())));
 }
 
-__device__ __forceinline__ int64_t grid_start() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+// f(int32_t{}) when `int32`, else f(int64_t{}): the launch of a kernel templated on its index type,
+// written once (`using index_t = decltype(i);` inside f).
+template <typename F>
+void with_index_type(bool int32, F&& f) {
+  if (int32) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
+  }
 }
 
-__device__ __forceinline__ int64_t grid_step() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+// fits_int32 for a kernel whose grid-stride loop runs over `total` items (its counter reaches total
+// plus the grid's size) and whose tensors have `sizes` elements.
+inline bool grid_fits_int32(const Window2d& g, int64_t total, std::initializer_list<int64_t> sizes) {
+  return total + max_blocks() * kThreads <= std::numeric_limits<int32_t>::max() &&
+      TORCHCNN_CUDA_SHARED::fits_int32(g, sizes);
+}
+
+// A grid-stride loop's first item and step, in its index type.
+template <typename index_t = int64_t>
+__device__ __forceinline__ index_t grid_start() {
+  return static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + static_cast<index_t>(threadIdx.x);
+}
+
+template <typename index_t = int64_t>
+__device__ __forceinline__ index_t grid_step() {
+  return static_cast<index_t>(gridDim.x) * static_cast<index_t>(blockDim.x);
 }
 
 }  // namespace

@@ -13,14 +13,16 @@
 namespace torchcnn {
 namespace {
 
-// One thread per output element (n, c, i, j); it scans its window row by row.
-template <typename scalar_t>
+// One thread per output element (n, c, i, j); it scans its window row by row. index_t: int32_t
+// wherever grid_fits_int32 allows it (launch.cuh), in the three kernels.
+template <typename scalar_t, typename index_t>
 __global__ void max_pool2d_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                  int64_t* __restrict__ indices, int64_t total, Window2d g) {
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const int64_t ow = t % g.out_width;
-    const int64_t oh = (t / g.out_width) % g.out_height;
-    window_max(x + (t / g.out_plane()) * g.in_plane(), g, oh, ow, y[t], indices[t]);
+                                  int64_t* __restrict__ indices, index_t total, Window2d g) {
+  const index_t OW = g.out_width, OH = g.out_height, in_plane = g.height * g.width;
+  for (index_t t = grid_start<index_t>(); t < total; t += grid_step<index_t>()) {
+    const index_t ow = t % OW;
+    const index_t oh = t / OW % OH;
+    window_max(x + t / (OH * OW) * in_plane, g, oh, ow, y[t], indices[t]);
   }
 }
 
@@ -31,16 +33,16 @@ struct alignas(2 * sizeof(scalar_t)) Pair {
 
 // 2×2, stride 2, no padding: one thread per output; its window is x[2i, 2j..2j+1] and
 // x[2i+1, 2j..2j+1], read as two 2-element vector loads when rows start aligned (Vec).
-template <typename scalar_t, bool Vec>
+template <typename scalar_t, typename index_t, bool Vec>
 __global__ void max_pool2d_2x2_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                      int64_t* __restrict__ indices, int64_t total, Window2d g) {
+                                      int64_t* __restrict__ indices, index_t total, Window2d g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t W = g.width;
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const int64_t ow = t % g.out_width;
-    const int64_t oh = (t / g.out_width) % g.out_height;
-    const int64_t base = 2 * oh * W + 2 * ow;
-    const scalar_t* r0 = x + (t / g.out_plane()) * g.in_plane() + base;
+  const index_t W = g.width, OW = g.out_width, OH = g.out_height, in_plane = g.height * g.width;
+  for (index_t t = grid_start<index_t>(); t < total; t += grid_step<index_t>()) {
+    const index_t ow = t % OW;
+    const index_t oh = t / OW % OH;
+    const index_t base = 2 * oh * W + 2 * ow;
+    const scalar_t* r0 = x + t / (OH * OW) * in_plane + base;
     acc_t a, b, c, d;
     if constexpr (Vec) {
       const Pair<scalar_t> top = *reinterpret_cast<const Pair<scalar_t>*>(r0);
@@ -66,34 +68,36 @@ __global__ void max_pool2d_2x2_kernel(const scalar_t* __restrict__ x, scalar_t* 
 // pass it nothing, whatever their index says. Each window's index is checked on the device by the
 // thread of the window's first real pixel (an index that is no pixel of its window would
 // otherwise be dropped silently): no host synchronisation, so CUDA graphs can capture it.
-template <typename scalar_t>
+template <typename scalar_t, typename index_t>
 __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ grad_output,
                                            const int64_t* __restrict__ indices, scalar_t* __restrict__ grad_input,
-                                           int64_t total, Window2d g) {
+                                           index_t total, Window2d g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t reach_h = dilated_extent(g.kernel_h, g.dilation_h);
-  const int64_t reach_w = dilated_extent(g.kernel_w, g.dilation_w);
-  for (int64_t t = grid_start(); t < total; t += grid_step()) {
-    const int64_t w = t % g.width;
-    const int64_t h = (t / g.width) % g.height;
-    const int64_t offset = (t / g.in_plane()) * g.out_plane();
+  const index_t H = g.height, W = g.width, OH = g.out_height, OW = g.out_width;
+  const index_t sh = g.stride_h, sw = g.stride_w, ph = g.pad_h, pw = g.pad_w, dh = g.dilation_h, dw = g.dilation_w;
+  const index_t reach_h = dilated_extent(g.kernel_h, g.dilation_h);
+  const index_t reach_w = dilated_extent(g.kernel_w, g.dilation_w);
+  for (index_t t = grid_start<index_t>(); t < total; t += grid_step<index_t>()) {
+    const index_t w = t % W;
+    const index_t h = t / W % H;
+    const index_t offset = t / (H * W) * (OH * OW);
     // Window i starts at i·s − pad and spans `reach` pixels: it reaches h iff
     // i·s − pad ≤ h ≤ i·s − pad + reach − 1.
-    const int64_t i0 = h + g.pad_h < reach_h ? 0 : (h + g.pad_h - reach_h) / g.stride_h + 1;
-    const int64_t i1 = std::min((h + g.pad_h) / g.stride_h + 1, g.out_height);
-    const int64_t j0 = w + g.pad_w < reach_w ? 0 : (w + g.pad_w - reach_w) / g.stride_w + 1;
-    const int64_t j1 = std::min((w + g.pad_w) / g.stride_w + 1, g.out_width);
-    const int64_t me = h * g.width + w;
+    const index_t i0 = h + ph < reach_h ? 0 : (h + ph - reach_h) / sh + 1;
+    const index_t i1 = std::min<index_t>((h + ph) / sh + 1, OH);
+    const index_t j0 = w + pw < reach_w ? 0 : (w + pw - reach_w) / sw + 1;
+    const index_t j1 = std::min<index_t>((w + pw) / sw + 1, OW);
+    const int64_t me = h * W + w;
     acc_t sum = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      if ((h + g.pad_h - i * g.stride_h) % g.dilation_h != 0) {
+    for (index_t i = i0; i < i1; ++i) {
+      if ((h + ph - i * sh) % dh != 0) {
         continue;
       }
-      for (int64_t j = j0; j < j1; ++j) {
-        if ((w + g.pad_w - j * g.stride_w) % g.dilation_w != 0) {
+      for (index_t j = j0; j < j1; ++j) {
+        if ((w + pw - j * sw) % dw != 0) {
           continue;
         }
-        const int64_t o = offset + i * g.out_width + j;
+        const index_t o = offset + i * OW + j;
         const int64_t index = indices[o];
         const PoolWindow win = pool_window(g, i, j);
         if (h == win.h0 && w == win.w0) {
@@ -126,16 +130,20 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_cuda(
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
     const unsigned int blocks = blocks_for(total);
-    if (is_pool_2x2_stride_2(g)) {
-      const bool aligned = g.width % 2 == 0 && reinterpret_cast<uintptr_t>(x) % (2 * sizeof(scalar_t)) == 0;
-      if (aligned) {
-        launch(max_pool2d_2x2_kernel<scalar_t, true>, blocks, kThreads, x, y, idx, total, g);
+    with_index_type(grid_fits_int32(g, total, {input.numel()}), [&](auto i) {
+      using index_t = decltype(i);
+      const auto n = static_cast<index_t>(total);
+      if (is_pool_2x2_stride_2(g)) {
+        const bool aligned = g.width % 2 == 0 && reinterpret_cast<uintptr_t>(x) % (2 * sizeof(scalar_t)) == 0;
+        if (aligned) {
+          launch(max_pool2d_2x2_kernel<scalar_t, index_t, true>, blocks, kThreads, x, y, idx, n, g);
+        } else {
+          launch(max_pool2d_2x2_kernel<scalar_t, index_t, false>, blocks, kThreads, x, y, idx, n, g);
+        }
       } else {
-        launch(max_pool2d_2x2_kernel<scalar_t, false>, blocks, kThreads, x, y, idx, total, g);
+        launch(max_pool2d_kernel<scalar_t, index_t>, blocks, kThreads, x, y, idx, n, g);
       }
-    } else {
-      launch(max_pool2d_kernel<scalar_t>, blocks, kThreads, x, y, idx, total, g);
-    }
+    });
   });
   return {output.contiguous(input_.suggest_memory_format()), indices.contiguous(input_.suggest_memory_format())};
 }
@@ -157,8 +165,12 @@ at::Tensor max_pool2d_backward_cuda(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "torchcnn::max_pool2d_backward_cuda", [&] {
-    launch(max_pool2d_backward_kernel<scalar_t>, blocks_for(total), kThreads, grad_output.const_data_ptr<scalar_t>(),
-           indices.const_data_ptr<int64_t>(), grad_input.mutable_data_ptr<scalar_t>(), total, g);
+    with_index_type(grid_fits_int32(g, total, {grad_output.numel()}), [&](auto i) {
+      using index_t = decltype(i);
+      launch(max_pool2d_backward_kernel<scalar_t, index_t>, blocks_for(total), kThreads,
+             grad_output.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
+             grad_input.mutable_data_ptr<scalar_t>(), static_cast<index_t>(total), g);
+    });
   });
   return grad_input.contiguous(input.suggest_memory_format());
 }
