@@ -71,7 +71,7 @@ class OpLaunches(TorchDispatchMode):
         route = None
         if name in ("conv2d", "conv2d_relu", "conv2d_relu_max_pool2d"):
             route = self.emulated._cuda_conv2d_route(*args[:2], *args[3:7])
-        elif name == "conv2d_backward_weight":  # on the forward's route: tiled, or through columns
+        elif name in ("conv2d_backward_input", "conv2d_backward_weight"):  # the forward's route: tiled, or columns
             route = self.emulated._cuda_conv2d_route(*args[1:7])
         before = self.emulated._emulated_launches()
         out = func(*args, **kwargs)
@@ -111,8 +111,9 @@ def nbytes(value) -> int:
 
 def conv_cost(op: str, args, route: str | None) -> tuple[float, int]:
     """FLOPs and the bytes of one convolution op's intermediate buffers, written and read back: the
-    column buffers of ∂X (GEMM, then col2im) always, and of ∂W (im2col, then per-image products
-    summed) unless it takes the tiled kernel; on the forward's GEMM route its columns, and Y (the
+    column buffers of ∂X (GEMM, then col2im) unless it takes the tiled kernel (stride 1, padding at
+    most d·(KH−1)), and of ∂W (im2col, then per-image products summed) unless it takes the tiled
+    kernel; on the forward's GEMM route its columns, and Y (the
     bias copied in, read and written by the GEMM, read by the ReLU/pool kernel); a pointwise conv
     (1×1, stride 1, unpadded) reads its input as columns."""
     if op.startswith("conv2d_backward"):
@@ -130,7 +131,12 @@ def conv_cost(op: str, args, route: str | None) -> tuple[float, int]:
     pointwise = taps == 1 and list(stride) == [1, 1] and list(padding) == [0, 0]
     columns = 0 if pointwise else n * c * taps * plane * 4  # float32 columns, written and read back
     if op == "conv2d_backward_input":
-        return flops, 2 * columns
+        dilation = args[5]
+        # A convolution of ∂Y with the filters turned around: no columns (the turned filters, a
+        # few KB, left out).
+        tiled = route in ("tiled", "tiled64") and list(stride) == [1, 1] and all(
+            padding[i] <= dilation[i] * (w.shape[2 + i] - 1) for i in range(2))
+        return flops, 0 if tiled else 2 * columns
     if op == "conv2d_backward_weight":
         if route in ("tiled", "tiled64"):  # no columns; its slices' partial sums (a few MB) left out
             return flops, 0
@@ -151,6 +157,10 @@ def step_profile(batch: int, route: str) -> dict:
     loss_fn = loss_function("torchcnn")
     images, labels = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     previous = emulated._cuda_conv2d_force_route(route)
+    # TF32 off: the emulator rounds a GEMM's operands to TF32 with a dozen ATen ops, which a GPU does
+    # inside the GEMM. With it off each GEMM counts as the one launch it is.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     try:
         with torchcnn.testing.emulated_cuda():
             loss_fn(model(images), labels).backward()  # warm-up: first-call work out of the count
@@ -160,6 +170,7 @@ def step_profile(batch: int, route: str) -> dict:
                 loss_fn(model(images), labels).backward()
     finally:
         emulated._cuda_conv2d_force_route(previous)
+        torch.backends.cudnn.allow_tf32 = tf32
     aten = Counter(f"{e.name} ({owner(e)})" for e in prof.events() if launches_kernel(e))
     ours = sum(c["launches"] for c in recorder.calls)
     ops = []

@@ -30,9 +30,10 @@ def _pools(y, ceil_mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sample", [s for s in conv2d_samples() if s.op_compatible and s.shape[0] > 0], ids=repr)
 def test_every_route_gives_torchs_results(request, device, route, dtype, sample):
-    """conv2d (and its ∂W), conv2d_relu and conv2d_relu_max_pool2d on one forced route (the direct
-    kernel only where each group has one input channel; elsewhere the rule decides)."""
+    """conv2d (and its ∂X and ∂W), conv2d_relu and conv2d_relu_max_pool2d on one forced route (the
+    direct kernel only where each group has one input channel; elsewhere the rule decides)."""
     x, w, b = make_conv(sample, device, dtype)
+    x.requires_grad_()
     w.requires_grad_()
     kwargs = sample.kwargs
     ops = cuda_ops(request)
@@ -42,23 +43,27 @@ def test_every_route_gives_torchs_results(request, device, route, dtype, sample)
             assert route_taken(ops, x, w, sample) == route
         y = F.conv2d(x, w, b, **kwargs)
         grad_y = torch.randn_like(y)
-        grad_w, = torch.autograd.grad(y, w, grad_y)  # the tiled route's ∂W is a kernel of its own
+        # The tiled route's ∂X (stride 1) and ∂W are kernels of their own.
+        grad_x, grad_w = torch.autograd.grad(y, (x, w), grad_y)
         y = y.detach()
+        x = x.detach()
         w = w.detach()
         a = F.conv2d_relu(x, w, b, **kwargs)
         pooled = {c: F.conv2d_relu_max_pool2d(x, w, b, **kwargs, ceil_mode=c, return_indices=True)
                   for c in (False, True) if _pools(y, c)}
         separate = {c: F.max_pool2d(F.relu(y), 2, ceil_mode=c, return_indices=True) for c in pooled}
+    x64 = x.double().requires_grad_()
     w64 = w.double().requires_grad_()
-    y64 = TF.conv2d(x.double(), w64, None if b is None else b.double(), **kwargs)
-    grad_w64, = torch.autograd.grad(y64, w64, grad_y.double())
+    y64 = TF.conv2d(x64, w64, None if b is None else b.double(), **kwargs)
+    grad_x64, grad_w64 = torch.autograd.grad(y64, (x64, w64), grad_y.double())
     y64 = y64.detach()
     tolerance = dict(TOLERANCE[dtype])  # sums of many terms: rounding at the scale of the largest
     tolerance["atol"] *= max(1.0, float(y64.abs().max()))
     torch.testing.assert_close(y.double(), y64, **tolerance)
-    tolerance_w = dict(TOLERANCE[dtype])
-    tolerance_w["atol"] *= max(1.0, float(grad_w64.abs().max()))
-    torch.testing.assert_close(grad_w.double(), grad_w64, **tolerance_w)
+    for grad, grad64 in ((grad_x, grad_x64), (grad_w, grad_w64)):
+        tolerance_grad = dict(TOLERANCE[dtype])
+        tolerance_grad["atol"] *= max(1.0, float(grad64.abs().max()))
+        torch.testing.assert_close(grad.double(), grad64, **tolerance_grad)
     torch.testing.assert_close(a, F.relu(y), rtol=0, atol=0)  # the same sums, rounded once
     for c, (out, indices) in pooled.items():
         # The fused pool scans the same rounded Y as the separate ops do: the same max and index.
@@ -74,6 +79,7 @@ def test_every_route_gives_torchs_results(request, device, route, dtype, sample)
 ], ids=repr)
 def test_the_tiled_kernels_with_64_bit_indices_give_the_same_results(request, device, sample):
     x, w, b = make_conv(sample, device, torch.float32)
+    x.requires_grad_()
     w.requires_grad_()
     ops = cuda_ops(request)
     results = []
@@ -81,16 +87,18 @@ def test_the_tiled_kernels_with_64_bit_indices_give_the_same_results(request, de
         with cuda_route(ops, "tiled", bits64):
             assert route_taken(ops, x, w, sample) == ("tiled64" if bits64 else "tiled")
             y = F.conv2d(x, w, b, **sample.kwargs)
-            grad_w, = torch.autograd.grad(y, w, torch.ones_like(y))
-            results.append((y, grad_w,
+            grad_x, grad_w = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+            results.append((y, grad_x, grad_w,
                             *F.conv2d_relu_max_pool2d(x, w, b, **sample.kwargs, ceil_mode=True, return_indices=True)))
     for got32, got64 in zip(*results):
         assert torch.equal(got32, got64)
+    x64 = x.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
-    y64 = TF.conv2d(x.double(), w64, b.double(), **sample.kwargs)
-    grad_w64, = torch.autograd.grad(y64, w64, torch.ones_like(y64))
+    y64 = TF.conv2d(x64, w64, b.double(), **sample.kwargs)
+    grad_x64, grad_w64 = torch.autograd.grad(y64, (x64, w64), torch.ones_like(y64))
     torch.testing.assert_close(results[0][0].double(), y64, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(results[0][1].double(), grad_w64, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(results[0][1].double(), grad_x64, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(results[0][2].double(), grad_w64, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("route", ["direct", "gemm"])

@@ -277,6 +277,11 @@ at::Tensor conv2d_backward_input_cuda(
   if (g.batch == 0) {
     return grad_input.contiguous(conv2d_memory_format(input_, weight_));
   }
+  namespace shared = TORCHCNN_CUDA_SHARED;
+  if (shared::forward_route(g, input_.scalar_type()) == shared::ForwardRoute::kTiled &&
+      shared::conv2d_tiled_grad_input(grad_output, weight_.contiguous(), g, grad_input)) {
+    return grad_input.contiguous(conv2d_memory_format(input_, weight_));
+  }
   // The columns are summed again by col2im, so they stay in the op-math type.
   const auto acc_options = grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type()));
   const int64_t chunk = chunk_images(g, column_bytes(g, acc_options.dtype().itemsize()));

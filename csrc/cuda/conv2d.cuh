@@ -34,6 +34,15 @@ void conv2d_tiled(const at::Tensor& input, const at::Tensor& weight, const std::
                   const Conv2dGeometry& g, TiledEpilogue epilogue, at::Tensor& out, at::Tensor* indices,
                   at::Tensor* passes, const Window2d* pool);
 
+// ∂L/∂X of a stride-1 convolution on the tiled kernel, into `grad_input` (contiguous NCHW): the
+// convolution of ∂L/∂Y with the filters turned around and their channels and outputs swapped per
+// group, ∂L/∂X[n, c, h, w] = Σ_k Σ_p Σ_q ∂L/∂Y[n, k, h + pad − p·d, w + pad − q·d] · W[k, c, p, q]
+// = (∂L/∂Y ⋆ W')[n, c, h, w] with W'[c, k, p, q] = W[k, c, KH−1−p, KW−1−q], padding d·(KH−1) − pad.
+// False, with nothing written, where that does not apply (a stride above 1, or padding beyond
+// d·(KH−1)): the caller takes the columns.
+bool conv2d_tiled_grad_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
+                             at::Tensor& grad_input);
+
 // ∂L/∂W of the convolution as one tiled product over the whole batch (conv2d_tiled.cu), in the
 // op-math type, (K, C/g · KH · KW): the backward of the forward's tiled route.
 at::Tensor conv2d_tiled_grad_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g);

@@ -55,6 +55,8 @@ struct TiledPlan {
   int64_t tiles_h, tiles_w, tiles_k;
   int64_t tiles;                    // N · groups · tiles_k · tiles_h · tiles_w
   int64_t shared_bytes;
+  // The filters are a forward's, read turned around: ∂L/∂X's convolution (conv2d_tiled_grad_input).
+  bool turned = false;
 };
 
 // Knobs for the tests (process-wide): a forward route forced wherever it applies, and 64-bit
@@ -156,7 +158,11 @@ __global__ void __launch_bounds__(kTiledThreads) conv2d_tiled_kernel(
         const index_t k = e % kTileK;
         const index_t c = e / (taps * kTileK);
         const index_t tap = e / kTileK % taps;
-        filters[e] = k < k_count ? static_cast<acc_t>(weight[((k0 + k) * cg + c0 + c) * taps + tap]) : acc_t(0);
+        // Turned: this convolution's input channel c0 + c is the forward's output channel and its
+        // output k0 + k the forward's input channel, in the same group; the taps run backwards.
+        const index_t from = plan.turned ? ((group * cg + c0 + c) * mg + k0 + k - group * mg) * taps + taps - 1 - tap
+                                         : ((k0 + k) * cg + c0 + c) * taps + tap;
+        filters[e] = k < k_count ? static_cast<acc_t>(weight[from]) : acc_t(0);
       }
       __syncthreads();
       for (index_t c = 0; c < chunk; ++c) {
@@ -356,9 +362,10 @@ bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
 
 template <TiledEpilogue epilogue>
 void launch_tiled(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
-                  int64_t* indices, bool* passes, const Conv2dGeometry& g, const Window2d& pool) {
+                  int64_t* indices, bool* passes, const Conv2dGeometry& g, const Window2d& pool, bool turned = false) {
   const auto acc_size = at::elementSize(at::toOpMathType(input.scalar_type()));
-  const TiledPlan plan = tiled_plan(g, acc_size, epilogue == TiledEpilogue::kReluMaxPool);
+  TiledPlan plan = tiled_plan(g, acc_size, epilogue == TiledEpilogue::kReluMaxPool);
+  plan.turned = turned;
   if (plan.tiles == 0) {
     return;
   }
@@ -446,6 +453,27 @@ void conv2d_tiled(const at::Tensor& input, const at::Tensor& weight, const std::
                                                 *pool);
       break;
   }
+}
+
+bool conv2d_tiled_grad_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
+                             at::Tensor& grad_input) {
+  const int64_t reach_h = g.dilation_h * (g.kernel_h - 1), reach_w = g.dilation_w * (g.kernel_w - 1);
+  if (g.stride_h != 1 || g.stride_w != 1 || g.pad_h > reach_h || g.pad_w > reach_w) {
+    return false;
+  }
+  Conv2dGeometry t = g;  // ∂L/∂Y (N, K, OH, OW) ⋆ W' → ∂L/∂X (N, C, H, W)
+  t.channels = g.out_channels;
+  t.height = g.out_height;
+  t.width = g.out_width;
+  t.pad_h = reach_h - g.pad_h;
+  t.pad_w = reach_w - g.pad_w;
+  t.out_channels = g.channels;
+  t.out_height = g.height;
+  t.out_width = g.width;
+  // W' is W read turned around by the kernel itself: no copy, no launch.
+  launch_tiled<TiledEpilogue::kNone>(grad_output.contiguous(), weight.contiguous(), at::Tensor(), grad_input, nullptr,
+                                     nullptr, t, t, /*turned=*/true);
+  return true;
 }
 
 at::Tensor conv2d_tiled_grad_weight(const at::Tensor& grad_output_, const at::Tensor& input_, const Conv2dGeometry& g) {
