@@ -60,6 +60,17 @@ class OpLaunches(TorchDispatchMode):
         self.emulated = emulated
         self.calls = []
 
+    def turned_route(self, grad_output, x, w, stride, padding, dilation, groups) -> str | None:
+        """The route of ∂X's own convolution (∂Y with the filters turned around), which a stride-1
+        convolution may take (csrc/cuda/conv2d_tiled.cu's conv2d_tiled_grad_input); None: columns."""
+        reach = [dilation[i] * (w.shape[2 + i] - 1) for i in range(2)]
+        if list(stride) != [1, 1] or any(padding[i] > reach[i] for i in range(2)):
+            return None
+        turned = w.new_empty(x.shape[1], w.shape[0] // groups, *w.shape[2:])
+        route = self.emulated._cuda_conv2d_route(grad_output, turned, [1, 1], [reach[0] - padding[0],
+                                                 reach[1] - padding[1]], dilation, groups)
+        return route if route.startswith("tiled") else None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace != "torchcnn":
@@ -71,8 +82,10 @@ class OpLaunches(TorchDispatchMode):
         route = None
         if name in ("conv2d", "conv2d_relu", "conv2d_relu_max_pool2d"):
             route = self.emulated._cuda_conv2d_route(*args[:2], *args[3:7])
-        elif name in ("conv2d_backward_input", "conv2d_backward_weight"):  # the forward's route: tiled, or columns
+        elif name == "conv2d_backward_weight":  # the forward's route: tiled, or columns
             route = self.emulated._cuda_conv2d_route(*args[1:7])
+        elif name == "conv2d_backward_input":
+            route = self.turned_route(*args)
         before = self.emulated._emulated_launches()
         out = func(*args, **kwargs)
         launched = self.emulated._emulated_launches() - before
@@ -130,13 +143,8 @@ def conv_cost(op: str, args, route: str | None) -> tuple[float, int]:
     stride, padding = args[3], args[4]
     pointwise = taps == 1 and list(stride) == [1, 1] and list(padding) == [0, 0]
     columns = 0 if pointwise else n * c * taps * plane * 4  # float32 columns, written and read back
-    if op == "conv2d_backward_input":
-        dilation = args[5]
-        # A convolution of ∂Y with the filters turned around: no columns (the turned filters, a
-        # few KB, left out).
-        tiled = route in ("tiled", "tiled64") and list(stride) == [1, 1] and all(
-            padding[i] <= dilation[i] * (w.shape[2 + i] - 1) for i in range(2))
-        return flops, 0 if tiled else 2 * columns
+    if op == "conv2d_backward_input":  # tiled: a convolution of ∂Y, no columns
+        return flops, 0 if route in ("tiled", "tiled64") else 2 * columns
     if op == "conv2d_backward_weight":
         if route in ("tiled", "tiled64"):  # no columns; its slices' partial sums (a few MB) left out
             return flops, 0

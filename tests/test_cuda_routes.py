@@ -159,6 +159,30 @@ def test_the_rule_sends_thin_products_to_the_tiled_kernel(request, device, shape
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("weight_shape, padding, stride, tiled", [
+    ((32, 16, 3, 3), 1, 1, True),    # ∂X's own convolution: 32 · 3 · 3 = 288 deep
+    ((64, 32, 3, 3), 1, 1, False),   # the MNIST conv2's ∂X: 64 · 3 · 3 = 576, past the rule's 512
+    ((32, 16, 3, 3), 1, 2, False),   # strided: columns
+    ((32, 16, 3, 3), 3, 1, False),   # padding beyond d·(KH − 1): columns
+])
+def test_dx_takes_the_tiled_kernel_by_the_rule_on_its_own_convolution(request, device, weight_shape, padding,
+                                                                      stride, tiled):
+    cuda_ops(request)  # the CUDA kernels loaded
+    x = torch.randn(2, weight_shape[1], 12, 12, device=device, requires_grad=True)
+    w = torch.randn(weight_shape, device=device)
+    y = F.conv2d(x, w, None, stride=stride, padding=padding)
+    grad_y = torch.randn_like(y)
+    with torch.profiler.profile() as prof:
+        grad_x, = torch.autograd.grad(y, x, grad_y)
+    # The columns route: cuBLAS (aten's bmm in the emulator) and col2im's kernel (on a GPU).
+    through_columns = any("col2im_kernel" in e.name or "bmm" in e.name for e in prof.events())
+    assert through_columns != tiled
+    x64 = x.detach().double().requires_grad_()
+    expected, = torch.autograd.grad(TF.conv2d(x64, w.double(), None, stride=stride, padding=padding), x64,
+                                    grad_y.double())
+    torch.testing.assert_close(grad_x.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
 def test_forcing_an_unknown_route_is_refused(request, device):
     ops = cuda_ops(request)
     with pytest.raises(ValueError, match="expected name to be 'direct', 'tiled', 'gemm' or ''"):
@@ -207,8 +231,8 @@ def test_float32_gemms_follow_cudnns_tf32_flag(request, device, allow_tf32):
         else:
             torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5 * scale)
     if allow_tf32 and request.node.callspec.params["device"] == "emulated":
-        # The emulator rounds as a tensor core does, so its result is the exact product of the
-        # rounded operands, and visibly not the float32 one.
+        # The emulator rounds the operands to TF32 (to nearest even), so its result is the exact
+        # product of the rounded operands, and visibly not the float32 one.
         for g, r, e in zip(got, reference(tf32_rounded), exact):
             scale = max(1.0, float(e.abs().max()))
             torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * scale)

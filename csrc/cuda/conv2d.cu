@@ -9,6 +9,7 @@
 //   cols[n, (c, p, q), (i, j)] = X[n, c, i·s + p·d − pad, j·s + q·d − pad]   (0 outside the image)
 // and the design notes' sums become three batched products of the same matrices, per group:
 //   Y_n = W · cols_n (+ b),    ∂L/∂cols_n = Wᵀ · ∂L/∂Y_n (then col2im),    ∂L/∂W = Σ_n ∂L/∂Y_n · cols_nᵀ.
+// (∂X of a stride-1 convolution and ∂W of a tiled one skip the columns: conv2d_tiled.cu.)
 // The chunks are as large as half the GPU's L2 cache allows, so that the columns im2col writes are
 // still in L2 when the GEMM reads them, instead of a round trip through device memory (the 32→64
 // MNIST conv's columns are 58 MB at batch 256 in float32; an H100's L2 is 50 MB).
@@ -174,7 +175,7 @@ at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t b, const Conv2dG
   return cols;
 }
 
-// The same (M/g × K/g) matrix for every image of a chunk, as a stride-0 batch for at::bmm.
+// The same (M/g × K/g) matrix for every image of a chunk, as a stride-0 batch.
 at::Tensor batched(const at::Tensor& matrix, int64_t b) {
   return matrix.unsqueeze(0).expand({b, matrix.size(0), matrix.size(1)});
 }
@@ -277,9 +278,7 @@ at::Tensor conv2d_backward_input_cuda(
   if (g.batch == 0) {
     return grad_input.contiguous(conv2d_memory_format(input_, weight_));
   }
-  namespace shared = TORCHCNN_CUDA_SHARED;
-  if (shared::forward_route(g, input_.scalar_type()) == shared::ForwardRoute::kTiled &&
-      shared::conv2d_tiled_grad_input(grad_output, weight_.contiguous(), g, grad_input)) {
+  if (TORCHCNN_CUDA_SHARED::conv2d_tiled_grad_input(grad_output, weight_.contiguous(), g, grad_input)) {
     return grad_input.contiguous(conv2d_memory_format(input_, weight_));
   }
   // The columns are summed again by col2im, so they stay in the op-math type.

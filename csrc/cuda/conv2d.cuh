@@ -16,7 +16,8 @@ namespace torchcnn::TORCHCNN_CUDA_SHARED {
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const Conv2dGeometry& g);
 
-// How the forward computes Y (conv2d_tiled.cu's forward_route is the rule):
+// How the forward computes Y (conv2d_tiled.cu's forward_route is the rule; ∂W follows the forward's
+// route, and ∂X of a stride-1 convolution its turned convolution's):
 // - kDirect: a thread per output (conv2d.cu), for one input channel per group;
 // - kTiled: conv2d_tiled.cu's kernel, the ReLU and the pool in its epilogue;
 // - kGemm: im2col and cuBLAS (conv2d.cu).
@@ -35,11 +36,13 @@ void conv2d_tiled(const at::Tensor& input, const at::Tensor& weight, const std::
                   at::Tensor* passes, const Window2d* pool);
 
 // ∂L/∂X of a stride-1 convolution on the tiled kernel, into `grad_input` (contiguous NCHW): the
-// convolution of ∂L/∂Y with the filters turned around and their channels and outputs swapped per
-// group, ∂L/∂X[n, c, h, w] = Σ_k Σ_p Σ_q ∂L/∂Y[n, k, h + pad − p·d, w + pad − q·d] · W[k, c, p, q]
-// = (∂L/∂Y ⋆ W')[n, c, h, w] with W'[c, k, p, q] = W[k, c, KH−1−p, KW−1−q], padding d·(KH−1) − pad.
-// False, with nothing written, where that does not apply (a stride above 1, or padding beyond
-// d·(KH−1)): the caller takes the columns.
+// convolution of ∂L/∂Y with the filters turned around, their channels and outputs swapped within
+// each group. For c in group γ (c' = c − γ·C/g its place there):
+//   ∂L/∂X[n, c, h, w] = Σ_{k in γ} Σ_p Σ_q ∂L/∂Y[n, k, h + pad − p·d, w + pad − q·d] · W[k, c', p, q]
+//                     = (∂L/∂Y ⋆ W')[n, c, h, w],   W'[c, k − γ·K/g, p, q] = W[k, c', KH−1−p, KW−1−q],
+// with padding d·(KH−1) − pad. False, with nothing written, where that does not apply: a stride
+// above 1, padding beyond d·(KH−1), or a convolution forward_route sends elsewhere (judged on its
+// own depth, K/g·KH·KW); the caller takes the columns.
 bool conv2d_tiled_grad_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
                              at::Tensor& grad_input);
 

@@ -12,6 +12,10 @@
 // from shared memory feeds 4 or 8 products. Sums are in at::opmath_type (float for half types) and
 // rounded to the input's dtype once, as the GEMM route's are.
 //
+// The same kernel computes ∂X of a stride-1 convolution, as the convolution of ∂Y with the
+// filters turned around (conv2d_tiled_grad_input; it reads the forward's filters that way as it
+// stages them). ∂W has a kernel of its own below.
+//
 // The epilogue: conv2d writes Y; conv2d_relu writes relu(Y) and where the gradient passes;
 // conv2d_relu_max_pool2d writes the rounded Y of the tile back to shared memory and pools relu(Y)
 // there (max_pool2d_window.h's scan, exactly as the separate ops do), writing the max, its index in
@@ -354,7 +358,8 @@ __global__ void __launch_bounds__(kWeightThreads) conv2d_tiled_grad_weight_kerne
   }
 }
 
-// The forward's: its tensors (Y's size before any pool) and the tile counter of its grid-stride loop.
+// Its tensors (Y's size before any pool) and the tile counter of its grid-stride loop: a forward's,
+// or ∂X's turned convolution's.
 bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
   return TORCHCNN_CUDA_SHARED::fits_int32(g, {g.batch * g.channels * g.in_plane(), g.out_channels * g.group_kernel_size(),
                                               g.batch * g.out_channels * g.out_plane(), plan.tiles + max_blocks()});
@@ -408,7 +413,8 @@ bool fits_int32(const Window2d& g, std::initializer_list<int64_t> counts) {
   return !force_64bit.load() &&
       std::all_of(counts.begin(), counts.end(), [&](int64_t count) { return count <= limit; }) &&
       g.height + 2 * g.pad_h <= limit && g.width + 2 * g.pad_w <= limit && g.stride_h <= limit &&
-      g.stride_w <= limit && g.dilation_h <= limit && g.dilation_w <= limit;
+      g.stride_w <= limit && g.dilation_h <= limit && g.dilation_w <= limit &&
+      dilated_extent(g.kernel_h, g.dilation_h) <= limit && dilated_extent(g.kernel_w, g.dilation_w) <= limit;
 }
 
 ForwardRoute forward_route(const Conv2dGeometry& g, at::ScalarType dtype) {
@@ -470,6 +476,10 @@ bool conv2d_tiled_grad_input(const at::Tensor& grad_output, const at::Tensor& we
   t.out_channels = g.channels;
   t.out_height = g.height;
   t.out_width = g.width;
+  // The same rule as every forward, on this convolution's own depth (K/g · KH · KW) and outputs.
+  if (forward_route(t, grad_output.scalar_type()) != ForwardRoute::kTiled) {
+    return false;
+  }
   // W' is W read turned around by the kernel itself: no copy, no launch.
   launch_tiled<TiledEpilogue::kNone>(grad_output.contiguous(), weight.contiguous(), at::Tensor(), grad_input, nullptr,
                                      nullptr, t, t, /*turned=*/true);

@@ -95,13 +95,15 @@ inline void bmm_out_dtype(at::Tensor& out, const at::Tensor& a, const at::Tensor
   out.copy_(at::bmm(a.to(out.scalar_type()), b.to(out.scalar_type())));
 }
 
-// float32 rounded to TF32 (8-bit exponent, 10-bit mantissa), to nearest, ties to even: what a
-// tensor core multiplies. Infinities and NaNs pass unchanged.
+// float32 rounded to TF32 (8-bit exponent, 10-bit mantissa), to nearest, ties to even: about what
+// a tensor core multiplies (a GPU's conversion may break ties away from zero, or truncate).
+// Infinities and NaNs pass unchanged.
 inline at::Tensor tf32_rounded(const at::Tensor& x) {
-  const auto bits = x.contiguous().view(at::kInt);
+  const auto finite = x.isfinite();
+  const auto bits = at::where(finite, x, 0.0f).contiguous().view(at::kInt);  // no overflow below
   const auto lowest_kept = bits.bitwise_right_shift(13).bitwise_and(1);
   const auto rounded = (bits + 0xFFF + lowest_kept).bitwise_and(~0x1FFF).view(at::kFloat);
-  return at::where(x.isfinite(), rounded, x);
+  return at::where(finite, rounded, x);
 }
 
 inline void bmm_float(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate, bool tf32) {
@@ -156,7 +158,7 @@ struct BlasOperand {
 
 // x (batch, rows, cols): rows of unit stride are x's transpose stored column-major (no op);
 // columns of unit stride are x itself column-major (transposed by cuBLAS). `x` is made contiguous
-// when it is neither.
+// when it is neither (no caller's operand is: a stride-0 batch would be copied out in full).
 inline BlasOperand blas_operand(at::Tensor& x) {
   const int64_t rows = x.size(1), cols = x.size(2);
   if (x.stride(2) != 1 && cols != 1 && x.stride(1) != 1 && rows != 1) {
@@ -202,8 +204,8 @@ void launch(void (*kernel)(Params...), unsigned int blocks, unsigned int threads
   launch_shared(kernel, blocks, threads, 0, std::forward<Args>(args)...);
 }
 
-// A 1-D grid of kThreads-thread blocks covering `total` work items with grid-stride loops over
-// int64 indices: any size is covered by any grid (no 65535-block limit in y/z, no int32 overflow).
+// A 1-D grid of kThreads-thread blocks covering `total` work items with grid-stride loops: any size
+// is covered by any grid (no 65535-block limit in y/z; the loop's index type by grid_fits_int32).
 inline unsigned int blocks_for(int64_t total) {
   const int64_t wanted = (total + kThreads - 1) / kThreads;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, max_blocks())));
