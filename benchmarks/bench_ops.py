@@ -182,8 +182,8 @@ def run(device: str, batches: list[int], min_run_time: float, rounds: int = 5, o
 
 def set_tf32(mode: str) -> None:
     """float32 precision on the GPU: "off" (both libraries' products in full float32, a
-    like-for-like comparison), "on" (TF32 for both), or "torch" (torch's defaults: TF32 for cuDNN's
-    convolutions, not for cuBLAS's matmuls, which torchcnn's convolutions use)."""
+    like-for-like comparison), "on" (TF32 allowed for both), or "torch" (torch's defaults: TF32
+    allowed for convolutions, which torchcnn's GEMM route follows too, not for matmuls)."""
     torch.backends.cudnn.allow_tf32 = mode in ("on", "torch")
     torch.backends.cuda.matmul.allow_tf32 = mode == "on"
 
@@ -228,7 +228,7 @@ def setup(description: str, batch_sizes: bool = True, more_arguments=None) -> ar
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--tf32", nargs="?", const="on", default="off", choices=["off", "on", "torch"],
                         help="TF32 for float32 on the GPU: off for both (default, a like-for-like comparison), on "
-                             "for both (--tf32), or torch's defaults (--tf32 torch: cuDNN yes, cuBLAS no)")
+                             "for both (--tf32), or torch's defaults (--tf32 torch: convolutions yes, matmuls no)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     capability.add_argument(parser)
     if more_arguments:

@@ -88,7 +88,7 @@ def test_the_tiled_kernels_with_64_bit_indices_give_the_same_results(request, de
             assert route_taken(ops, x, w, sample) == ("tiled64" if bits64 else "tiled")
             y = F.conv2d(x, w, b, **sample.kwargs)
             grad_x, grad_w = torch.autograd.grad(y, (x, w), torch.ones_like(y))
-            results.append((y, grad_x, grad_w,
+            results.append((y, grad_x, grad_w, F.conv2d_relu(x, w, b, **sample.kwargs),
                             *F.conv2d_relu_max_pool2d(x, w, b, **sample.kwargs, ceil_mode=True, return_indices=True)))
     for got32, got64 in zip(*results):
         assert torch.equal(got32, got64)
