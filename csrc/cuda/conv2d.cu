@@ -272,13 +272,14 @@ at::Tensor conv2d_backward_input_cuda(
   const auto g = conv2d_backward_geometry(op, grad_output_, input_, weight_, stride, padding, dilation, groups);
   const DeviceGuard guard(input_.device());
   const auto grad_output = grad_output_.contiguous();
+  const auto weight = weight_.contiguous();  // once: a channels-last weight is copied here
   const int64_t mg = g.out_channels_per_group(), kg = g.group_kernel_size();
-  const auto w = weight_.contiguous().view({g.out_channels, kg});
+  const auto w = weight.view({g.out_channels, kg});
   auto grad_input = at::empty({g.batch, g.channels, g.height, g.width}, input_.options());
   if (g.batch == 0) {
     return grad_input.contiguous(conv2d_memory_format(input_, weight_));
   }
-  if (TORCHCNN_CUDA_SHARED::conv2d_tiled_grad_input(grad_output, weight_.contiguous(), g, grad_input)) {
+  if (TORCHCNN_CUDA_SHARED::conv2d_tiled_grad_input(grad_output, weight, g, grad_input)) {
     return grad_input.contiguous(conv2d_memory_format(input_, weight_));
   }
   // The columns are summed again by col2im, so they stay in the op-math type.

@@ -361,7 +361,8 @@ __global__ void __launch_bounds__(kWeightThreads) conv2d_tiled_grad_weight_kerne
 // Its tensors (Y's size before any pool) and the tile counter of its grid-stride loop: a forward's,
 // or ∂X's turned convolution's.
 bool tiled_fits_int32(const Conv2dGeometry& g, const TiledPlan& plan) {
-  return TORCHCNN_CUDA_SHARED::fits_int32(g, {g.batch * g.channels * g.in_plane(), g.out_channels * g.group_kernel_size(),
+  return TORCHCNN_CUDA_SHARED::fits_int32(g, {g.batch * g.channels * g.in_plane(),
+                                              g.out_channels * g.group_kernel_size(),
                                               g.batch * g.out_channels * g.out_plane(), plan.tiles + max_blocks()});
 }
 

@@ -18,8 +18,8 @@
 //   DeviceGuard                               c10::cuda::CUDAGuard | nothing to switch
 //   bmm_out_dtype(out, a, b)                  at::bmm_out with out_dtype (CUDA only in ATen) |
 //                                             at::bmm on inputs converted to out's dtype
-//   bmm_float(out, a, b, accumulate, tf32)    a float32 batched GEMM in cuBLAS, on tensor cores
-//                                             (TF32) exactly when `tf32` | at::bmm, on inputs
+//   bmm_float(out, a, b, accumulate, tf32)    a float32 batched GEMM in cuBLAS, allowed TF32 on
+//                                             tensor cores exactly when `tf32` | at::bmm, on inputs
 //                                             rounded to TF32's 10-bit mantissa when `tf32`
 //   KERNEL_CHECK_INDEX(cond, msg)             a device-side assert (no host synchronisation;
 //                                             reported at the next one, as torch's own index checks) |
