@@ -77,3 +77,32 @@ def test_compile_inductor_with_dynamic_batch():
     for batch in (2, 5):
         x = torch.randn(batch, 1, 12, 12)
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_compile_inductor_where_the_environment_says_ci(built, tmp_path):
+    """With ``CI`` set (GitHub Actions sets it) inductor refuses an implicit fallback to an op that
+    has a decomposition; torchcnn's ops (decomposed for ONNX) are registered as its fallbacks when
+    inductor loads, and importing torchcnn does not load inductor. A fresh process and a cold cache,
+    so that nothing registered or compiled before decides it."""
+    import os
+    import subprocess
+    import sys
+
+    script = """if True:
+        import sys
+        import torch
+        import torchcnn
+        assert "torch._inductor.lowering" not in sys.modules, "import torchcnn imported inductor"
+        sys.path.insert(0, sys.argv[1])
+        from test_compile import _mnist_model
+        model = _mnist_model(torchcnn.nn)
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        for batch in (2, 5):
+            x = torch.randn(batch, 1, 12, 12)
+            torch.testing.assert_close(compiled(x), model(x))
+        print("compiled")
+    """
+    env = {**os.environ, "CI": "true", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}
+    result = subprocess.run([sys.executable, "-c", script, os.path.dirname(os.path.abspath(__file__))],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -15,9 +15,20 @@ graph) keeps saying it cannot translate them.
 and so do ``torch.compile``'s backends. FakeTensorMode is the one other reader: with symbolic
 shapes it prefers a decomposition to an op's fake kernel. There the fake kernel answers, so that
 tracing sees the op's own output layouts whichever way it traces.
+
+Inductor reads the table too, in one place: with the environment variable ``CI`` set (GitHub
+Actions and most CI services set it), it refuses to fall back to an op's kernel when the op has a
+decomposition, the guard of PyTorch's own CI. So each decomposed op is registered with inductor as
+a fallback, the kernel it would choose anyway, when inductor's lowerings are first imported:
+``import torchcnn`` does not import inductor.
 """
 
 from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 
 import torch
 from torch._decomp import register_decomposition
@@ -27,6 +38,7 @@ from .schemas import (_conv2d_fake, _conv2d_relu_fake, _conv2d_relu_max_pool2d_f
                       ops)
 
 aten = torch.ops.aten
+_DECOMPOSED: list[torch._ops.OpOverload] = []  # the ops given a decomposition below
 
 
 def _decomposing() -> bool:
@@ -51,6 +63,7 @@ def _decomposition(op, fake):
         decompose.__name__ = decompose.__qualname__ = function.__name__
         decompose.__doc__ = function.__doc__
         register_decomposition(op)(decompose)
+        _DECOMPOSED.append(op)
         return function
 
     return register
@@ -99,3 +112,51 @@ def conv2d_relu_max_pool2d(input, weight, bias=None, stride=(1, 1), padding=(0, 
     planes = aten.flatten.using_ints(z, 2)
     at_max = aten.gather.default(planes, 2, aten.flatten.using_ints(indices, 2))
     return pooled, indices, aten.view.default(_passes(at_max), list(pooled.shape))
+
+
+def _register_inductor_fallbacks(lowering) -> None:
+    """Make each decomposed op a fallback of inductor's (its kernel runs in compiled code) with the
+    layout constraint inductor would give it implicitly, without the ``CI`` guard that an implicit
+    fallback of an op with a decomposition meets. ``lowering`` is ``torch._inductor.lowering``."""
+    from torch._library.utils import get_layout_constraint_tag
+
+    for op in _DECOMPOSED:
+        if op not in lowering.lowerings:
+            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+
+
+def _when_imported(lowering) -> None:
+    try:
+        _register_inductor_fallbacks(lowering)
+    except Exception as e:  # another torch's inductor: its implicit fallbacks still work where CI is unset
+        warnings.warn(f"torchcnn could not register its ops as inductor fallbacks ({e!r}); torch.compile may "
+                      "refuse them where the environment variable CI is set", stacklevel=2)
+
+
+class _InductorLowerings(importlib.abc.MetaPathFinder):
+    """Finds ``torch._inductor.lowering`` once, the first time it is imported, and has its loader
+    call :func:`_when_imported` after the module has run. Every other import passes by."""
+
+    NAME = "torch._inductor.lowering"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.NAME:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                _when_imported(module)
+
+            spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if _InductorLowerings.NAME in sys.modules:
+    _when_imported(sys.modules[_InductorLowerings.NAME])
+else:
+    sys.meta_path.insert(0, _InductorLowerings())
