@@ -72,10 +72,14 @@ def max_pool2d_op_params(kwargs) -> list:
 CPU_STRATEGY_SAMPLES = [
     (Sample((3, 16, 4, 4), {"stride": 2, "padding": 1}, (24, 16, 3, 3)), "gemm_batched"),  # a 2×2 output plane
     (Sample((3, 16, 7, 7), {"stride": 2}, (24, 16, 1, 1), bias=False), "gemm_batched"),  # 1×1 stride-2 downsample
-    (Sample((1, 2, 33, 33), {"padding": 1}, (3, 2, 3, 3)), "gemm_per_image"),  # a plane of ≥ 1,024 pixels
+    (Sample((1, 2, 65, 65), {"stride": 2, "padding": 1}, (3, 2, 3, 3)), "gemm_per_image"),  # a plane of ≥ 1,024 pixels
     (Sample((2, 16, 9, 10), {"padding": 1, "groups": 16}, (32, 1, 3, 3)), "depthwise"),  # multiplier 2
-    (Sample((11, 16, 11, 9), {"padding": 1}, (24, 16, 3, 3)), "winograd"),  # odd output: partial tiles
-    (Sample((20, 8, 6, 7), {"padding": 2}, (8, 8, 3, 3)), "winograd"),  # padding 2: ∂X with no padding
+    (Sample((11, 24, 11, 9), {"padding": 1}, (24, 24, 3, 3)), "winograd"),  # odd output: partial tiles
+    (Sample((20, 24, 6, 7), {"padding": 2}, (8, 24, 3, 3)), "winograd"),  # padding 2: ∂X with no padding
+    (Sample((3, 6, 9, 11), {"padding": 2}, (10, 6, 5, 5)), "direct"),  # a 5×5 filter
+    (Sample((2, 8, 7, 21), {"padding": (1, 2), "dilation": (1, 2), "groups": 2}, (6, 4, 3, 3)), "direct"),  # grouped
+    (Sample((2, 3, 5, 40), {}, (5, 3, 3, 1)), "direct"),  # few channels, 3×1 taps
+    (Sample((2, 5, 14, 14), {"padding": 3}, (6, 5, 7, 7)), "direct"),  # 7×7 on 14 columns: vectors along rows
     # Few tiles, many channels: forced to Winograd, ∂W goes over the whole batch at once.
     (Sample((2, 32, 2, 3), {"padding": 1}, (40, 32, 3, 3)), "gemm_batched"),
 ]

@@ -38,7 +38,7 @@ def test_the_rule_picks_the_intended_strategy(sample, expected):
 
 @pytest.mark.parametrize("shape,weight,kwargs,expected", [
     ((64, 1, 28, 28), (32, 1, 3, 3), {}, "gemm_batched"),  # the MNIST model's first layer: 288 filter values
-    ((32, 1, 28, 28), (8, 1, 3, 3), {"padding": 1}, "depthwise"),  # one channel, 72 filter values: direct
+    ((32, 1, 28, 28), (8, 1, 3, 3), {"padding": 1}, "depthwise"),  # one channel, 72 filter values
     ((128, 1, 28, 28), (16, 1, 5, 5), {"padding": 2}, "gemm_batched"),  # a Fashion-MNIST model's first layer
     ((8, 128, 15, 15), (16, 128, 1, 1), {}, "gemm_per_image"),  # SqueezeNet's squeeze: pointwise, no columns
     ((32, 256, 8, 8), (64, 256, 1, 1), {}, "gemm_per_image"),  # a bottleneck's pointwise at 8×8
@@ -50,10 +50,18 @@ def test_the_rule_picks_the_intended_strategy(sample, expected):
     ((16, 512, 2, 2), (512, 512, 3, 3), {"padding": 1}, "gemm_batched"),  # layer4 at 64×64: 64 pixels
     ((32, 64, 32, 32), (128, 64, 3, 3), {"stride": 2, "padding": 1}, "gemm_batched"),  # 16×16 plane
     ((16, 3, 64, 64), (64, 3, 7, 7), {"stride": 2, "padding": 3}, "gemm_per_image"),  # ResNet stem, 32×32 plane
-    ((8, 4, 16, 16), (8, 4, 3, 3), {"padding": 1}, "gemm_batched"),  # too few channels for Winograd
-    ((8, 16, 16, 16), (16, 16, 3, 3), {"padding": 1, "dilation": 2}, "gemm_batched"),  # dilated: no Winograd
-    ((8, 16, 16, 16), (16, 8, 3, 3), {"padding": 1, "groups": 2}, "gemm_batched"),  # grouped: no Winograd
-    ((8, 16, 16, 16), (16, 16, 3, 3), {"padding": 3}, "gemm_batched"),  # padding > 2: no Winograd ∂X
+    ((8, 4, 16, 16), (8, 4, 3, 3), {"padding": 1}, "direct"),  # too few channels for Winograd
+    ((8, 16, 16, 16), (16, 16, 3, 3), {"padding": 1, "dilation": 2}, "direct"),  # dilated, few channels
+    ((8, 32, 16, 16), (32, 32, 3, 3), {"padding": 2, "dilation": 2}, "gemm_batched"),  # dilated, 32 channels
+    ((8, 16, 16, 16), (16, 8, 3, 3), {"padding": 1, "groups": 2}, "direct"),  # grouped
+    ((32, 64, 16, 16), (64, 8, 3, 3), {"padding": 1, "groups": 8}, "direct"),  # RegNet-like
+    ((8, 16, 16, 16), (16, 16, 3, 3), {"padding": 3}, "gemm_batched"),  # padding > 2: no Winograd or direct ∂X
+    ((128, 16, 14, 14), (32, 16, 3, 3), {"padding": 1}, "direct"),  # a Fashion-MNIST model's second layer
+    ((256, 24, 12, 12), (32, 24, 3, 3), {}, "winograd"),  # the fast recipe's second: 24 channels
+    ((16, 64, 16, 16), (64, 64, 5, 5), {"padding": 2}, "direct"),  # 5×5: direct whatever the channels
+    ((8, 3, 56, 56), (32, 3, 7, 7), {"padding": 3}, "direct"),
+    ((8, 3, 224, 224), (64, 3, 3, 3), {"padding": 1}, "gemm_per_image"),  # VGG's first: planes too large
+    ((8, 64, 7, 7), (192, 64, 5, 5), {"padding": 2}, "gemm_batched"),  # AlexNet's second on 64×64: lanes idle
     ((8, 32, 56, 56), (32, 1, 3, 3), {"padding": 1, "groups": 32}, "depthwise"),
 ])
 def test_the_rule_on_model_layers(shape, weight, kwargs, expected):
@@ -150,10 +158,11 @@ def test_gemm_knob_refuses_unknown_names():
 
 @pytest.mark.parametrize("strategy", CPU_CONV2D_STRATEGIES)
 @pytest.mark.parametrize("kwargs,weight", [({}, (1, 1, 1, 3)), ({"groups": 4}, (4, 1, 2, 3)),
-                                           ({"groups": 2, "padding": 1, "dilation": 2}, (4, 1, 3, 3))], ids=str)
+                                           ({"groups": 2, "padding": 1, "dilation": 2}, (4, 1, 3, 3)),
+                                           ({"groups": 2, "padding": 1}, (4, 3, 3, 3))], ids=str)
 def test_non_finite_inputs_give_torchs_gradients(strategy, kwargs, weight):
     """Where an inf or a NaN reaches a gradient is torch's business, not an algorithm's: the
-    depthwise kernel's wide rows must not multiply a dropped column's zero by an inf."""
+    depthwise and direct kernels' wide rows must not multiply a dropped column's zero by an inf."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, kwargs.get("groups", 1) * weight[1], 6, 6, dtype=torch.float64, generator=gen)
     x[0, ..., -1] = float("inf")

@@ -2,7 +2,7 @@
 
     ATEN_CPU_CAPABILITY=avx2 python tests/tier_check.py avx2
 
-conv (the GEMM, Winograd and depthwise paths), the fused layer and its sparse backward, the 2×2
+conv (the GEMM, Winograd, depthwise and direct paths), the fused layer and its sparse backward, the 2×2
 pool, ReLU and the loss, forward and backward, on float32. Exits non-zero if the kernels run at
 another tier than the one named, or if any result differs; prints "ok TIER" at the end. Run by
 tests/test_cpu_tiers.py (each tier, capped), under valgrind (a CPU without AVX-512) and under
@@ -39,7 +39,9 @@ def main(tier: str) -> None:
         raise SystemExit(f"tier_check: the kernels run at {cpu_capability()!r}, not {tier!r}")
     torch.manual_seed(0)
     for name, x, w, kw in [
-        ("gemm", torch.randn(4, 16, 13, 11), torch.randn(40, 16, 5, 5), dict(padding=2)),
+        ("gemm", torch.randn(4, 32, 9, 9), torch.randn(40, 32, 3, 3), dict(padding=2, dilation=2)),
+        ("direct", torch.randn(4, 16, 13, 11), torch.randn(40, 16, 5, 5), dict(padding=2)),
+        ("direct, grouped", torch.randn(3, 16, 12, 10), torch.randn(16, 4, 3, 3), dict(padding=1, groups=4)),
         ("winograd", torch.randn(4, 32, 14, 14), torch.randn(48, 32, 3, 3), dict(padding=1)),
         ("depthwise", torch.randn(3, 24, 17, 15), torch.randn(24, 1, 3, 3), dict(padding=1, groups=24)),
         ("strided", torch.randn(2, 8, 15, 15), torch.randn(16, 8, 3, 3), dict(stride=2)),

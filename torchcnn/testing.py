@@ -131,7 +131,7 @@ def emulated_cuda(sanitize: bool | None = None):
         yield mode.calls
 
 
-CPU_CONV2D_STRATEGIES = ("gemm_per_image", "gemm_batched", "winograd", "depthwise")
+CPU_CONV2D_STRATEGIES = ("gemm_per_image", "gemm_batched", "winograd", "depthwise", "direct")
 
 
 def cpu_conv2d_strategy(input, weight, stride=1, padding=0, dilation=1, groups: int = 1) -> str:

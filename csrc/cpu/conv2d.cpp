@@ -18,13 +18,24 @@ namespace torchcnn::cpu {
 namespace {
 
 // The rule, in one place. Thresholds measured on the development VM (docs/BENCHMARKS.md):
-// - one input channel per group: the direct kernel — a GEMM would contract over KH·KW values only —
-//   for depthwise convolutions, and for a one-channel image while its filters hold fewer than
-//   kDirectMaxFilterValues values (K·KH·KW: 1→8 3×3 is 0.40× torch's time direct, 0.66× by GEMM;
-//   from 1→32 3×3, or 5×5 filters, the GEMM's reuse wins: 1→16 5×5 0.35× against 0.72×);
-// - 3×3, stride 1, undilated, ungrouped, with at least 8 channels in and out and 512 output
-//   pixels in the batch: Winograd F(2×2, 3×3) (2.25× fewer multiplications; with fewer channels or
-//   pixels, transforming the filters and tiles costs more than it saves);
+// - one input channel per group: the depthwise kernel — a GEMM would contract over KH·KW values
+//   only — for depthwise convolutions, and for a one-channel image while its filters hold fewer
+//   than kDirectMaxFilterValues values (K·KH·KW: 1→8 3×3 is 0.40× torch's time that way, 0.66× by
+//   GEMM; from 1→32 3×3, or 5×5 filters, the GEMM's reuse wins: 1→16 5×5 0.35× against 0.72×);
+// - stride 1 with padding ≤ dilation · (kernel − 1), several input channels per group, not
+//   pointwise, a group's padded input and output planes within kDirectMaxPlanes entries, and
+//   either grouped, or filters of more than 3×3 taps, or fewer than kDirectMaxChannels input
+//   channels: the direct kernel (conv2d_direct.cpp), with no columns. Forward + backward against
+//   torch's: RegNet-like 8 groups of 8 at 16×16 3.26× by GEMM, 1.18× direct; ResNeXt-like 32
+//   groups of 4 1.63× → 0.38×; 7×7 16→32 at 14×14 2.84× → 1.58×; 5×5 64→64 at 16×16
+//   2.45× → 1.34×; 3×3 8→16 at 28×28 1.80× by Winograd, 0.98× direct; from 24 channels on
+//   Winograd wins (24→32 at 12×12: 1.03× against 1.16×), and so does the GEMM where fewer than
+//   kDirectMinLanesUsed of the direct kernel's vector lanes would hold an output pixel (AlexNet's
+//   5×5 64→192 at 7×7: 2.0× by GEMM, 2.8× direct with half its lanes idle);
+// - 3×3, stride 1, undilated, ungrouped, with at least 8 channels in and out (24 in, but for
+//   planes too large for the direct kernel) and 512 output pixels in the batch: Winograd
+//   F(2×2, 3×3) (2.25× fewer multiplications; with fewer channels or pixels, transforming the
+//   filters and tiles costs more than it saves);
 // - a pointwise convolution (1×1, stride 1, unpadded) of planes of at least kPointwiseMinPlane
 //   pixels: one product per image, on the input itself, without columns (SqueezeNet's 128→16 at
 //   15×15: 0.98× against 1.93× with the images' columns copied together; only planes of a few
@@ -34,6 +45,9 @@ namespace {
 //   kColumnBytes of column buffer.
 constexpr int64_t kDirectMaxFilterValues = 256;
 constexpr int64_t kPointwiseMinPlane = 64;
+constexpr int64_t kDirectMaxChannels = 24;
+constexpr int64_t kDirectMaxPlanes = int64_t{1} << 20;
+constexpr double kDirectMinLanesUsed = 0.75;
 constexpr int64_t kWinogradMinChannels = 8;
 constexpr int64_t kWinogradMinPixels = 512;
 constexpr int64_t kGemmColumns = 1024;
@@ -41,6 +55,24 @@ constexpr int64_t kColumnBytes = int64_t{32} << 20;
 
 bool depthwise_applies(const Conv2dGeometry& g) {
   return g.in_channels_per_group() == 1;
+}
+
+bool direct_applies(const Conv2dGeometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.pad_h <= g.dilation_h * (g.kernel_h - 1) &&
+      g.pad_w <= g.dilation_w * (g.kernel_w - 1);
+}
+
+// The share of the direct kernel's vector lanes that hold an output pixel: its vectors run along
+// the padded grid or along each output row, whichever takes fewer (conv2d_direct.cpp's Grid), two
+// at a time, counted in 16 lanes (the AVX-512 tier's floats; AVX2's 8 idle fewer) at every tier,
+// so that the rule is the same on every CPU.
+double direct_lanes_used(const Conv2dGeometry& g) {
+  constexpr int64_t lanes = 16;
+  const int64_t padded_width = g.width + 2 * g.pad_w;
+  const int64_t along_grid = (g.out_height * padded_width + lanes - 1) / lanes;
+  const int64_t along_rows = g.out_height * ((g.out_width + lanes - 1) / lanes);
+  const int64_t vectors = (std::min(along_grid, along_rows) + 1) / 2 * 2;
+  return vectors == 0 ? 0.0 : static_cast<double>(g.out_plane()) / static_cast<double>(vectors * lanes);
 }
 
 bool winograd_applies(const Conv2dGeometry& g) {
@@ -62,8 +94,8 @@ int64_t gemm_images_per_product(const Conv2dGeometry& g, int64_t element_size, b
 }
 
 // The strategies by name, as the private ops below report and accept them.
-enum class Strategy { kGemmPerImage, kGemmBatched, kWinograd, kDepthwise };
-constexpr const char* kStrategyNames[] = {"gemm_per_image", "gemm_batched", "winograd", "depthwise"};
+enum class Strategy { kGemmPerImage, kGemmBatched, kWinograd, kDepthwise, kDirect };
+constexpr const char* kStrategyNames[] = {"gemm_per_image", "gemm_batched", "winograd", "depthwise", "direct"};
 
 // A strategy the tests force where it applies (-1: none).
 std::atomic<int> forced_strategy{-1};
@@ -74,6 +106,8 @@ bool applies(Strategy s, const Conv2dGeometry& g) {
       return winograd_applies(g);
     case Strategy::kDepthwise:
       return depthwise_applies(g);
+    case Strategy::kDirect:
+      return direct_applies(g);
     default:
       return true;
   }
@@ -87,6 +121,14 @@ Strategy choose(const Conv2dGeometry& g) {
   if (depthwise_applies(g) &&
       (g.groups > 1 || g.out_channels * g.kernel_h * g.kernel_w < kDirectMaxFilterValues)) {
     return Strategy::kDepthwise;
+  }
+  const int64_t cg = g.in_channels_per_group();
+  const int64_t padded_plane = (g.height + 2 * g.pad_h) * (g.width + 2 * g.pad_w);
+  if (direct_applies(g) && !g.is_pointwise() && cg > 1 &&
+      (cg + g.out_channels_per_group()) * padded_plane <= kDirectMaxPlanes &&
+      (g.groups > 1 || g.kernel_h * g.kernel_w > 9 || cg < kDirectMaxChannels) &&
+      (cg < kDirectMaxChannels || direct_lanes_used(g) >= kDirectMinLanesUsed)) {
+    return Strategy::kDirect;
   }
   if (winograd_applies(g) && g.channels >= kWinogradMinChannels && g.out_channels >= kWinogradMinChannels &&
       g.batch * g.out_plane() >= kWinogradMinPixels) {
@@ -126,6 +168,9 @@ at::Tensor backward_input(const at::Tensor& grad_output_, const at::Tensor& weig
     case Strategy::kWinograd:
       winograd_backward_input(grad_output, weight, g, grad_input);
       break;
+    case Strategy::kDirect:
+      direct_backward_input(grad_output, weight, g, grad_input);
+      break;
     default:
       gemm_backward_input(grad_output, weight, g, images_per_product(s, g, grad_output.element_size()), grad_input);
   }
@@ -145,6 +190,8 @@ at::Tensor backward_weight(const at::Tensor& grad_output_, const at::Tensor& inp
     depthwise_backward_weight(grad_output, input, g, grad_weight);
   } else if (s == Strategy::kWinograd) {
     winograd_backward_weight(grad_output, input, g, grad_weight);
+  } else if (s == Strategy::kDirect) {
+    direct_backward_weight(grad_output, input, g, grad_weight);
   } else {
     gemm_backward_weight(grad_output, input, g, images_per_product(s, g, input.element_size()), grad_weight);
   }
@@ -211,7 +258,7 @@ std::string force_strategy(const std::string& name) {
   if (!name.empty()) {
     const auto* found = std::find(std::begin(kStrategyNames), std::end(kStrategyNames), name);
     TORCH_CHECK_VALUE(found != std::end(kStrategyNames), "_cpu_conv2d_force_strategy: expected name to be one of "
-                      "gemm_per_image, gemm_batched, winograd, depthwise or '' but got '", name, "'");
+                      "gemm_per_image, gemm_batched, winograd, depthwise, direct or '' but got '", name, "'");
     wanted = static_cast<int>(found - std::begin(kStrategyNames));
   }
   const int previous = forced_strategy.exchange(wanted);
@@ -251,6 +298,9 @@ void conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_, const a
       break;
     case Strategy::kWinograd:
       winograd_forward(input, weight, bias, g, output);
+      break;
+    case Strategy::kDirect:
+      direct_forward(input, weight, bias, g, output);
       break;
     default:
       gemm_forward(input, weight, bias, g, images_per_product(s, g, input.element_size()), output);

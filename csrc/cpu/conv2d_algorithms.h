@@ -7,7 +7,9 @@
 //               the planes are small (conv2d_gemm.cpp);
 //   winograd    F(2×2, 3×3) for 3×3, stride-1 convolutions: 16 GEMMs over transformed tiles
 //               instead of 36 multiplications per output pair (conv2d_winograd.cpp);
-//   depthwise   a direct, vectorised kernel for one input channel per group (conv2d_depthwise.cpp).
+//   depthwise   a direct, vectorised kernel for one input channel per group (conv2d_depthwise.cpp);
+//   direct      stride 1, any filter, groups and dilation: register blocks of output channels over
+//               the padded input, no columns (conv2d_direct.cpp).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -122,5 +124,13 @@ void depthwise_backward_input(const at::Tensor& grad_output, const at::Tensor& w
                               at::Tensor& grad_input);
 void depthwise_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
                                at::Tensor& grad_weight);
+
+// conv2d_direct.cpp (stride 1, padding ≤ dilation · (kernel − 1))
+void direct_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    const Conv2dGeometry& g, at::Tensor& output);
+void direct_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,
+                           at::Tensor& grad_input);
+void direct_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
+                            at::Tensor& grad_weight);
 
 }  // namespace torchcnn::cpu
