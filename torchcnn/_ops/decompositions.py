@@ -26,9 +26,8 @@ a fallback, the kernel it would choose anyway, when inductor's lowerings are fir
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import logging
 import sys
-import warnings
 
 import torch
 from torch._decomp import register_decomposition
@@ -130,29 +129,56 @@ def _when_imported(lowering) -> None:
     try:
         _register_inductor_fallbacks(lowering)
     except Exception as e:  # another torch's inductor: its implicit fallbacks still work where CI is unset
-        warnings.warn(f"torchcnn could not register its ops as inductor fallbacks ({e!r}); torch.compile may "
-                      "refuse them where the environment variable CI is set", stacklevel=2)
+        # Logged, not warned: this runs inside inductor's import, which a warning made an error
+        # (python -W error) would break.
+        logging.getLogger("torchcnn").warning(
+            "torchcnn could not register its ops as inductor fallbacks (%r); torch.compile may refuse them where "
+            "the environment variable CI is set", e)
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """``torch._inductor.lowering``'s own loader, which then registers the fallbacks; everything
+    else is the loader's (source, file name, resources)."""
+
+    def __init__(self, loader, finder):
+        self._loader, self._finder = loader, finder
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._finder.done = True  # a failed import is retried, and registers then
+        _when_imported(module)
 
 
 class _InductorLowerings(importlib.abc.MetaPathFinder):
-    """Finds ``torch._inductor.lowering`` once, the first time it is imported, and has its loader
-    call :func:`_when_imported` after the module has run. Every other import passes by."""
+    """Finds ``torch._inductor.lowering`` with the finders after it, the first time it is imported,
+    and gives it a loader that registers the fallbacks once the module has run. Every other import
+    passes by; ``sys.meta_path`` is left as it is (another thread may be walking it)."""
 
     NAME = "torch._inductor.lowering"
 
+    def __init__(self):
+        self.done = False
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.NAME:
+        if self.done or fullname != self.NAME:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            exec_module = spec.loader.exec_module
-
-            def exec_then_register(module):
-                exec_module(module)
-                _when_imported(module)
-
-            spec.loader.exec_module = exec_then_register
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RegisteringLoader(spec.loader, self)
         return spec
 
 
