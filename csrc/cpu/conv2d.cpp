@@ -62,19 +62,6 @@ bool direct_applies(const Conv2dGeometry& g) {
       g.pad_w <= g.dilation_w * (g.kernel_w - 1);
 }
 
-// The share of the direct kernel's vector lanes that hold an output pixel: its vectors run along
-// the padded grid or along each output row, whichever takes fewer (conv2d_direct.cpp's Grid), two
-// at a time, counted in 16 lanes (the AVX-512 tier's floats; AVX2's 8 idle fewer) at every tier,
-// so that the rule is the same on every CPU.
-double direct_lanes_used(const Conv2dGeometry& g) {
-  constexpr int64_t lanes = 16;
-  const int64_t padded_width = g.width + 2 * g.pad_w;
-  const int64_t along_grid = (g.out_height * padded_width + lanes - 1) / lanes;
-  const int64_t along_rows = g.out_height * ((g.out_width + lanes - 1) / lanes);
-  const int64_t vectors = (std::min(along_grid, along_rows) + 1) / 2 * 2;
-  return vectors == 0 ? 0.0 : static_cast<double>(g.out_plane()) / static_cast<double>(vectors * lanes);
-}
-
 bool winograd_applies(const Conv2dGeometry& g) {
   return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 &&
       g.dilation_w == 1 && g.groups == 1 && g.pad_h <= 2 && g.pad_w <= 2;
@@ -127,7 +114,9 @@ Strategy choose(const Conv2dGeometry& g) {
   if (direct_applies(g) && !g.is_pointwise() && cg > 1 &&
       (cg + g.out_channels_per_group()) * padded_plane <= kDirectMaxPlanes &&
       (g.groups > 1 || g.kernel_h * g.kernel_w > 9 || cg < kDirectMaxChannels) &&
-      (cg < kDirectMaxChannels || direct_lanes_used(g) >= kDirectMinLanesUsed)) {
+      // Lanes counted in 16 (the AVX-512 tier's floats; AVX2's 8 idle fewer), two vectors at a
+      // time as the kernel takes them, at every tier: the rule is the same on every CPU.
+      (cg < kDirectMaxChannels || direct_lanes_used(g, 16, 2) >= kDirectMinLanesUsed)) {
     return Strategy::kDirect;
   }
   if (winograd_applies(g) && g.channels >= kWinogradMinChannels && g.out_channels >= kWinogradMinChannels &&

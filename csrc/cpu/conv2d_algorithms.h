@@ -126,6 +126,15 @@ void depthwise_backward_weight(const at::Tensor& grad_output, const at::Tensor& 
                                at::Tensor& grad_weight);
 
 // conv2d_direct.cpp (stride 1, padding ≤ dilation · (kernel − 1))
+// How the direct kernel lays one image's outputs into vectors of `lanes` entries: along the padded
+// grid or along each output row (along_rows), whichever takes fewer; count of them.
+struct DirectVectors {
+  bool along_rows;
+  int64_t count;
+};
+DirectVectors direct_vectors(const Conv2dGeometry& g, int64_t lanes);
+// The share of those vectors' lanes that hold an output pixel, the vectors taken `runs` at a time.
+double direct_lanes_used(const Conv2dGeometry& g, int64_t lanes, int64_t runs);
 void direct_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                     const Conv2dGeometry& g, at::Tensor& output);
 void direct_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, const Conv2dGeometry& g,

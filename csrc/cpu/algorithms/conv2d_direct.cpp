@@ -28,6 +28,18 @@
 #include "../simd.h"
 
 namespace torchcnn::cpu {
+
+DirectVectors direct_vectors(const Conv2dGeometry& g, int64_t lanes) {
+  const int64_t along_grid = (g.out_height * (g.width + 2 * g.pad_w) + lanes - 1) / lanes;
+  const int64_t along_rows = g.out_height * ((g.out_width + lanes - 1) / lanes);
+  return along_rows < along_grid ? DirectVectors{true, along_rows} : DirectVectors{false, along_grid};
+}
+
+double direct_lanes_used(const Conv2dGeometry& g, int64_t lanes, int64_t runs) {
+  const int64_t vectors = (direct_vectors(g, lanes).count + runs - 1) / runs * runs;
+  return vectors == 0 ? 0.0 : static_cast<double>(g.out_plane()) / static_cast<double>(vectors * lanes);
+}
+
 namespace {
 
 // Where one image's group is computed: its input planes padded to hp × wp; the output pixels as
@@ -51,9 +63,10 @@ struct Grid {
     hp = g.height + 2 * g.pad_h;
     plane = hp * wp;
     const int64_t oh = g.out_height, ow = g.out_width;
-    const int64_t along_grid = (oh * wp + lanes - 1) / lanes, per_row = (ow + lanes - 1) / lanes;
+    const auto [along_rows, count] = direct_vectors(g, lanes);
+    const int64_t per_row = (ow + lanes - 1) / lanes;
     where.resize(oh * ow);
-    if (oh * per_row < along_grid) {
+    if (along_rows) {
       for (int64_t i = 0; i < oh; ++i) {
         for (int64_t v = 0; v < per_row; ++v) {
           starts.push_back(i * wp + v * lanes);
@@ -63,7 +76,7 @@ struct Grid {
         }
       }
     } else {
-      for (int64_t e = 0; e < along_grid; ++e) {
+      for (int64_t e = 0; e < count; ++e) {
         starts.push_back(e * lanes);
       }
       for (int64_t i = 0; i < oh; ++i) {
